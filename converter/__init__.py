@@ -1,0 +1,1 @@
+"""pgconv.converter: key maps (data), readers/writers, streaming conversion, fixtures."""

@@ -1,0 +1,1 @@
+"""pgconv.parity: layer-by-layer parity harness against transformers."""

@@ -1,0 +1,77 @@
+"""`pgconv` command line: a click group whose commands are thin wrappers over library functions.
+
+Commands live in `pgconv/cmd_<name>.py` and are imported only when invoked, so `pgconv verify` does not pay
+for importing the converter or the benchmark code. Every `InputError` becomes one line on stderr and exit 2
+(no traceback unless `--debug`); parity failure is exit 1 (set by the verify command itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from pgconv.errors import InputError
+
+__all__ = ["main", "cli"]
+
+COMMANDS = {
+    "verify": ("pgconv.cmd_verify", "verify", "Layer-by-layer parity of pgconv's model against transformers."),
+    "convert": ("pgconv.cmd_convert", "convert", "Convert a checkpoint between layouts (streaming, atomic)."),
+    "inspect": ("pgconv.cmd_inspect", "inspect", "Describe a checkpoint: layout, preset, dtypes, problems."),
+    "generate": ("pgconv.cmd_generate", "generate", "Generate text from an image and a prompt."),
+    "fixture": ("pgconv.cmd_fixture", "fixture", "Write an offline random-weight checkpoint (tiny or full size)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help text without importing every command module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, _, help_) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+@click.version_option(package_name="pgconv")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """pgconv: PaliGemma conversion and parity verification."""
+    ctx.obj = {"debug": debug}
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="pgconv", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("pgconv: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except InputError as e:
+        if debug:
+            raise
+        click.echo(f"pgconv: error: {_one_line(str(e))}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("pgconv: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
