@@ -1,0 +1,134 @@
+"""Autoregressive generation with the static KV cache: greedy, temperature, top-k, top-p; batched, streaming.
+
+Matches transformers' `generate` token for token under greedy decoding, left padding included:
+- positions come from the attention mask (`cumsum - 1`, padding 0) plus PaliGemma's +1 (`ops.rope_positions`);
+- prefill sees the prefix bidirectionally (token_type_ids 0), generated tokens are causal suffix tokens (1);
+- the attention mask grows by one 1 per step for every row; finished rows emit `pad_token_id`;
+- the vision tower runs once, at prefill; prefill computes logits only for the last position.
+The sampling order is the one transformers' logits warpers use: temperature, then top-k, then top-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from pgconv.errors import InputError
+from pgconv.model import ops
+from pgconv.model.paligemma import PaliGemma
+
+__all__ = ["generate", "sample_next"]
+
+
+def _filter_top_k(logits: Tensor, k: int) -> Tensor:
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _filter_top_p(logits: Tensor, p: float) -> Tensor:
+    # As transformers' TopPLogitsWarper: drop the low tail whose total mass is <= 1 - p, keep at least one token.
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1 - p)
+    drop_sorted[..., -1:] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 is greedy (argmax)."""
+    # fp32 like transformers (`next_token_logits.to(torch.float32)`): bf16 ties and softmax would differ otherwise.
+    logits = logits.float()
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        logits = _filter_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = _filter_top_p(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: PaliGemma,
+    input_ids: Tensor,
+    pixel_values: Tensor | None,
+    token_type_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    on_token: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """New tokens (B, n) with n <= max_new_tokens (fewer when every row hit an EOS).
+
+    `input_ids` (B, T) left-padded, `attention_mask` (B, T) 1 for real tokens (default all ones),
+    `token_type_ids` (B, T) 0 for the prefix (default: all prefix, what the processor gives a prompt).
+    `on_token(tokens)` receives the (B,) tokens of each step as soon as they are chosen (pad for finished rows).
+    EOS ids default to the model config's. `seed` seeds a private torch.Generator (sampling only).
+    """
+    if input_ids.ndim != 2:
+        raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model.text.embed.weight.device
+    input_ids = input_ids.to(device)
+    b, t = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+    tti = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.to(device)
+    eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else model.cfg.eos_token_ids), device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    max_len = t + max_new_tokens
+    if model.cache_batch != b or model.cache_len < max_len:
+        model.setup_cache(b, max_len)
+    else:
+        model.reset_cache()
+    # Room for every step's mask column, preallocated (0 = not a key yet).
+    full_mask = torch.zeros((b, model.cache_len), dtype=torch.long, device=device)
+    full_mask[:, :t] = mask
+
+    index = ops.padded_index(mask)  # 0-based index among real tokens, as transformers' generate
+    logits = model(
+        input_ids, pixel_values, tti, full_mask[:, :t],
+        input_pos=torch.arange(t, device=device), position_ids=ops.rope_positions(index), logits_to_keep=1,
+    )[:, -1]
+    next_index = index[:, -1:] + 1
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    out: list[Tensor] = []
+    suffix = torch.ones((b, 1), dtype=tti.dtype, device=device)  # generated tokens are causal suffix tokens
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        finished = finished | torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        pos = t + step
+        full_mask[:, pos] = 1
+        logits = model(
+            token[:, None], None, suffix, full_mask[:, : pos + 1],
+            input_pos=torch.tensor([pos], device=device), position_ids=ops.rope_positions(next_index),
+        )[:, -1]
+        next_index = next_index + 1
+    return torch.stack(out, dim=1)
