@@ -99,7 +99,8 @@ LAYOUTS: dict[str, Layout] = {
         ),
         Layout(
             "hf-v5-save", "vision_tower.", "multi_modal_projector.linear.", "language_model.model.",
-            "lm_head.weight",
+            # save_pretrained reverts `lm_head` to the legacy name (checked with transformers 5.24, untied tiny model).
+            "language_model.lm_head.weight",
             description="transformers >=5.6 save_pretrained of a model built from a config (no vision_model.)",
         ),
         Layout(
