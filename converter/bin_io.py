@@ -1,0 +1,42 @@
+"""`pytorch_model*.bin` reader: only through `torch.load(weights_only=True)`, never a full unpickle.
+
+`mmap=True` keeps tensor storages on disk until a tensor is used, so planning costs no tensor bytes.
+Tensors in a `.bin` may be views of shared storages, so sources carry a loader and no byte span (the writer
+materialises them one at a time instead of copying a byte range).
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from pgconv.converter.dtypes import DTYPES, code_of
+from pgconv.converter.sources import SourceTensor, TensorMeta
+from pgconv.errors import InputError
+
+__all__ = ["read_bin"]
+
+
+def read_bin(path: Path) -> tuple[dict[str, str], dict[str, SourceTensor]]:
+    """(metadata, tensors) of a torch-saved state dict, loaded safely and memory-mapped."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError,
+            AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: cannot load as a torch weights-only checkpoint ({first})") from None
+    if not isinstance(sd, dict):
+        raise InputError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    out: dict[str, SourceTensor] = {}
+    for name, t in sd.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise InputError(f"{path}: entry {name!r} is not a named tensor")
+        if t.dtype not in {d.torch for d in DTYPES.values()}:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
+        code = code_of(t.dtype)
+        meta = TensorMeta(name, tuple(t.shape), code)
+        out[name] = SourceTensor(meta, path, loader=lambda t=t: t.contiguous())
+    return {}, out

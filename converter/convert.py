@@ -1,0 +1,188 @@
+"""`pgconv.convert`: plan from headers, validate, then stream into a temporary sibling directory and rename.
+
+Order of work: resolve SRC (path or hub id) -> read headers -> plan and validate (no bytes read) -> check
+tied tensors -> check DST and free space -> write shards, index, companion files, manifest into
+`.DST.pgconv-tmp-*` -> optional `--check` on that directory -> fsync -> rename to DST. Any error or Ctrl-C
+removes the temporary directory; SRC is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
+from pgconv.converter.dtypes import parse_dtype
+from pgconv.converter.hub import resolve_source
+from pgconv.converter.manifest import build_manifest, check_output, write_manifest
+from pgconv.converter.plan import Plan, plan_conversion
+from pgconv.converter.safetensors_io import build_header
+from pgconv.converter.writer import TensorRecord, parse_size, shard_file_names, shard_targets, tensors_equal, write_shard
+from pgconv.errors import InputError
+
+__all__ = ["convert", "ConvertSummary", "rewrite_config"]
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class ConvertSummary:
+    src: str
+    dst: Path
+    src_layout: str
+    dst_layout: str
+    tensors: int
+    bytes: int
+    files: list[str]
+    seconds: float
+    copied: int = 0  # tensors copied as raw bytes
+    lossy: list[tuple[str, float, int]] = field(default_factory=list)  # (tensor, max |delta|, fp16 overflows)
+    dropped: list[str] = field(default_factory=list)
+    config_changes: dict = field(default_factory=dict)
+    check: str | None = None
+
+    def __str__(self) -> str:
+        lines = [f"{self.src} ({self.src_layout}) -> {self.dst} ({self.dst_layout}): {self.tensors} tensors, "
+                 f"{self.bytes / 1e6:.1f} MB in {len(self.files)} file(s), {self.seconds:.1f} s"]
+        if self.dropped:
+            lines.append("dropped (tied, identical to the embedding): " + ", ".join(self.dropped))
+        if self.config_changes:
+            lines.append("config.json: " + ", ".join(f"{k}={v}" for k, v in self.config_changes.items()))
+        if self.lossy:
+            worst = max(self.lossy, key=lambda x: x[1])
+            lines.append(f"lossy cast: {len(self.lossy)} tensor(s) changed value; largest max |delta| {worst[1]:.3g} "
+                         f"in {worst[0]} (per-tensor values in pgconv-manifest.json)")
+            overflows = [(n, k) for n, _, k in self.lossy if k]
+            if overflows:
+                lines.append(f"float16 overflow: {sum(k for _, k in overflows)} value(s) became inf in "
+                             f"{len(overflows)} tensor(s): {', '.join(n for n, _ in overflows[:3])}")
+        if self.check:
+            lines.append(self.check)
+        return "\n".join(lines)
+
+
+def rewrite_config(config: dict, changes: dict) -> dict:
+    """Apply plan edits to a config.json dict: dtype (also `torch_dtype` and sub-configs that state one) and tying."""
+    out = json.loads(json.dumps(config))
+    subs = [out] + [out[k] for k in ("text_config", "vision_config") if isinstance(out.get(k), dict)]
+    if "dtype" in changes:
+        for d in subs:
+            for key in ("dtype", "torch_dtype"):
+                if key in d or (d is out and key == "dtype"):
+                    d[key] = changes["dtype"]
+    if "tie_word_embeddings" in changes:
+        for d in subs[:2]:
+            if "tie_word_embeddings" in d or d is out:
+                d["tie_word_embeddings"] = changes["tie_word_embeddings"]
+    return out
+
+
+def _check_destination(dst: Path, src: Checkpoint, src_is_dir: bool, force: bool) -> None:
+    real = dst.resolve()
+    inputs = [*src.files, *src.companion_files()] + ([src.root] if src_is_dir else [])
+    if any(p.resolve() == real or p.resolve().is_relative_to(real) for p in inputs) or (
+            src_is_dir and real.is_relative_to(src.root.resolve())):
+        raise InputError(f"{dst}: destination overlaps the source {src.root}; choose another directory")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise InputError(f"{dst}: already exists (use --force to replace it)")
+        if not dst.is_dir() or dst.is_symlink():
+            raise InputError(f"{dst}: exists and is not a directory; refusing to replace it")
+    if not dst.parent.is_dir():
+        raise InputError(f"{dst.parent}: destination's parent directory does not exist")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{dst.parent}: not writable")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tree(tmp: Path, ckpt: Checkpoint, plan: Plan, shards: list, names: list[str], quiet: bool,
+               untie: bool) -> list[TensorRecord]:
+    records: list[TensorRecord] = []
+    steps = {s.target.name: s for s in plan.steps}
+    with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+              desc="convert", leave=False) as bar:
+        for name, metas in zip(names, shards):
+            records += write_shard(tmp / name, [steps[m.name] for m in metas], ckpt.tensors, bar.update)
+    if len(names) > 1:
+        index = {"metadata": {"total_parameters": sum(r.target.numel for r in records), "total_size": plan.total_bytes},
+                 "weight_map": {r.target.name: r.file for r in sorted(records, key=lambda r: r.target.name)}}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for p in ckpt.companion_files():
+        if p.name == "config.json" and plan.config_changes:
+            text = json.dumps(rewrite_config(ckpt.config, dict(plan.config_changes)), indent=2, sort_keys=True) + "\n"
+            (tmp / p.name).write_text(text, encoding="utf-8")
+        else:
+            shutil.copyfile(p, tmp / p.name)
+    write_manifest(tmp, build_manifest(plan, records, ckpt, untie=untie))
+    for p in tmp.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    return records
+
+
+def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, shard_size: str | int = "5GB",
+            force: bool = False, check: bool = False, untie: bool = False, quiet: bool = False) -> ConvertSummary:
+    """Convert the PaliGemma checkpoint `src` (directory, weight file or hub id) into layout `to` at `dst`."""
+    start = time.perf_counter()
+    src_path, trusted = resolve_source(src)
+    ckpt = open_checkpoint(src_path, trusted_root=trusted)
+    cfg = ckpt.pg_config()
+    try:
+        plan = plan_conversion(ckpt.metas(), cfg, to, dtype=parse_dtype(dtype), untie=untie)
+    except InputError as e:
+        raise type(e)(f"{src_path}: {e}") from None
+    for d in plan.drops:
+        a, b = ckpt.tensors[d.source], ckpt.tensors[d.equals]
+        if not tensors_equal(a, b):
+            raise InputError(f"{a.file}: tensor {d.source!r} differs from {d.equals!r} although the config ties them "
+                             "(tie_word_embeddings=true); pass --untie to keep both")
+    dst = Path(dst).absolute()
+    _check_destination(dst, ckpt, src_path.is_dir(), force)
+    shards = shard_targets(plan.targets, parse_size(shard_size))
+    names = shard_file_names(len(shards))
+    need = sum(len(build_header(s, {"format": "pt"})[0]) for s in shards) + plan.total_bytes
+    need += sum(p.stat().st_size for p in ckpt.companion_files()) + (1 << 20)
+    free = shutil.disk_usage(dst.parent).free
+    if free < need:
+        raise InputError(f"{dst.parent}: not enough free space ({free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed)")
+    tmp = dst.parent / f".{dst.name}.pgconv-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    old = dst.parent / f".{dst.name}.pgconv-old-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        try:
+            records = _write_tree(tmp, ckpt, plan, shards, names, quiet, untie)
+        except OSError as e:
+            raise InputError(f"{dst}: write failed ({e.strerror or e})") from None
+        report = check_output(tmp, ckpt, plan) if check else None
+        if dst.exists():
+            dst.rename(old)
+        tmp.rename(dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dst.exists():
+            old.rename(dst)  # put a --force'd destination back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return ConvertSummary(
+        str(src), dst, plan.src_layout, plan.dst_layout, len(records), plan.total_bytes, names,
+        time.perf_counter() - start, copied=sum(r.copied for r in records),
+        lossy=[(r.target.name, r.max_abs_diff, r.fp16_overflow) for r in records
+               if (r.max_abs_diff or 0) > 0 or r.fp16_overflow],
+        dropped=[d.source for d in plan.drops], config_changes=dict(plan.config_changes), check=report,
+    )

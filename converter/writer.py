@@ -1,0 +1,245 @@
+"""Streaming safetensors writer: header first, then tensor data one tensor (or chunk) at a time.
+
+Memory stays flat whatever the model size: a same-dtype rename is a kernel-side byte-range copy
+(`os.copy_file_range`, falling back to chunked pread/write), a cast reads, converts and writes
+`CHUNK_BYTES` at a time, and only a non-byte-preserving transform materialises one tensor. SHA-256 of every
+tensor runs on a worker thread (hashlib releases the GIL) so hashing overlaps the copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pgconv.converter.dtypes import is_widening, torch_dtype
+from pgconv.converter.plan import TRANSFORMS, Step
+from pgconv.converter.safetensors_io import build_header
+from pgconv.converter.sources import CHUNK_BYTES, SourceTensor, TensorMeta
+from pgconv.errors import InputError
+
+__all__ = ["TensorRecord", "parse_size", "shard_targets", "shard_file_names", "write_shard", "tensors_equal",
+           "sha256_of"]
+
+_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}  # decimal, like huggingface_hub
+_COPY_BYTES = 64 << 20
+
+
+@dataclass
+class TensorRecord:
+    """One written tensor, as the manifest lists it."""
+
+    target: TensorMeta
+    file: str
+    sources: tuple[TensorMeta, ...]
+    transform: str
+    sha256: str = ""
+    max_abs_diff: float | None = None  # None: exact (same dtype or widening cast)
+    fp16_overflow: int = 0  # finite values that became +-inf in a float16 cast
+    copied: bool = False  # raw byte copy
+
+
+def parse_size(size: str | int) -> int:
+    """"5GB" -> 5_000_000_000 (decimal units, as huggingface_hub's max_shard_size); a bare number is bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", str(size).upper())
+    value = int(float(m.group(1)) * _UNITS[m.group(2) or "B"]) if m else 0
+    if value <= 0:
+        raise InputError(f"invalid shard size {size!r}; use e.g. 5GB, 500MB or a positive byte count")
+    return value
+
+
+def shard_targets(metas: list[TensorMeta], max_bytes: int) -> list[list[TensorMeta]]:
+    """Greedy in plan order like huggingface_hub: a tensor larger than `max_bytes` gets a shard of its own."""
+    shards: list[list[TensorMeta]] = []
+    current: list[TensorMeta] = []
+    size = 0
+    for m in metas:
+        if m.nbytes > max_bytes:
+            if current:
+                shards.append(current)
+            shards.append([m])
+            current, size = [], 0
+            continue
+        if current and size + m.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(m)
+        size += m.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+class _Hasher:
+    """SHA-256 updates on one worker thread, in submission order; at most two buffers wait at any time."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pgconv-sha256")
+        self.pending: deque[Future] = deque()
+
+    def update(self, h: "hashlib._Hash", data: object) -> None:
+        self.pending.append(self.pool.submit(h.update, data))
+        while len(self.pending) > 2:
+            self.pending.popleft().result()
+
+    def update_from_file(self, h: "hashlib._Hash", path: Path, begin: int, end: int) -> None:
+        self.pending.append(self.pool.submit(_hash_range, h, path, begin, end))
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _hash_range(h: "hashlib._Hash", path: Path, begin: int, end: int) -> None:
+    buf = bytearray(min(CHUNK_BYTES, max(end - begin, 1)))
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        pos = begin
+        while pos < end:
+            n = os.preadv(f.fileno(), [view[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                raise InputError(f"{path}: truncated while hashing")
+            h.update(view[:n])
+            pos += n
+
+
+def sha256_of(src: SourceTensor) -> str:
+    h = hashlib.sha256()
+    for chunk in src.chunks():
+        h.update(memoryview(chunk.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _copy_range(src: SourceTensor, out_fd: int, progress: Callable[[int], None]) -> None:
+    """Copy `src`'s byte span to the current position of `out_fd` without passing it through Python."""
+    begin, end = src.span
+    with open(src.file, "rb", buffering=0) as f:
+        pos, kernel = begin, hasattr(os, "copy_file_range")
+        while pos < end:
+            want = min(_COPY_BYTES, end - pos)
+            n = 0
+            if kernel:
+                try:
+                    n = os.copy_file_range(f.fileno(), out_fd, want, pos)
+                except OSError as e:  # other filesystem or kernel without support: copy through a buffer
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                        raise
+                    kernel = False
+            if not kernel:
+                buf = bytearray(min(want, CHUNK_BYTES))
+                n = os.preadv(f.fileno(), [buf], pos)
+                _write_all(out_fd, memoryview(buf)[:n])
+            if n <= 0:
+                raise InputError(f"{src.file}: tensor {src.name!r} is truncated (file shorter than its header says)")
+            pos += n
+            progress(n)
+
+
+def _values(step: Step, sources: Mapping[str, SourceTensor]) -> Iterator[torch.Tensor]:
+    """The target tensor's values in C order, as flat chunks in the source dtype."""
+    srcs = [sources[s] for s in step.sources]
+    if step.transform == "identity":
+        yield from srcs[0].chunks()
+        return
+    out = TRANSFORMS[step.transform].apply([s.load() for s in srcs], step.args).contiguous().reshape(-1)
+    per = max(1, CHUNK_BYTES // out.element_size())
+    for i in range(0, out.numel(), per):
+        yield out[i:i + per]
+
+
+def _cast_stats(x: torch.Tensor, y: torch.Tensor, target: str) -> tuple[float, int]:
+    """(max |y - x| over finite values, count of finite values that overflowed to inf)."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # exact for every source value
+    xw, yw = x.to(wide), y.to(wide)
+    finite = torch.isfinite(xw)
+    overflow = int((finite & torch.isinf(yw)).sum()) if target == "F16" else 0
+    ok = finite & torch.isfinite(yw)
+    diff = float((yw - xw).abs().masked_fill(~ok, 0).max()) if x.numel() else 0.0
+    return diff, overflow
+
+
+def _emit(step: Step, sources: Mapping[str, SourceTensor], fd: int, hasher: _Hasher,
+          progress: Callable[[int], None], rec: TensorRecord) -> "hashlib._Hash":
+    h = hashlib.sha256()
+    src = sources[step.sources[0]]
+    if step.is_raw_copy and src.meta.dtype == step.target.dtype and src.span is not None:
+        hasher.update_from_file(h, src.file, *src.span)
+        _copy_range(src, fd, progress)
+        rec.copied = True
+        return h
+    target = step.target.dtype
+    exact = all(is_widening(sources[s].meta.dtype, target) for s in step.sources)
+    for chunk in _values(step, sources):
+        out = chunk.to(torch_dtype(target))
+        if out.data_ptr() == chunk.data_ptr():  # no cast: the reader reuses its buffer, the hasher must not
+            out = out.clone()
+        if not exact:
+            diff, over = _cast_stats(chunk, out, target)
+            rec.max_abs_diff = max(rec.max_abs_diff or 0.0, diff)
+            rec.fp16_overflow += over
+        data = memoryview(out.contiguous().view(torch.uint8).numpy())
+        hasher.update(h, data)
+        _write_all(fd, data)
+        progress(len(data))
+    if not exact and rec.max_abs_diff is None:
+        rec.max_abs_diff = 0.0
+    return h
+
+
+def write_shard(path: Path, steps: list[Step], sources: Mapping[str, SourceTensor],
+                progress: Callable[[int], None]) -> list[TensorRecord]:
+    """Write one safetensors file for `steps` (header, then data in header order) and fsync it."""
+    header, offsets = build_header([s.target for s in steps], {"format": "pt"})
+    by_name = {s.target.name: s for s in steps}
+    records: list[TensorRecord] = []
+    hashes = []
+    hasher = _Hasher()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, memoryview(header))
+            for name in sorted(offsets, key=offsets.get):
+                step = by_name[name]
+                assert os.lseek(fd, 0, os.SEEK_CUR) == offsets[name], f"writer out of step at {name}"
+                rec = TensorRecord(step.target, path.name, tuple(sources[s].meta for s in step.sources), step.transform)
+                hashes.append((rec, _emit(step, sources, fd, hasher, progress, rec)))
+                records.append(rec)
+            hasher.drain()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        hasher.close()
+    for rec, h in hashes:
+        rec.sha256 = h.hexdigest()
+    return records
+
+
+def tensors_equal(a: SourceTensor, b: SourceTensor) -> bool:
+    """Bit-identical contents (same dtype and shape), compared chunk by chunk."""
+    if a.meta.dtype != b.meta.dtype or a.meta.shape != b.meta.shape:
+        return False
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a.chunks(), b.chunks()))
