@@ -1,0 +1,93 @@
+"""Load a transformers PaliGemma checkpoint (or a live transformers model) into `pgconv.model.PaliGemma`, strictly.
+
+Names go through the key layouts (data, `layouts.py`) via the same validated plan the converter uses, so a
+missing, unexpected or mis-shaped tensor is an `InputError` that names it. The model is built on the meta
+device and the loaded tensors are assigned as its parameters (`load_state_dict(assign=True)`), so weights
+are in memory once. A tied `lm_head` is not a parameter of our model: logits use `text.embed.weight`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from pgconv.converter.checkpoint import open_checkpoint
+from pgconv.converter.hub import resolve_source
+from pgconv.converter.layouts import detect_layout, to_native
+from pgconv.converter.plan import plan_conversion
+from pgconv.converter.writer import tensors_equal
+from pgconv.errors import InputError
+from pgconv.model.config import PaliGemmaConfig, from_hf_config
+
+__all__ = ["load", "load_state_dict", "build_model", "from_transformers"]
+
+
+def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PaliGemmaConfig, dict[str, torch.Tensor]]:
+    """(config, native state dict) of a checkpoint directory, weight file or hub id; optionally cast to `dtype`.
+
+    Tensors are read one at a time (and cast right away), so peak memory is the result plus one tensor.
+    """
+    src, trusted = resolve_source(path)
+    ckpt = open_checkpoint(src, trusted_root=trusted)
+    cfg = ckpt.pg_config()
+    try:
+        plan = plan_conversion(ckpt.metas(), cfg, "native")
+    except InputError as e:
+        raise type(e)(f"{src}: {e}") from None
+    for d in plan.drops:
+        if not tensors_equal(ckpt.tensors[d.source], ckpt.tensors[d.equals]):
+            raise InputError(f"{ckpt.tensors[d.source].file}: tensor {d.source!r} differs from {d.equals!r} although "
+                             "the config ties them (tie_word_embeddings=true)")
+    sd: dict[str, torch.Tensor] = {}
+    for step in plan.steps:
+        t = ckpt.tensors[step.sources[0]].load()
+        sd[step.target.name] = t if dtype is None else t.to(dtype)
+    return cfg, sd
+
+
+def build_model(cfg: PaliGemmaConfig, state_dict: Mapping[str, torch.Tensor], device: str | torch.device | None = None):
+    """A `PaliGemma` whose parameters *are* the given tensors (no copy when they already sit on `device`).
+
+    Built on the meta device, then `load_state_dict(strict=True, assign=True)`; names and shapes are checked
+    first so that an error names the tensor instead of printing torch's list.
+    """
+    from pgconv.model.paligemma import PaliGemma
+
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        parts = [f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}"] if missing else []
+        parts += [f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}"] if unexpected else []
+        raise InputError("state dict does not fit the model: " + "; ".join(parts))
+    for name, t in state_dict.items():
+        if tuple(t.shape) != expected[name]:
+            raise InputError(f"tensor {name!r} has shape {list(t.shape)}; the model expects {list(expected[name])}")
+    sd = dict(state_dict)
+    if device is not None:
+        for name in sd:  # one tensor at a time: the CPU copy is freed before the next one moves
+            sd[name] = sd[name].to(device)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Read a transformers PaliGemma checkpoint (any known layout, single file or sharded, or a hub id)."""
+    cfg, sd = load_state_dict(path_or_hub_id, dtype=dtype)
+    return build_model(cfg, sd, device)
+
+
+def from_transformers(hf_model: torch.nn.Module):
+    """Our model sharing weight storage with a live transformers `PaliGemmaForConditionalGeneration`.
+
+    Each of our parameters is a view of the same storage as the corresponding transformers parameter (no
+    copy, same dtype and device), so both models always hold identical weights (for the parity harness).
+    """
+    cfg = from_hf_config(hf_model.config.to_dict())
+    sd = hf_model.state_dict()  # detached tensors sharing storage with the parameters
+    native = to_native(sd, cfg, detect_layout(sd))
+    return build_model(cfg, native, device=None)

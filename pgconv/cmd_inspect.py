@@ -1,0 +1,27 @@
+"""`pgconv inspect PATH [--json] [--scan]`: thin wrapper over `pgconv.converter.inspect.inspect`.
+
+Exit 0 when no problem is found, 1 when the report lists problems, 2 when the input cannot be read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+__all__ = ["inspect"]
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--scan", is_flag=True, help="Also read every value and count NaN/Inf.")
+def inspect(path: str, as_json: bool, scan: bool) -> None:
+    """Describe the checkpoint PATH (directory, weight file or hub id); exit 1 if it has problems."""
+    from pgconv.converter.inspect import inspect as run
+
+    report = run(path, scan=scan)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
+    if report.problems:
+        sys.exit(1)
