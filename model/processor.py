@@ -1,0 +1,306 @@
+"""PaliGemma processor: images -> pixel_values, prompts -> token ids, ids -> text. No transformers imports.
+
+Matches transformers 5.24 `PaliGemmaProcessor` with the PIL image backend (`SiglipImageProcessorPil`) bit for bit:
+
+- Image (`image_transforms.convert_to_rgb`, `PilBackend._preprocess`): images with an alpha band or a
+  `transparency` entry (RGBA, LA, PA, P/L with a transparent colour) are alpha-composited onto opaque white, all
+  others go through `Image.convert("RGB")` (L, P, CMYK, I;16, ...); then PIL resize to (H, W) with the configured
+  filter (bicubic), `uint8 -> float64 * rescale_factor -> float32`, `(x - mean) / std` in float32, CHW.
+- Text: `"<image>" * num_image_tokens + "<bos>" + prompt + "\\n"`; a prompt that already holds one `<image>`
+  gets `<bos>` after it (as transformers does). A suffix is tokenised separately as `suffix + "<eos>"`
+  (transformers' `text_pair`); `token_type_ids` are 0 for the prefix and 1 for the suffix. Batches are padded to
+  the longest row with `<pad>` on the tokenizer's padding side (`left` for Gemma tokenizers, transformers' class
+  default) and `attention_mask` 0 there. An empty prompt is allowed, as in transformers (the hub golden test uses
+  one: `[<image>]*256 + [<bos>, "\\n"]`).
+
+Deliberate differences: one image per prompt (a prompt with several `<image>` is an error), a batch mixing prompts
+with and without `<image>` is handled prompt by prompt (transformers inserts `<bos>` at character 6 of the prompts
+that lack it), and bad image files raise `InputError` instead of PIL exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tokenizers import AddedToken, Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from pgconv.errors import InputError
+from pgconv.model.config import PaliGemmaConfig, from_hf_config
+
+__all__ = ["Processor", "ImageInput", "IMAGE_TOKEN", "load_image", "to_rgb"]
+
+IMAGE_TOKEN = "<image>"
+EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+# Pillow raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS; we keep that limit even if a caller disabled it.
+MAX_PIXELS = 2 * 89_478_485
+
+ImageInput = Image.Image | str | os.PathLike
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file; every failure is an `InputError` naming the file."""
+    try:
+        image = Image.open(path)
+        _check_size(image, path)
+        image.load()  # decode now, so a truncated file fails here and not halfway through a batch
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file (Pillow cannot identify it)") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports truncated/corrupt data as OSError/SyntaxError
+        raise InputError(f"{path}: cannot decode image ({e})") from None
+    return image
+
+
+def _check_size(image: Image.Image, where: object) -> None:
+    w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise InputError(f"{where}: image of {w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)")
+    if w == 0 or h == 0:
+        raise InputError(f"{where}: image has zero size ({w}x{h})")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' `convert_to_rgb`: composite transparency onto white, otherwise a plain `convert("RGB")`."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _token_content(value: Any, default: str) -> str:
+    if isinstance(value, dict):  # tokenizer_config.json may store AddedToken dicts
+        return str(value.get("content", default))
+    return str(value) if value else default
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read JSON ({e})") from None
+
+
+class Processor:
+    """Turns images and prompts into model inputs and generated ids into text (see the module docstring)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        image_size: tuple[int, int],
+        num_image_tokens: int,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        rescale_factor: float = 1 / 255,
+        resample: int = Image.Resampling.BICUBIC,
+        do_resize: bool = True,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
+        padding_side: str = "left",
+        bos_token: str = "<bos>",
+        eos_token: str = "<eos>",
+        pad_token: str = "<pad>",
+    ) -> None:
+        # Work on a private copy: adding tokens must never change a tokenizer the caller owns.
+        tok = Tokenizer.from_str(tokenizer.to_str())
+        tok.no_padding()
+        tok.no_truncation()
+        # As PaliGemmaProcessor: <image> is a special added token, <loc>/<seg> plain added tokens (existing ids kept).
+        if IMAGE_TOKEN not in {t.content for t in tok.get_added_tokens_decoder().values()}:
+            tok.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
+        tok.add_tokens(EXTRA_TOKENS)
+        self.tokenizer = tok
+        ids = {name: tok.token_to_id(name) for name in (bos_token, eos_token, pad_token)}
+        if missing := [name for name, i in ids.items() if i is None]:
+            raise InputError(f"tokenizer has no {', '.join(missing)} token")
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = ids[bos_token], ids[eos_token], ids[pad_token]
+        self.image_token_id: int = tok.token_to_id(IMAGE_TOKEN)
+        self.image_size = tuple(image_size)
+        self.num_image_tokens = int(num_image_tokens)
+        self.image_mean = np.array(image_mean, dtype=np.float32)
+        self.image_std = np.array(image_std, dtype=np.float32)
+        self.rescale_factor = float(rescale_factor)
+        self.resample = Image.Resampling(resample)
+        self.do_resize, self.do_rescale, self.do_normalize = do_resize, do_rescale, do_normalize
+        self.padding_side = padding_side
+
+    # -----------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, config: PaliGemmaConfig | None = None) -> "Processor":
+        """Read tokenizer.json, tokenizer_config.json, preprocessor_config.json and config.json from `directory`."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise InputError(f"{d}: not a checkpoint directory")
+        tok_path = d / "tokenizer.json"
+        if not tok_path.is_file():
+            raise InputError(f"{tok_path}: missing (pgconv needs the checkpoint's own tokenizer.json)")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise InputError(f"{tok_path}: cannot load tokenizer ({e})") from None
+        if config is None and (d / "config.json").is_file():
+            config = from_hf_config(_read_json(d / "config.json"))
+        pre = _read_json(d / "preprocessor_config.json")
+        tcfg = {**_read_json(d / "special_tokens_map.json"), **_read_json(d / "tokenizer_config.json")}
+        size = pre.get("size") or {}
+        if "height" in size and "width" in size:
+            image_size = (int(size["height"]), int(size["width"]))
+        elif config is not None:
+            image_size = (config.vision.image_size,) * 2
+        else:
+            raise InputError(f"{d}: preprocessor_config.json has no size and there is no config.json to take it from")
+        if config is not None and image_size != (config.vision.image_size,) * 2:
+            raise InputError(f"{d}: preprocessor size {image_size} does not match the model's image_size {config.vision.image_size}")
+        n_tokens = pre.get("image_seq_length", config.num_image_tokens if config is not None else None)
+        if n_tokens is None:
+            raise InputError(f"{d}: preprocessor_config.json has no image_seq_length and there is no config.json")
+        if config is not None and int(n_tokens) != config.num_image_tokens:
+            raise InputError(f"{d}: image_seq_length={n_tokens} but the model expects {config.num_image_tokens} image tokens")
+        # transformers: tokenizer_config padding_side wins, then tokenizer.json padding, then the class default
+        # (GemmaTokenizer: left; PreTrainedTokenizerBase: right).
+        json_padding = _read_json(tok_path).get("padding") or {}
+        default_side = "left" if str(tcfg.get("tokenizer_class", "GemmaTokenizer")).startswith("Gemma") else "right"
+        side = tcfg.get("padding_side") or {"Left": "left", "Right": "right"}.get(json_padding.get("direction"), default_side)
+        proc = cls(
+            tokenizer,
+            image_size=image_size,
+            num_image_tokens=int(n_tokens),
+            image_mean=pre.get("image_mean", (0.5, 0.5, 0.5)),
+            image_std=pre.get("image_std", (0.5, 0.5, 0.5)),
+            rescale_factor=pre.get("rescale_factor", 1 / 255),
+            resample=pre.get("resample", Image.Resampling.BICUBIC),
+            do_resize=pre.get("do_resize", True) is not False,
+            do_rescale=pre.get("do_rescale", True) is not False,
+            do_normalize=pre.get("do_normalize", True) is not False,
+            padding_side=side,
+            bos_token=_token_content(tcfg.get("bos_token"), "<bos>"),
+            eos_token=_token_content(tcfg.get("eos_token"), "<eos>"),
+            pad_token=_token_content(tcfg.get("pad_token"), "<pad>"),
+        )
+        if config is not None and proc.image_token_id != config.image_token_index:
+            raise InputError(f"{tok_path}: <image> is token {proc.image_token_id} but config.json says image_token_index={config.image_token_index}")
+        return proc
+
+    # -----------------------------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str],
+        suffixes: str | Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for one image per prompt: input_ids, attention_mask, token_type_ids (B, T) int64 and
+        pixel_values (B, 3, H, W) float32. A single image is shared by all prompts."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InputError("no prompts given")
+        if isinstance(images, (Image.Image, str, os.PathLike)):
+            images = [images] * len(prompts)
+        images = list(images)
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(images)} images for {len(prompts)} prompts (one image per prompt)")
+        text = self.encode(prompts, suffixes)
+        return {**text, "pixel_values": self.preprocess(images)}
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """(B, 3, H, W) float32 pixel values, bit-identical to transformers' PIL backend."""
+        return torch.from_numpy(np.stack([self._pixels(im) for im in images]))
+
+    def _pixels(self, image: ImageInput) -> np.ndarray:
+        where: object = image
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        elif isinstance(image, Image.Image):
+            where = f"image {image.mode} {image.size[0]}x{image.size[1]}"
+            _check_size(image, where)
+        else:
+            raise InputError(f"expected a PIL image or an image file path, got {type(image).__name__}")
+        try:
+            rgb = to_rgb(image)
+            if self.do_resize:
+                h, w = self.image_size
+                rgb = rgb.resize((w, h), resample=self.resample)  # PIL sizes are (width, height)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise InputError(f"{where}: cannot decode image ({e})") from None
+        x = np.asarray(rgb).transpose(2, 0, 1)  # (H, W, 3) uint8 -> (3, H, W)
+        if self.do_rescale:
+            # transformers upcasts to float64 before multiplying, then rounds once to float32.
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+        if self.do_normalize:
+            # float32 subtract and divide, per channel, as numpy does in transformers' normalize().
+            x = (x - self.image_mean[:, None, None]) / self.image_std[:, None, None]
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def prefix_text(self, prompt: str) -> str:
+        """The prompt string transformers tokenises: image tokens, <bos>, prompt, newline."""
+        n = prompt.count(IMAGE_TOKEN)
+        if n > 1:
+            raise InputError(f"prompt {prompt[:60]!r} contains {n} {IMAGE_TOKEN} tokens; PaliGemma takes one image per prompt")
+        images = IMAGE_TOKEN * self.num_image_tokens
+        if n == 0:
+            return f"{images}{self.bos_token}{prompt}\n"
+        cut = prompt.index(IMAGE_TOKEN)
+        return f"{prompt[:cut]}{images}{self.bos_token}{prompt[cut + len(IMAGE_TOKEN):]}\n"
+
+    def encode(self, prompts: Sequence[str], suffixes: str | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and token_type_ids (B, T) for prompts (and optional training suffixes)."""
+        if suffixes is not None:
+            suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
+            if len(suffixes) != len(prompts):
+                raise InputError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts")
+        rows: list[tuple[list[int], list[int]]] = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt {i} is {type(prompt).__name__}, not a string")
+            ids = self.tokenizer.encode(self.prefix_text(prompt), add_special_tokens=False).ids
+            types = [0] * len(ids)
+            if suffixes is not None:
+                tail = self.tokenizer.encode(suffixes[i] + self.eos_token, add_special_tokens=False).ids
+                ids, types = ids + tail, types + [1] * len(tail)
+            rows.append((ids, types))
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        token_type_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (ids, types) in enumerate(rows):
+            span = slice(length - len(ids), length) if self.padding_side == "left" else slice(0, len(ids))
+            input_ids[b, span] = torch.tensor(ids)
+            token_type_ids[b, span] = torch.tensor(types)
+            attention_mask[b, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+    # -----------------------------------------------------------------------------------------------------------------
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text for a 1-D sequence of ids (<loc>/<seg> are not special, so detection output survives)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise InputError(f"decode takes a 1-D sequence of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> Callable[[int], str]:
+        """A function id -> new text for streaming; multi-byte characters appear once all their bytes arrived."""
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+        def step(token_id: int) -> str:
+            return stream.step(self.tokenizer, int(token_id)) or ""
+
+        return step
