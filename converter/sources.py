@@ -66,7 +66,11 @@ class SourceTensor:
         return t
 
     def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
-        """The tensor's elements in C order as flat 1-D pieces of at most `max_bytes` (bounded memory for spans)."""
+        """The tensor's elements in C order as flat 1-D pieces of at most `max_bytes` (bounded memory for spans).
+
+        A piece read from a span lives in a buffer that the next piece reuses: consume or clone it before asking
+        for the next one.
+        """
         size = itemsize(self.meta.dtype)
         step = max(1, max_bytes // size) * size
         if self.span is None:
