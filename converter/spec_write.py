@@ -1,0 +1,185 @@
+"""`convert(..., to=<spec>)`: write any PaliGemma checkpoint in a spec-defined format (big_vision `.npz`, user specs).
+
+The source (any transformers/native layout, or a spec format read with `--from`) is opened as native tensors;
+the spec is bound to the config (every check before any bytes move); file tensors are then produced one at a
+time, a stacked tensor one layer slice at a time, into a temporary sibling of DST renamed at the end:
+
+* `format = "npz"`: DST is the `.npz` file; provenance goes in the zip comment.
+* `format = "safetensors"`: DST is a directory with `model.safetensors` (provenance in `__metadata__`), an HF
+  `config.json` (so the result is self-describing and `--from` finds its config), the source's tokenizer and
+  processor files, and `pgconv-manifest.json` (name, shape, dtype, bytes, sha256, sources, transform per tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
+from pgconv.converter.custom import check_provenance, is_spec_source, open_spec_checkpoint, provenance
+from pgconv.converter.dtypes import is_widening, parse_dtype, torch_dtype
+from pgconv.converter.hub import resolve_source
+from pgconv.converter.manifest import write_manifest
+from pgconv.converter.npz import NpzWriter, from_torch
+from pgconv.converter.plan import plan_conversion
+from pgconv.converter.safetensors_io import build_header
+from pgconv.converter.sources import SourceTensor, TensorMeta
+from pgconv.converter.spec import load_spec
+from pgconv.converter.spec_bind import FileTensor, bind
+from pgconv.converter.writer import tensors_equal
+from pgconv.errors import InputError
+from pgconv.model.config import PaliGemmaConfig, to_hf_config
+
+__all__ = ["native_source", "convert_to_spec"]
+
+_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def native_source(src: str | Path, from_: str | Path | None = None, config: str | Path | None = None, *,
+                  allow_cut: bool = False) -> tuple[Checkpoint, PaliGemmaConfig, str, dict[str, SourceTensor]]:
+    """(checkpoint, config, source format name, native name -> lazy tensor) for any supported SRC."""
+    if is_spec_source(src, from_):
+        ck = open_spec_checkpoint(Path(src), from_ or "big-vision", config, allow_cut=allow_cut)
+        return ck, ck.cfg, ck.spec.name, ck.tensors
+    path, trusted = resolve_source(src)
+    ck = open_checkpoint(path, trusted_root=trusted)
+    cfg = ck.pg_config()
+    try:
+        plan = plan_conversion(ck.metas(), cfg, "native")
+    except InputError as e:
+        raise type(e)(f"{path}: {e}") from None
+    check_provenance(ck.metadata, plan.src_layout, False, str(path))
+    for d in plan.drops:
+        if not tensors_equal(ck.tensors[d.source], ck.tensors[d.equals]):
+            raise InputError(f"{ck.tensors[d.source].file}: tensor {d.source!r} differs from {d.equals!r} although "
+                             "the config ties them (tie_word_embeddings=true)")
+    return ck, cfg, plan.src_layout, {s.target.name: ck.tensors[s.sources[0]] for s in plan.steps}
+
+
+def _cast(parts: Iterator[torch.Tensor], code: str, lossy: dict[str, float], name: str) -> Iterator[torch.Tensor]:
+    """Cast each piece to `code`, recording the largest |change| of a narrowing cast (finite values only)."""
+    for p in parts:
+        out = p.to(torch_dtype(code))
+        if not is_widening(_code(p.dtype), code):
+            wide, back = p.double(), out.double()
+            ok = torch.isfinite(wide) & torch.isfinite(back)
+            diff = float((back - wide).abs().masked_fill(~ok, 0).max()) if p.numel() else 0.0
+            lossy[name] = max(lossy.get(name, 0.0), diff)
+        yield out
+
+
+def _code(dtype: torch.dtype) -> str:
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}[dtype]
+
+
+def _write_npz(tmp: Path, files: list[FileTensor], codes: dict[str, str], meta: dict[str, str], bar: tqdm,
+               lossy: dict[str, float]) -> None:
+    with NpzWriter(tmp, comment=json.dumps(meta, sort_keys=True).encode()) as w:
+        for ft in files:
+            pieces = _cast(ft.parts(), codes[ft.name], lossy, ft.name)
+
+            def arrays(pieces: Iterator[torch.Tensor] = pieces) -> Iterator:
+                for p in pieces:
+                    bar.update(p.numel() * p.element_size())
+                    yield from_torch(p)
+
+            w.add(ft.name, ft.shape, from_torch(torch.empty(0, dtype=torch_dtype(codes[ft.name]))).dtype, arrays())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(tmp: Path, files: list[FileTensor], codes: dict[str, str], meta: dict[str, str],
+                       bar: tqdm, lossy: dict[str, float]) -> list[dict]:
+    metas = [TensorMeta(ft.name, ft.shape, codes[ft.name]) for ft in files]
+    header, offsets = build_header(metas, {"format": "pt", **meta})
+    by_name = {ft.name: ft for ft in files}
+    rows = []
+    fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, header)
+        for name in sorted(offsets, key=offsets.get):
+            ft, h, size = by_name[name], hashlib.sha256(), 0
+            for p in _cast(ft.parts(), codes[name], lossy, name):
+                data = memoryview(p.contiguous().view(torch.uint8).numpy())
+                h.update(data)
+                while data:
+                    data = data[os.write(fd, data):]
+                size += p.numel() * p.element_size()
+                bar.update(p.numel() * p.element_size())
+            expected = TensorMeta(name, ft.shape, codes[name]).nbytes
+            if size != expected:
+                raise InputError(f"{name}: spec produced {size} bytes, {expected} expected")
+            rows.append({"name": name, "shape": list(ft.shape), "dtype": codes[name], "bytes": size,
+                         "file": "model.safetensors", "sha256": h.hexdigest(), "sources": list(ft.sources),
+                         "transform": ft.transform, **({"max_abs_diff": lossy[name]} if name in lossy else {})})
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return rows
+
+
+def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: str | Path | None = None,
+                    config: str | Path | None = None, dtype: str | None = None, force: bool = False,
+                    allow_cut: bool = False, quiet: bool = False):
+    """Convert SRC (any layout, or a spec format with `from_`) into the format of spec `to` at DST."""
+    from pgconv import __version__
+    from pgconv.converter.convert import ConvertSummary
+
+    start = time.perf_counter()
+    spec = load_spec(to)
+    ck, cfg, src_format, natives = native_source(src, from_, config, allow_cut=allow_cut)
+    if spec.format == "npz" and not str(dst).endswith(".npz"):
+        raise InputError(f"{dst}: spec {spec.name!r} writes one .npz file; give DST a .npz name")
+    bound = bind(spec, cfg, allow_cut=allow_cut)
+    target = parse_dtype(dtype) or parse_dtype(spec.dtype)
+    files = bound.file_tensors(lambda n: natives[n].load())
+    codes = {ft.name: target or natives[ft.sources[0]].meta.dtype for ft in files}
+    total = sum(TensorMeta(ft.name, ft.shape, codes[ft.name]).nbytes for ft in files)
+    dst = Path(dst).absolute()
+    if any(p.resolve() == dst.resolve() for p in ck.files) or (dst.exists() and ck.root.resolve() == dst.resolve()):
+        raise InputError(f"{dst}: destination overlaps the source")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise InputError(f"{dst}: already exists (use --force to replace it)")
+    if not dst.parent.is_dir():
+        raise InputError(f"{dst.parent}: destination's parent directory does not exist")
+    meta = {**provenance(bound), "pgconv.source_format": src_format}
+    tmp = dst.parent / f".{dst.name}.pgconv-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    lossy: dict[str, float] = {}
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet, desc="convert",
+                  leave=False) as bar:
+            if spec.format == "npz":
+                _write_npz(tmp, files, codes, meta, bar, lossy)
+            else:
+                tmp.mkdir()
+                rows = _write_safetensors(tmp, files, codes, meta, bar, lossy)
+                top = max(set(codes.values()), key=list(codes.values()).count)
+                (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, _NAMES[top]), indent=2) + "\n")
+                for p in ck.companion_files():
+                    if p.name != "config.json":
+                        shutil.copyfile(p, tmp / p.name)
+                write_manifest(tmp, {"tool": "pgconv", "version": __version__, "source_layout": src_format,
+                                     "target_layout": spec.name, "spec_digest": spec.digest,
+                                     "source_files": [p.name for p in ck.files], "tensors": rows})
+        if dst.is_dir() and not dst.is_symlink():  # a --force'd directory: move it aside, rename, then delete it
+            old = dst.parent / f".{dst.name}.pgconv-old-{os.getpid()}-{secrets.token_hex(4)}"
+            dst.rename(old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)  # atomic, also over an existing file
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    names = [dst.name] if spec.format == "npz" else ["model.safetensors"]
+    return ConvertSummary(str(src), dst, src_format, spec.name, len(files), total, names, time.perf_counter() - start,
+                          lossy=[(n, d, 0) for n, d in lossy.items() if d > 0])
