@@ -36,13 +36,16 @@ CONFIGS: dict[str, PaliGemmaConfig] = {
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Scale-aware random values for every parameter of a transformers PaliGemma."""
+    """Random values for every parameter of a transformers PaliGemma, scaled so that greedy decoding of the random
+    model does not just repeat one token (the branches outweigh the tied-embedding echo of the input token)."""
     g = torch.Generator().manual_seed(seed)
+    gemma2 = model.config.text_config.model_type == "gemma2"
     for name, p in model.named_parameters():
         r = torch.randn(p.shape, generator=g)
         if "layernorm" in name or "layer_norm" in name or name.endswith("norm.weight"):
             if "language_model" in name:  # Gemma RMSNorm: zero-centred (1 + w)
-                p.copy_(0.3 * r)
+                post = gemma2 and ("post_attention" in name or "post_feedforward" in name)
+                p.copy_(0.3 * r + (1.0 if post else 0.0))
             elif name.endswith("weight"):  # SigLIP LayerNorm
                 p.copy_(1.0 + 0.2 * r)
             else:
@@ -50,10 +53,10 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         elif name.endswith("bias"):
             p.copy_(0.05 * r)
         elif "embed_tokens" in name:
-            p.copy_(r / p.shape[-1] ** 0.5)  # x sqrt(hidden) at lookup -> unit scale
+            p.copy_(0.5 * r / p.shape[-1] ** 0.5)  # x sqrt(hidden) at lookup -> scale 0.5
         else:
-            fan_in = p[0].numel()
-            p.copy_(r * (1.5 / fan_in**0.5))
+            branch_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+            p.copy_(r * ((4.5 if branch_out else 1.5) / p[0].numel() ** 0.5))
 
 
 def _build_hf(cfg: PaliGemmaConfig, dtype: torch.dtype):
