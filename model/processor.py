@@ -13,7 +13,9 @@ Matches transformers 5.24 `PaliGemmaProcessor` with the PIL image backend (`Sigl
   default) and `attention_mask` 0 there. An empty prompt is allowed, as in transformers (the hub golden test uses
   one: `[<image>]*256 + [<bos>, "\\n"]`).
 
-Deliberate differences: one image per prompt (a prompt with several `<image>` is an error), a batch mixing prompts
+Deliberate differences: images are always converted to RGB (hub preprocessor configs say `"do_convert_rgb": null`,
+which transformers 5.24 reads as "do not convert" and then fails on L/RGBA/CMYK images; we match what it computes
+with `do_convert_rgb=True`), one image per prompt (a prompt with several `<image>` is an error), a batch mixing prompts
 with and without `<image>` is handled prompt by prompt (transformers inserts `<bos>` at character 6 of the prompts
 that lack it), and bad image files raise `InputError` instead of PIL exceptions.
 """
@@ -210,7 +212,7 @@ class Processor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("no prompts given")
-        if isinstance(images, (Image.Image, str, os.PathLike)):
+        if not isinstance(images, (list, tuple)):  # one image (or something we will reject) for every prompt
             images = [images] * len(prompts)
         images = list(images)
         if len(images) != len(prompts):
@@ -273,6 +275,10 @@ class Processor:
             ids = self.tokenizer.encode(self.prefix_text(prompt), add_special_tokens=False).ids
             types = [0] * len(ids)
             if suffixes is not None:
+                if not isinstance(suffixes[i], str):
+                    raise InputError(f"suffix {i} is {type(suffixes[i]).__name__}, not a string")
+                if IMAGE_TOKEN in suffixes[i]:  # transformers rejects it too (image token count mismatch)
+                    raise InputError(f"suffix {suffixes[i][:60]!r} contains {IMAGE_TOKEN}; image tokens belong in the prompt")
                 tail = self.tokenizer.encode(suffixes[i] + self.eos_token, add_special_tokens=False).ids
                 ids, types = ids + tail, types + [1] * len(tail)
             rows.append((ids, types))

@@ -1,0 +1,66 @@
+"""`pgconv generate [CHECKPOINT] --image PATH --prompt TEXT [...]`: stream generated text to stdout.
+
+Without CHECKPOINT it uses the built-in tiny fixture (created on first use in the user cache) and, without --image,
+the built-in test image. Thin: load (`pgconv.load`), process (`Processor`), `generate` with a streaming callback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pgconv.errors import InputError
+
+__all__ = ["generate"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@click.command("generate")
+@click.argument("checkpoint", required=False)
+@click.option("--image", "image", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Image file (default: the built-in test image).")
+@click.option("--prompt", default="caption en", show_default=True, help="Text prompt (PaliGemma task prefix).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="0 = greedy.")
+@click.option("--top-k", default=None, type=click.IntRange(min=1), help="Sample from the k most likely tokens.")
+@click.option("--top-p", default=None, type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+              help="Nucleus sampling mass.")
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Compute dtype (default: the checkpoint's).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+def generate(checkpoint: str | None, image: Path | None, prompt: str, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, seed: int | None, dtype: str | None, device: str) -> None:
+    """Generate text for an image and a prompt with the PaliGemma CHECKPOINT (directory or hub id)."""
+    import torch
+
+    import pgconv
+    from pgconv.converter.fixture import default_checkpoint, default_image
+    from pgconv.converter.hub import resolve_source
+    from pgconv.model.generate import generate as run
+    from pgconv.model.processor import Processor
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available (torch.cuda.is_available() is false)")
+    if checkpoint is None:
+        source = default_checkpoint()
+    else:
+        source, _ = resolve_source(checkpoint)  # a hub id becomes its local snapshot (for the tokenizer files)
+    model = pgconv.load(source, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    processor = Processor.from_pretrained(source if source.is_dir() else source.parent, config=model.cfg)
+    inputs = processor(image if image is not None else default_image(), prompt)
+    weight = model.text.embed.weight
+    stream = processor.stream_decoder()
+
+    def on_token(tokens: torch.Tensor) -> None:
+        click.echo(stream(int(tokens[0])), nl=False)
+
+    run(
+        model, inputs["input_ids"].to(device), inputs["pixel_values"].to(device=device, dtype=weight.dtype),
+        inputs["token_type_ids"].to(device), inputs["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_token_ids=model.cfg.eos_token_ids, pad_token_id=processor.pad_token_id, on_token=on_token,
+    )
+    click.echo()

@@ -1,0 +1,242 @@
+"""Processor vs transformers 5.24 PaliGemmaProcessor (PIL image backend) on the tiny fixture: bit-identical
+pixel_values for every PIL mode we accept, identical input_ids / attention_mask / token_type_ids; input errors."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pgconv.converter.fixture import default_image, make_fixture
+from pgconv.errors import InputError
+from pgconv.model.processor import Processor, load_image
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_fixture(tmp_path_factory.mktemp("processor") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def ours(tiny_dir):
+    return Processor.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def hf(tiny_dir):
+    proc = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir)
+    # The oracle must be the PIL backend (the torchvision one differs by up to one uint8 level, trap 7).
+    assert type(proc.image_processor).__name__ == "SiglipImageProcessorPil"
+    return proc
+
+
+def _random_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    rgba = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+    if mode == "RGBA":
+        return rgba
+    if mode == "P":
+        return rgba.convert("RGB").quantize(17)
+    if mode == "P-transparent":
+        p = rgba.convert("RGB").quantize(17)
+        p.info["transparency"] = 3
+        return p
+    if mode == "PA":
+        return rgba.convert("RGB").quantize(17).convert("PA")
+    if mode == "L-transparent":
+        grey = rgba.convert("L")
+        grey.info["transparency"] = int(np.asarray(grey)[0, 0])
+        return grey
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    return rgba.convert(mode)
+
+
+MODES = ["RGB", "RGBA", "L", "LA", "P", "P-transparent", "PA", "L-transparent", "CMYK", "1", "I", "F", "I;16", "YCbCr"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [(37, 23), (5, 91), (28, 28)])
+def test_pixel_values_bit_identical_to_transformers_pil_backend(ours, hf, mode, size):
+    image = _random_image(mode, size, seed=len(mode) * 7 + size[0])
+    # Hub preprocessor configs say "do_convert_rgb": null, which 5.24 reads as "don't convert" (then fails on
+    # anything but RGB); the conversion we match is the one transformers applies when asked to convert.
+    expected = hf.image_processor(image, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+    got = ours.preprocess([image])
+    assert got.dtype == torch.float32 and got.shape == (1, 3, 28, 28)
+    assert torch.equal(got, expected), (mode, size, (got - expected).abs().max())
+
+
+@pytest.mark.parametrize("size", [224, 448])
+def test_pixel_values_at_real_resolutions(ours, size):
+    # Down- and up-sampling to the hub sizes against the PIL backend with the hub preprocessor settings.
+    hf_ip = transformers.SiglipImageProcessorPil(size={"height": size, "width": size}, resample=3,
+                                                 rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                                 do_convert_rgb=True)
+    proc = Processor(ours.tokenizer, image_size=(size, size), num_image_tokens=(size // 14) ** 2)
+    for mode, wh in [("RGB", (401, 299)), ("RGBA", (300, 501)), ("L", (97, 61))]:
+        image = _random_image(mode, wh, seed=size)
+        assert torch.equal(proc.preprocess([image]), hf_ip(image, return_tensors="pt")["pixel_values"]), mode
+
+
+def test_image_paths_and_builtin_image(ours, hf, tmp_path):
+    path = default_image()
+    image = Image.open(path)
+    assert image.width != image.height
+    jpeg = tmp_path / "x.jpg"
+    image.save(jpeg, quality=80)
+    for p in (path, jpeg):
+        expected = hf.image_processor(Image.open(p), return_tensors="pt")["pixel_values"]
+        assert torch.equal(ours.preprocess([p]), expected)
+        assert torch.equal(ours.preprocess([str(p)]), expected)
+
+
+def _compare(ours, hf, prompts, suffixes=None):
+    image = Image.open(default_image())
+    got = ours([image] * len(prompts), prompts, suffixes)
+    expected = hf(images=[image] * len(prompts), text=prompts, suffix=suffixes, return_tensors="pt", padding=True)
+    assert set(got) == {"input_ids", "attention_mask", "token_type_ids", "pixel_values"}
+    for key in got:
+        assert torch.equal(got[key], expected[key]), (key, prompts, suffixes, got[key], expected[key])
+    return got
+
+
+@pytest.mark.parametrize(
+    "prompts, suffixes",
+    [
+        (["caption en"], None),
+        ([""], None),  # the hub golden test's empty prompt: [<image>]*N + [<bos>, "\n"]
+        (["answer en where is the cow standing?"], ["on the beach"]),
+        (["caption en", "answer en what color is the car and where is it parked?", "ocr"], None),
+        (["detect cat ; dog", "segment"], ["<loc0010><loc0020><loc0500><loc1023> cat", ""]),
+        (["<image>caption en"], None),  # <bos> goes right after the user's <image>
+        (["hi <image>caption en", "<image>"], ["x", "y z"]),
+        (["  spaces  and\nnewlines\n\n", "ünïcödé 🐄 ☃ 中文", "<bos><eos><pad> specials"], None),
+    ],
+)
+def test_text_identical_to_transformers(ours, hf, prompts, suffixes):
+    got = _compare(ours, hf, prompts, suffixes)
+    assert (got["token_type_ids"].sum(1) > 0).tolist() == [suffixes is not None] * len(prompts)
+
+
+def test_prompt_layout_and_padding(ours):
+    got = ours(default_image(), ["", "caption en"])
+    n = ours.num_image_tokens
+    assert got["input_ids"][0, -(n + 2):].tolist() == [ours.image_token_id] * n + [ours.bos_token_id, 108]
+    assert ours.padding_side == "left" and got["attention_mask"][0, 0] == 0 and got["input_ids"][0, 0] == ours.pad_token_id
+    assert got["pixel_values"].shape == (2, 3, 28, 28)
+    tail = ours(default_image(), "x", "y")
+    assert tail["input_ids"][0, -1] == ours.eos_token_id and tail["token_type_ids"][0, -1] == 1
+
+
+_FRAGMENTS = st.sampled_from(["<image>", "<bos>", "<eos>", "<loc0001>", "<seg127>", " ", "  ", "\n", "▁", "caption en",
+                              "<", ">", "<loc", "é", "🐄", "\t"])
+_TEXT = st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=8), _FRAGMENTS),
+                 max_size=6).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=_TEXT, suffix=st.one_of(st.none(), _TEXT))
+def test_fuzzed_prompts_identical_to_transformers(ours, hf, prompt, suffix):
+    assume(prompt.count("<image>") <= 1 and "<image>" not in (suffix or ""))
+    _compare(ours, hf, [prompt], None if suffix is None else [suffix])
+
+
+def test_decode_matches_transformers(ours, hf):
+    ids = [45, 957, 43, 1128, 1706, 1, 2, 1664, 512, 1663, 108, 300, 278, 5]
+    for skip in (True, False):
+        assert ours.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip)
+    assert ours.decode(torch.tensor(ids)) == ours.decode(ids)
+    assert "<loc0000>" in ours.decode([512])  # <loc> survives skip_special_tokens (detection needs it)
+
+
+def test_stream_decoder_matches_decode(ours):
+    ids = ours.tokenizer.encode("héllo wörld 🐄 <loc0001> cat", add_special_tokens=False).ids + [1]
+    step = ours.stream_decoder()
+    assert "".join(step(i) for i in ids) == ours.decode(ids)
+
+
+def test_tokenizer_passed_in_is_not_mutated(ours):
+    from tokenizers import Tokenizer
+
+    bare = Tokenizer.from_str(ours.tokenizer.to_str())
+    bare_json = bare.to_str()
+    proc = Processor(bare, image_size=(28, 28), num_image_tokens=16)
+    assert bare.to_str() == bare_json and proc.tokenizer is not bare
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+def test_missing_tokenizer_files(tiny_dir, tmp_path):
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    with pytest.raises(InputError, match="tokenizer.json: missing"):
+        Processor.from_pretrained(tmp_path)
+    with pytest.raises(InputError, match="not a checkpoint directory"):
+        Processor.from_pretrained(tmp_path / "nope")
+
+
+def test_config_mismatch_is_an_error(tiny_dir):
+    from pgconv.model.config import PRESETS
+
+    with pytest.raises(InputError, match="image_token_index"):
+        Processor.from_pretrained(tiny_dir, config=PRESETS["tiny"].replace(image_token_index=7))
+
+
+def test_prompt_errors(ours):
+    with pytest.raises(InputError, match="one image per prompt"):
+        ours(default_image(), "<image><image>two")
+    with pytest.raises(InputError, match="2 images for 1 prompts"):
+        ours([default_image()] * 2, ["one"])
+    with pytest.raises(InputError, match="suffixes"):
+        ours(default_image(), ["a", "b"], ["only one"])
+    with pytest.raises(InputError, match="not a string"):
+        ours(default_image(), [3])
+    with pytest.raises(InputError, match="image tokens belong in the prompt"):
+        ours(default_image(), "a", "b <image>")
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the data is a single tiny row, never decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4)) + chunk(b"IEND", b"")
+
+
+def test_bad_image_files(ours, tmp_path, monkeypatch):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match="not an image file"):
+        ours(text, "caption en")
+    buf = io.BytesIO()
+    _random_image("RGB", (64, 64), 0).save(buf, "PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(InputError, match="truncated.png: cannot decode"):
+        ours(truncated, "caption en")
+    with pytest.raises(InputError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png(30000, 30000))
+    with pytest.raises(InputError, match="decompression bomb"):
+        ours(bomb, "caption en")
+    # Still refused when a caller has switched Pillow's own limit off.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(InputError, match="decompression bomb"):
+        ours(bomb, "caption en")
+    with pytest.raises(InputError, match="expected a PIL image"):
+        ours(np.zeros((4, 4, 3), np.uint8), "caption en")
