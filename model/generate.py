@@ -59,7 +59,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: cache buffers made here must stay writable by later plain forwards
 def generate(
     model: PaliGemma,
     input_ids: Tensor,
