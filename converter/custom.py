@@ -93,7 +93,7 @@ class _Npz:
 
     def span(self, name: str, k: int | None) -> tuple[int, int] | None:
         m = self.reader.members[name]
-        if m.compressed:
+        if m.compressed or m.fortran_order:
             return None
         if k is None:
             return m.data_offset, m.data_offset + m.nbytes

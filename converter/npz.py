@@ -55,10 +55,6 @@ class NpzMember:
     data_offset: int | None  # absolute offset of the array data in the file (stored members only)
 
     @property
-    def supported(self) -> bool:
-        return self.raw_dtype in _FLOATS and not self.fortran_order
-
-    @property
     def dtype(self) -> np.dtype:
         """Tensor dtype (void V2 read as bfloat16); only for supported members."""
         return _FLOATS[self.raw_dtype]
@@ -126,13 +122,11 @@ class NpzReader:
         return member
 
     def member(self, name: str) -> NpzMember:
-        """The member `name`, checked to be a float tensor pgconv can read (float32, float16, bfloat16-as-void)."""
+        """The member `name`, checked to be a float tensor (float32, float16, or bfloat16 stored as void V2)."""
         try:
             m = self.members[name]
         except KeyError:
             raise InputError(f"{self.path}: no member {name!r}") from None
-        if m.fortran_order:
-            raise InputError(f"{self.path}: member {name!r} is stored in Fortran order, which pgconv does not read")
         if m.raw_dtype.kind == "V" and m.raw_dtype not in _FLOATS:
             raise InputError(f"{self.path}: member {name!r} has void dtype {m.raw_dtype.str} "
                              f"(itemsize {m.raw_dtype.itemsize}); only 2-byte void (bfloat16) is understood")
@@ -160,19 +154,28 @@ class NpzReader:
                 self._cache = (name, arr.view(m.dtype))
             arr = self._cache[1]
             return arr if index is None else arr[index]
+        if m.fortran_order:
+            # np.save of a transposed array: the bytes are the C-order array of the reversed shape. Map it whole
+            # (an axis-0 slice is strided) and transpose the view back.
+            arr = self._map(m.data_offset, m.shape[::-1], m.dtype).T
+            return arr if index is None else arr[index]
         shape, offset = m.shape, m.data_offset
         if index is not None:
             shape = m.shape[1:]
             offset += index * (m.nbytes // m.shape[0])  # C order: slices along axis 0 are contiguous
+        return self._map(offset, shape, m.dtype)
+
+    def _map(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A C-order array of `shape` at `offset` in the file, memory-mapped (unmapped when the array is dropped)."""
         if 0 in shape:
-            return np.zeros(shape, m.dtype)
+            return np.zeros(shape, dtype)
         # mmap wants a page-aligned offset; map from the page below and view the array at the remainder.
         count = int(np.prod(shape, dtype=np.int64))
         page = offset - offset % mmap.ALLOCATIONGRANULARITY
         # ACCESS_COPY: a private copy-on-write map, writable for torch.from_numpy, never writing the file.
-        buf = mmap.mmap(self._file.fileno(), offset - page + count * m.dtype.itemsize, access=mmap.ACCESS_COPY,
+        buf = mmap.mmap(self._file.fileno(), offset - page + count * dtype.itemsize, access=mmap.ACCESS_COPY,
                         offset=page)
-        return np.frombuffer(buf, dtype=m.dtype, count=count, offset=offset - page).reshape(shape)
+        return np.frombuffer(buf, dtype=dtype, count=count, offset=offset - page).reshape(shape)
 
     def close(self) -> None:
         self._cache = None

@@ -202,21 +202,23 @@ def bind(spec: Spec, cfg: PaliGemmaConfig, *, allow_cut: bool = False) -> BoundS
             full = _file_shapes(rule, expected, sym, stacked, n_layers)
         except SpecError as e:
             raise SpecError(f"{label}: {e}") from None
+        # Shapes do not depend on the layer: bind the ops once per rule, for every layer's instance.
+        ctx = Context(label, ", ".join(rule.native), allow_cut)
+        shapes = tuple(_layer_shape(s, rule.layer_axis) for s in full)
+        ops = []
+        for j, op in enumerate(rule.ops, 1):
+            try:
+                ops.append(bind_op(op, shapes, sym, ctx))
+            except SpecError as e:
+                raise SpecError(f"{label}: op {j} {op.describe()}: {e}") from None
+            shapes = ops[-1].out_shapes
+        if len(shapes) != len(rule.native):
+            raise SpecError(f"{label}: the ops make {len(shapes)} tensor(s) for {len(rule.native)} native name(s)")
+        _check_used_rows(ops, rule.native, cfg, label)
+        short = rule.label(k)
         for layer in range(n_layers) if layered else [None]:
             files = tuple(spec.prefix + (f.format(i=layer) if layered else f) for f in rule.file)
             natives = tuple(n.format(i=layer) if layered else n for n in rule.native)
-            ctx = Context(label, ", ".join(natives), allow_cut)
-            shapes = tuple(_layer_shape(s, rule.layer_axis) for s in full)
-            ops = []
-            for j, op in enumerate(rule.ops, 1):
-                try:
-                    ops.append(bind_op(op, shapes, sym, ctx))
-                except SpecError as e:
-                    raise SpecError(f"{label}: op {j} {op.describe()}: {e}") from None
-                shapes = ops[-1].out_shapes
-            if len(shapes) != len(natives):
-                raise SpecError(f"{label}: the ops make {len(shapes)} tensor(s) for {len(natives)} native name(s)")
-            _check_used_rows(ops, natives, cfg, label)
             for name, shape in zip(natives, shapes):
                 if name not in expected:
                     why = ' (the config ties it to the embedding: add when = ["untied"])' if name == "lm_head.weight" else ""
@@ -226,12 +228,12 @@ def bind(spec: Spec, cfg: PaliGemmaConfig, *, allow_cut: bool = False) -> BoundS
                 if shape != expected[name]:
                     raise SpecError(f"{label}: makes {name!r} with shape {list(shape)}; the config implies "
                                     f"{list(expected[name])}")
-                made[name] = rule.label(k)
+                made[name] = short
             if not stacked or layer == 0:  # a stacked file tensor is read once for all its layers
                 for f, s in zip(files, full):
                     if f in read_by:
                         raise SpecError(f"{label}: reads {f!r}, which {read_by[f]} reads too")
-                    read_by[f], file_shapes[f] = rule.label(k), s
+                    read_by[f], file_shapes[f] = short, s
             instances.append(_Instance(k, layer, files, natives, tuple(ops), shapes, rule.layer_axis))
     missing = [n for n in expected if n not in made]
     if missing:
