@@ -134,7 +134,7 @@ def _base_vocab(base: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_tokenizer(base: int = 512) -> Tokenizer:
+def build_tokenizer(base: int = 512, *, add_bos_token: bool = True) -> Tokenizer:
     """The fixture tokenizer with `base` plain pieces followed by <loc>, <seg> and <image> (see module docstring)."""
     if base < 512:
         raise ValueError(f"base vocabulary must have at least 512 pieces, got {base}")
@@ -145,8 +145,10 @@ def build_tokenizer(base: int = 512) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     # Hub PaliGemma 1 tokenizers add <bos> (trap 14); PaliGemmaProcessor switches that off, and so does ours.
+    bos = "<bos>:0 " if add_bos_token else ""
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos>:0 $A:0", pair="<bos>:0 $A:0 <bos>:1 $B:1", special_tokens=[("<bos>", SPECIALS["<bos>"])]
+        single=f"{bos}$A:0", pair=f"{bos}$A:0 {bos.replace(':0', ':1')}$B:1",
+        special_tokens=[("<bos>", SPECIALS["<bos>"])] if add_bos_token else [],
     )
     tok.add_special_tokens([_added(t, special=True) for t in [*SPECIALS, *TURN_TOKENS]])
     # The id order matters: add_tokens assigns consecutive ids after the base vocabulary.
@@ -163,7 +165,7 @@ def _added(content: str, *, special: bool) -> AddedToken:
 
 def tokenizer_files(base: int = 512, *, add_bos_token: bool = True) -> dict[str, str]:
     """File name -> text for tokenizer.json, tokenizer_config.json and special_tokens_map.json (hub style)."""
-    tok = build_tokenizer(base)
+    tok = build_tokenizer(base, add_bos_token=add_bos_token)
     decoder = {}
     for tid, tk in sorted(tok.get_added_tokens_decoder().items()):
         decoder[str(tid)] = {"content": tk.content, "lstrip": tk.lstrip, "normalized": tk.normalized,
