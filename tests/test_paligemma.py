@@ -161,3 +161,36 @@ def test_decode_without_cache_is_a_clear_error():
     model = PaliGemma(cfg)
     with pytest.raises(RuntimeError, match="setup_cache"):
         model(torch.tensor([[5]]), input_pos=torch.tensor([0]))
+
+
+@torch.no_grad()
+def test_modules_call_ops_through_the_namespace(monkeypatch):
+    """The parity harness's mutation tests monkeypatch `pgconv.model.ops.<fn>`; every one must be looked up at call
+    time (a `from ops import fn` copy would silently ignore the patch)."""
+    cfg = CONFIGS["tiny-pg2"]
+    model = PaliGemma(cfg)
+    names = ["rms_norm", "gelu_tanh", "embed_scale", "softcap", "rope_cos_sin", "apply_rope", "rope_positions",
+             "attention", "prefix_lm_mask", "additive_mask"]
+    calls: dict[str, int] = dict.fromkeys(names, 0)
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in names:
+        monkeypatch.setattr(ops, name, counting(name, getattr(ops, name)))
+    model(**make_inputs(cfg, [2], suffix_len=1))
+    assert all(calls.values()), calls
+
+
+@torch.no_grad()
+def test_without_token_type_ids_the_mask_is_causal_like_transformers():
+    cfg = CONFIGS["tiny"]
+    hf, ours = pair(cfg, seed=1)
+    inp = make_inputs(cfg, [5], seed=2)
+    inp.pop("token_type_ids")
+    got = ours(**inp)
+    assert max_abs(hf(**inp, token_type_ids=None).logits, got) <= FP32_TOL
+    assert max_abs(got, ours(**inp, token_type_ids=torch.zeros_like(inp["input_ids"]))) > 1e-3
