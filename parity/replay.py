@@ -1,0 +1,67 @@
+"""Teacher forcing: run one step of our model on the reference's captured input.
+
+The difference between this output and the reference's output is the error the step *contributes*; the rest of the
+end-to-end difference is *inherited* from upstream (kekzl/imp #1275 did this by hand; Polygraphy's golden-input
+advice is the same idea). Recipes, named in the probe table's `replay` column:
+- `call`: call our module again with the reference's input tensor in place of its first tensor argument, keeping our
+  other arguments (the AttnContext our block really got); skipped, with contributed = end-to-end, when our input
+  already equals the reference's bit for bit (the replay would repeat the very same computation);
+- `merge`: our `embed(input_ids, image_features)` with the reference's projector output;
+- `logits`: our `logits(hidden)` on the reference's final-norm output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pgconv.parity.capture import Call, Recorder, primary
+from pgconv.parity.probes import Probe
+
+__all__ = ["replay", "same_input"]
+
+T = "model.language_model."
+
+
+def _ref_input(probe: Probe, ref_rec: Recorder) -> Tensor:
+    return primary((*ref_rec.call(probe.ref).args, ref_rec.call(probe.ref).kwargs))
+
+
+def _swap_first_tensor(call: Call, x: Tensor) -> tuple[tuple, dict[str, Any]]:
+    args = list(call.args)
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor):
+            args[i] = x
+            return tuple(args), dict(call.kwargs)
+    kwargs = dict(call.kwargs)
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor):
+            kwargs[k] = x
+            return tuple(args), kwargs
+    raise ValueError("call has no tensor argument to replace")
+
+
+def same_input(probe: Probe, ours_rec: Recorder, ref_rec: Recorder) -> bool:
+    """True when our module's input is bitwise the reference's (the replay would change nothing)."""
+    if probe.replay != "call":
+        return False
+    ours_in = primary((*ours_rec.call(probe.ours).args, ours_rec.call(probe.ours).kwargs))
+    ref_in = _ref_input(probe, ref_rec)
+    return (ours_in is not None and ref_in is not None and ours_in.shape == ref_in.shape
+            and ours_in.dtype == ref_in.dtype and bool(torch.equal(ours_in, ref_in)))
+
+
+@torch.no_grad()
+def replay(probe: Probe, ours: nn.Module, ours_rec: Recorder, ref_rec: Recorder, input_ids: Tensor) -> Tensor:
+    """Our output for `probe` computed from the reference's input."""
+    if probe.replay == "call":
+        module = ours.get_submodule(probe.ours)
+        args, kwargs = _swap_first_tensor(ours_rec.call(probe.ours), _ref_input(probe, ref_rec))
+        return primary(module(*args, **kwargs))
+    if probe.replay == "merge":
+        return ours.embed(input_ids, ref_rec.get("model.multi_modal_projector", "output"))
+    if probe.replay == "logits":
+        return ours.logits(ref_rec.get(T + "norm", "output"))
+    raise ValueError(f"probe {probe.name}: no replay recipe {probe.replay!r}")

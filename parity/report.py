@@ -1,0 +1,168 @@
+"""Report writers: terminal table, report.json, report.md (fits a CI step summary), report.html, junit.xml.
+
+report.json (schema_version 1) top level: `schema_version`, `passed`, `failures` (one line each), `checkpoint`,
+`checkpoint_path`, `family`, `dtype`, `device`, `probes_mode`, `max_new_tokens`, `tolerances` {source, version},
+`versions`, `timing`, `weights` {passed, mapped, bit_identical, shared, mismatched, layout, map[]},
+`first_divergence` {probe, kind, stack, layer, nrmse, max_abs, contributed_*, fp64, case} or null,
+`probes` [{name, kind, stack, layer, passed, verdict, max_abs, mean_abs, max_rel, rmse, cosine, nrmse, nmax,
+contributed_max_abs, contributed_nrmse, contributed_nmax, contributed_cosine, within_budget,
+contributed_within_budget, inherited, replay, budget, segments {image, prompt, suffix}, fp64, ours, reference,
+case}], `logits` {kl_mean, kl_max, top1_agreement, top5_overlap, decisive_top1_agreement, passed},
+`generation` {reference_text, candidate_text, tokens_equal, first_divergence, teacher_forced, cache, passed},
+`cases` [per image + prompt: the same sections in full, with per-position KL / top-1 / top-5 lists].
+Non-finite floats are written as the strings "inf", "-inf", "nan" (strict JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+__all__ = ["finalise", "terminal", "markdown", "junit", "write_reports", "fmt"]
+
+
+def finalise(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats as strings, tuples as lists, paths as strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else ("nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf"))
+    if isinstance(obj, dict):
+        return {str(k): finalise(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finalise(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if isinstance(x, str):
+        return x
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}e}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits + 2}g}"
+
+
+_COLUMNS = ("probe", "verdict", "max_abs", "nrmse", "cosine", "contrib", "budget")
+
+
+def _probe_cells(p: dict[str, Any]) -> list[str]:
+    flag = "" if p["passed"] else "  <-- FAIL"
+    verdict = p["verdict"] + (" (inherited)" if p.get("inherited") and p["verdict"] == "match" else "")
+    return [p["name"], verdict, fmt(p["max_abs"]), fmt(p["nrmse"]), fmt(p["cosine"], 6),
+            fmt(p["contributed_nrmse"]), fmt(p["budget"]["nrmse"]) + flag]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _generation_lines(g: dict[str, Any]) -> list[str]:
+    lines = [f"reference: {g['reference_text']!r}", f"pgconv:    {g['candidate_text']!r}"]
+    fd = g.get("first_divergence")
+    if fd is None:
+        lines.append("greedy tokens: identical")
+    elif "reference" in fd:
+        kind = "near tie (not a failure)" if fd["near_tie"] else "NOT a near tie"
+        lines.append(f"first divergent token: step {fd['step']}: reference {fd['reference_token']} "
+                     f"{fd['reference_piece']!r} vs pgconv {fd['candidate_token']} {fd['candidate_piece']!r}; "
+                     f"reference top-1/top-2 margin {fmt(fd['reference']['top1_top2_margin'])} nats, gap between the "
+                     f"two {fmt(fd['reference']['gap'])} nats: {kind}")
+    else:
+        lines.append(f"generation lengths differ from step {fd['step']}")
+    tf, cache = g["teacher_forced"], g["cache"]
+    lines.append(f"teacher-forced over the reference's tokens: KL mean {fmt(tf['kl_mean'])} max {fmt(tf['kl_max'])}, "
+                 f"top-1 {fmt(tf['top1_agreement'])}")
+    lines.append(f"cached decode vs uncached forward: KL max {fmt(cache['kl_max'])}, max abs {fmt(cache['max_abs'])} "
+                 f"over {cache['steps']} steps: {'ok' if cache['passed'] else 'FAIL'}")
+    return lines
+
+
+def terminal(report: dict[str, Any]) -> str:
+    w = report["weights"]
+    head = [f"pgconv verify: {report['checkpoint']} ({report['family']}, {report['dtype']}, {report['device']})",
+            f"weights: {w['bit_identical']}/{w['mapped']} mapped tensors bit-identical, {w['shared']} shared storage"
+            f" (layout {w['layout']})", ""]
+    rows = [list(_COLUMNS)] + [_probe_cells(p) for p in report["probes"]]
+    lg = report["logits"]
+    tail = ["", f"logits: KL mean {fmt(lg['kl_mean'])} max {fmt(lg['kl_max'])}, top-1 {fmt(lg['top1_agreement'])}, "
+                f"top-5 overlap {fmt(lg['top5_overlap'])}, decisive top-1 {fmt(lg['decisive_top1_agreement'])}"]
+    tail += _generation_lines(report["generation"])
+    fd = report["first_divergence"]
+    tail.append("first divergence: " + ("none" if fd is None else f"{fd['probe']} ({fd['kind']}), contributed nrmse "
+                                        f"{fmt(fd['contributed_nrmse'])}, fp64 {_fp64(fd.get('fp64'))}"))
+    verdict = "PASS" if report["passed"] else "FAIL: " + "; ".join(report["failures"])
+    tail.append(f"{verdict}  ({report['timing']['total']:.1f} s)")
+    return "\n".join(head + _table(rows) + tail)
+
+
+def _fp64(fp: dict[str, Any] | None) -> str:
+    if not fp:
+        return "-"
+    return f"ours {fmt(fp['ours'])} vs reference {fmt(fp['reference'])} (k={fp['k']})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    status = "PASS" if report["passed"] else "FAIL"
+    w, lg, g = report["weights"], report["logits"], report["generation"]
+    lines = [f"## pgconv verify: {status}", "",
+             f"`{report['checkpoint']}`: {report['family']}, {report['dtype']} on {report['device']}, tolerances "
+             f"{report['tolerances']['version']}, transformers {report['versions']['transformers']}", ""]
+    for f in report["failures"]:
+        lines.append(f"- **{f}**")
+    fd = report["first_divergence"]
+    lines += ["", f"**First divergence:** {'none' if fd is None else '`' + fd['probe'] + '` (' + fd['kind'] + ')'}",
+              f"**Weights:** {w['bit_identical']}/{w['mapped']} bit-identical ({w['shared']} shared storage)",
+              f"**Logits:** KL mean {fmt(lg['kl_mean'])}, max {fmt(lg['kl_max'])}; top-1 {fmt(lg['top1_agreement'])}; "
+              f"top-5 overlap {fmt(lg['top5_overlap'])}",
+              f"**Generation:** {'identical tokens' if g['tokens_equal'] else 'tokens differ'}; "
+              f"reference `{g['reference_text']!r}`, pgconv `{g['candidate_text']!r}`", "",
+              "| probe | verdict | max abs | nrmse | cosine | contributed nrmse | budget |",
+              "|---|---|---|---|---|---|---|"]
+    for p in report["probes"]:
+        c = _probe_cells(p)
+        c[1] = c[1] if p["passed"] else f"**{c[1]}**"
+        c[-1] = c[-1].replace("  <-- FAIL", "")
+        lines.append("| " + " | ".join(f"`{c[0]}`" if i == 0 else c[i] for i in range(len(c))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def junit(report: dict[str, Any]) -> str:
+    """One test case per probe (plus weights, logits, generation), in one suite."""
+    cases = [("weights", report["weights"]["passed"], f"mismatched: {report['weights']['mismatched'][:5]}")]
+    for p in report["probes"]:
+        msg = f"{p['verdict']}: nrmse {fmt(p['nrmse'])}, contributed {fmt(p['contributed_nrmse'])}, fp64 {_fp64(p.get('fp64'))}"
+        cases.append((f"probe {p['name']}", p["passed"], msg))
+    cases.append(("logits", report["logits"]["passed"], f"KL max {fmt(report['logits']['kl_max'])}"))
+    cases.append(("generation", report["generation"]["passed"], "; ".join(_generation_lines(report["generation"]))))
+    failures = sum(not ok for _, ok, _ in cases)
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           f'<testsuites tests="{len(cases)}" failures="{failures}">',
+           f'  <testsuite name={quoteattr("pgconv verify " + report["dtype"])} tests="{len(cases)}" failures="{failures}" '
+           f'time="{report["timing"]["total"]}">']
+    for name, ok, msg in cases:
+        out.append(f'    <testcase classname="pgconv.verify" name={quoteattr(name)}>')
+        if not ok:
+            out.append(f'      <failure message={quoteattr(msg[:500])}>{escape(msg)}</failure>')
+        out.append("    </testcase>")
+    out += ["  </testsuite>", "</testsuites>"]
+    return "\n".join(out) + "\n"
+
+
+def write_reports(report: dict[str, Any], directory: Path) -> None:
+    from pgconv.parity.report_html import html
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.json").write_text(json.dumps(finalise(report), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    (directory / "report.md").write_text(markdown(report), encoding="utf-8")
+    (directory / "report.html").write_text(html(report), encoding="utf-8")
+    (directory / "junit.xml").write_text(junit(report), encoding="utf-8")

@@ -1,0 +1,207 @@
+"""`pgconv.verify`: layer-by-layer parity of pgconv's PaliGemma against transformers' on one checkpoint.
+
+    report = pgconv.verify()                                   # built-in tiny checkpoint + image
+    report = pgconv.verify("ckpt/", images=["cat.png"], prompts=["caption en"], dtype="bfloat16", report_dir="out")
+    report["passed"], report["first_divergence"]
+
+The returned dict is exactly what `report.json` holds (schema `SCHEMA_VERSION`, see `parity.report`). Steps: load the
+reference (eager) and build ours on the same weight storage; weight parity; then per (image, prompt) case the probes,
+logits and generation checks of `parity.case`; finally the cases are folded into one verdict.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pgconv.errors import InputError
+
+__all__ = ["verify", "SCHEMA_VERSION", "DTYPES"]
+
+SCHEMA_VERSION = 1
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_PROMPT = "caption en"
+_SEVERITY = {"ours worse": 3, "reference worse": 1, "rounding noise": 1, "match": 0}
+
+
+def _check_args(dtype: str, device: str, max_new_tokens: int, probes: str) -> None:
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if probes not in ("all", "coarse"):
+        raise InputError(f"probes must be 'all' or 'coarse', got {probes!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"device {device!r} is not supported; use cpu or cuda")
+
+
+def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[Path, str]]:
+    from pgconv.converter.fixture import default_image
+
+    imgs = [Path(i) for i in images] or [default_image()]
+    texts = list(prompts) or [DEFAULT_PROMPT]
+    if len(imgs) == len(texts):
+        return list(zip(imgs, texts))
+    if len(imgs) == 1 or len(texts) == 1:
+        return [(i, t) for i in imgs for t in texts]
+    raise InputError(f"got {len(imgs)} images and {len(texts)} prompts: give as many of each, or one of either")
+
+
+def _inputs(processor: Any, image: Path, prompt: str, device: str) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            rgb = im.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{image}: image not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{image}: cannot read image ({e})") from None
+    if "<image>" in prompt:
+        raise InputError(f"prompt {prompt!r}: do not put <image> in the prompt; pass images with --image")
+    # One <image> marker per image up front (the processor expands it and inserts <bos> after it).
+    enc = processor(images=rgb, text="<image>" + prompt, return_tensors="pt")
+    # The v5 processor always returns labels (all -100 without a suffix: loss NaN); the harness never wants them
+    # (paligemma.md trap 15). token_type_ids are kept and always passed (trap 3).
+    return {k: enc[k].to(device) for k in ("input_ids", "pixel_values", "token_type_ids", "attention_mask")}
+
+
+def _resolve(checkpoint: str | Path | None) -> Path:
+    from pgconv.converter.fixture import default_checkpoint
+    from pgconv.converter.hub import resolve_source
+
+    if checkpoint is None:
+        return default_checkpoint()
+    path, _ = resolve_source(checkpoint)
+    if not path.is_dir():
+        raise InputError(f"{checkpoint}: not a checkpoint directory (expected config.json + weights)")
+    return path
+
+
+def verify(
+    checkpoint: str | Path | None = None,
+    *,
+    images: Sequence[str | Path] = (),
+    prompts: Sequence[str] = (),
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_new_tokens: int = 10,
+    tolerances: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    probes: str = "all",
+) -> dict[str, Any]:
+    """Verify pgconv's model against transformers on `checkpoint`; returns the report (see module docstring).
+
+    Raises `InputError` for unusable input (missing files, bad options); parity failures are in the report.
+    """
+    t0 = time.perf_counter()
+    _check_args(dtype, device, max_new_tokens, probes)
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device cuda requested but torch.cuda.is_available() is False")
+    from pgconv.parity.case import run_case
+    from pgconv.parity.models import build_candidate, load_reference, read_config, weight_parity
+    from pgconv.parity.probes import probes_for
+    from pgconv.parity.tolerances import load_tolerances
+
+    tol = load_tolerances(tolerances)
+    path = _resolve(checkpoint)
+    cfg = read_config(path)
+    cases = _cases(images, prompts)
+    timing: dict[str, float] = {}
+    ref = load_reference(path, getattr(torch, dtype), device)
+    ours = build_candidate(ref, cfg)
+    weights = weight_parity(ours, ref, cfg)
+    timing["load"] = round(time.perf_counter() - t0, 4)
+
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    table = probes_for(cfg, probes)  # type: ignore[arg-type]
+    results = []
+    for image, prompt in cases:
+        inputs = _inputs(processor, image, prompt, device)
+        result = run_case(
+            ours, ref, inputs, table, tol, dtype, max_new_tokens, list(cfg.eos_token_ids), cfg.pad_token_id,
+            cfg.image_token_index, lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=False),
+        )
+        results.append({"image": str(image), "prompt": prompt, **result})
+    timing["total"] = round(time.perf_counter() - t0, 4)
+    report = _fold(results, weights, tol)
+    report.update(
+        checkpoint=str(checkpoint) if checkpoint is not None else f"built-in tiny fixture ({path})",
+        checkpoint_path=str(path), family=cfg.family, dtype=dtype, device=device, probes_mode=probes,
+        max_new_tokens=max_new_tokens, tolerances={"source": tol.source, "version": tol.version},
+        versions=_versions(), timing=timing,
+    )
+    from pgconv.parity.report import finalise, write_reports
+
+    report = finalise(report)
+    if report_dir is not None:
+        write_reports(report, Path(report_dir))
+    return report
+
+
+def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dict[str, Any]:
+    """One verdict over all cases: each probe's worst row, the first case's divergence that fails, and so on."""
+    probes: list[dict[str, Any]] = []
+    for rows in zip(*(c["probes"] for c in cases)):
+        worst = max(rows, key=lambda r: (_SEVERITY[r["verdict"]], r["nrmse"]))
+        probes.append({**worst, "case": rows.index(worst)})
+    first = next(((i, c["first_divergence"]) for i, c in enumerate(cases) if c["first_divergence"]), None)
+    failing = next((c for c in cases if not c["generation"]["passed"]), cases[0])
+    logits = {
+        "kl_mean": sum(c["logits"]["kl_mean"] for c in cases) / len(cases),
+        "kl_max": max(c["logits"]["kl_max"] for c in cases),
+        "top1_agreement": min(c["logits"]["top1_agreement"] for c in cases),
+        "top5_overlap": min(c["logits"]["top5_overlap"] for c in cases),
+        "decisive_top1_agreement": min(c["logits"]["decisive_top1_agreement"] for c in cases),
+        "passed": all(c["logits"]["passed"] for c in cases),
+    }
+    gen = {k: failing["generation"][k] for k in ("reference_text", "candidate_text", "tokens_equal",
+                                                  "first_divergence", "teacher_forced", "cache", "passed")}
+    gen["tokens_equal"] = all(c["generation"]["tokens_equal"] for c in cases)
+    gen["passed"] = all(c["generation"]["passed"] for c in cases)
+    failures = []
+    if not weights["passed"]:
+        failures.append(f"weights: {len(weights['mismatched'])} mapped tensor(s) differ")
+    failures += [f"probe {p['name']}: {p['verdict']}" for p in probes if not p["passed"]]
+    if not logits["passed"]:
+        failures.append("logits: KL or decisive top-1 agreement over budget")
+    if not gen["passed"]:
+        failures.append("generation: " + _gen_reason(gen))
+    weights_public = {k: v for k, v in weights.items()}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "passed": not failures,
+        "failures": failures,
+        "first_divergence": None if first is None else {**first[1], "case": first[0]},
+        "weights": weights_public,
+        "probes": probes,
+        "logits": logits,
+        "generation": gen,
+        "cases": cases,
+    }
+
+
+def _gen_reason(gen: dict[str, Any]) -> str:
+    fd = gen.get("first_divergence")
+    if fd and not fd.get("near_tie"):
+        return f"greedy tokens diverge at step {fd['step']} (not a near tie)"
+    if not gen["teacher_forced"]["passed"]:
+        return "teacher-forced per-step KL or top-1 over budget"
+    if not gen["cache"]["passed"]:
+        return "cached decode disagrees with the uncached forward"
+    return "failed"
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import pgconv
+
+    return {"pgconv": pgconv.__version__, "transformers": transformers.__version__, "torch": torch.__version__}

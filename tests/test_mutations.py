@@ -1,0 +1,168 @@
+"""Injected bugs: each must make `pgconv verify` fail and name the probe where it enters as the first divergence.
+
+Bugs are injected by monkeypatching our model's math (`pgconv.model.ops`, methods, the config's attention scale) inside
+the test; the model has no flags for this. The same harness must stay quiet on the unpatched model (no false alarms)
+in fp32 and bf16, for PaliGemma 1 and 2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgconv.model import ops
+from pgconv.model.config import TextConfig
+from pgconv.model.paligemma import PaliGemma
+from pgconv.parity.verify import verify
+
+from test_parity_fixtures import square_checkpoint, tiny_checkpoint  # noqa: F401  (pytest fixtures)
+
+
+def _run(path, dtype="float32", probes="all"):
+    return verify(str(path), dtype=dtype, max_new_tokens=3, probes=probes)
+
+
+# -- the bugs ------------------------------------------------------------------------------------------------------
+
+
+def rms_norm_without_plus_one(mp):
+    def bad(x, weight, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
+
+    mp.setattr(ops, "rms_norm", bad)
+
+
+def exact_gelu(mp):
+    mp.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
+
+
+def image_scaled_by_wrong_hidden(mp):
+    # mlx-vlm / hkproj: image features / sqrt(top-level hidden_size=2048) before the text normaliser sqrt(text hidden).
+    orig = PaliGemma.embed
+
+    def embed(self, input_ids, image_features=None):
+        if image_features is not None:
+            image_features = image_features * (self.cfg.text.hidden_size**0.5 / 2048**0.5)
+        return orig(self, input_ids, image_features)
+
+    mp.setattr(PaliGemma, "embed", embed)
+
+
+def _rotate_pairs(x):  # GPT-J style: rotate pairs (x0, x1), (x2, x3), ... instead of the two halves
+    return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+
+
+def interleaved_rotation(mp):
+    # Only the rotation is interleaved; the tables stay half-split: the RoPE tables match, attention does not.
+    mp.setattr(ops, "rotate_half", _rotate_pairs)
+
+
+def interleaved_rope(mp):
+    # Fully interleaved RoPE (tables and rotation, like gpt-fast / Meta llama): the tables already differ.
+    def cos_sin(positions, head_dim, theta, dtype):
+        freqs = positions[..., None].float() * ops.rope_inv_freq(head_dim, theta, positions.device)
+        emb = freqs.repeat_interleave(2, -1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    mp.setattr(ops, "rotate_half", _rotate_pairs)
+    mp.setattr(ops, "rope_cos_sin", cos_sin)
+
+
+def zero_indexed_positions(mp):
+    mp.setattr(ops, "rope_positions", lambda index: index)
+
+
+def causal_prefix(mp):
+    orig = ops.prefix_lm_mask
+    mp.setattr(ops, "prefix_lm_mask", lambda q, kv, tti=None, pad=None, win=None: orig(q, kv, None, pad, win))
+
+
+def unrounded_normaliser(mp):
+    mp.setattr(ops, "embed_scale", lambda hidden, dtype: torch.tensor(hidden**0.5, dtype=torch.float32))
+
+
+class _TransposedLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight.T, self.bias)
+
+
+def transposed_projector(mp):
+    orig = PaliGemma.__init__
+
+    def init(self, cfg):
+        orig(self, cfg)
+        self.projector.__class__ = _TransposedLinear
+
+    mp.setattr(PaliGemma, "__init__", init)
+
+
+def no_attention_softcap(mp):
+    orig = ops.attention
+    mp.setattr(ops, "attention", lambda q, k, v, mask, scale, cap=None: orig(q, k, v, mask, scale, None))
+
+
+def no_final_softcap(mp):
+    mp.setattr(PaliGemma, "logits", lambda self, hidden: F.linear(hidden, self.text.embed.weight))
+
+
+def head_dim_scale(mp):
+    mp.setattr(TextConfig, "attn_scale", property(lambda self: self.head_dim**-0.5))
+
+
+def sliding_window_ignored(mp):
+    orig = ops.prefix_lm_mask
+    mp.setattr(ops, "prefix_lm_mask", lambda q, kv, tti=None, pad=None, win=None: orig(q, kv, tti, pad, None))
+
+
+# (bug, checkpoint, dtype, first divergence with --probes all, with --probes coarse)
+MUTATIONS = [
+    (rms_norm_without_plus_one, "tiny", "float32", "text.blocks.0.attn_norm", "text.blocks.0"),
+    (exact_gelu, "tiny", "float32", "vision.blocks.0.mlp", "vision.blocks.0"),
+    (image_scaled_by_wrong_hidden, "tiny", "float32", "text.embed", "text.embed"),
+    (interleaved_rotation, "tiny", "float32", "text.blocks.0.attn", "text.blocks.0"),
+    (interleaved_rope, "tiny", "float32", "text.rope", "text.rope"),
+    (zero_indexed_positions, "tiny", "float32", "text.rope", "text.rope"),
+    (causal_prefix, "tiny", "float32", "text.mask.full", "text.mask.full"),
+    (unrounded_normaliser, "tiny", "bfloat16", "text.embed", "text.embed"),
+    (transposed_projector, "square", "float32", "projector", "projector"),
+    (no_attention_softcap, "tiny-pg2", "float32", "text.blocks.0.attn", "text.blocks.0"),
+    (no_final_softcap, "tiny-pg2", "float32", "logits", "logits"),
+    (head_dim_scale, "tiny-pg2", "float32", "text.blocks.0.attn", "text.blocks.0"),
+    (sliding_window_ignored, "tiny-pg2", "float32", "text.mask.sliding", "text.mask.sliding"),
+]
+
+
+@pytest.mark.parametrize("bug,ckpt,dtype,first_all,first_coarse", MUTATIONS, ids=[m[0].__name__ for m in MUTATIONS])
+def test_mutation_is_caught_at_the_right_probe(monkeypatch, tiny_checkpoint, square_checkpoint, bug, ckpt, dtype,
+                                                first_all, first_coarse):
+    path = square_checkpoint if ckpt == "square" else tiny_checkpoint(ckpt)
+    bug(monkeypatch)
+    report = _run(path, dtype)
+    assert not report["passed"]
+    assert report["first_divergence"]["probe"] == first_all, report["failures"]
+    row = next(p for p in report["probes"] if p["name"] == first_all)
+    assert row["verdict"] == "ours worse" and not row["passed"]
+    # Everything upstream of the bug still matches.
+    upstream = report["probes"][: report["probes"].index(row)]
+    assert all(p["passed"] for p in upstream)
+    assert _run(path, dtype, "coarse")["first_divergence"]["probe"] == first_coarse
+
+
+@pytest.mark.parametrize("ckpt", ["tiny", "tiny-pg2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_false_alarm(tiny_checkpoint, ckpt, dtype):
+    report = _run(tiny_checkpoint(ckpt), dtype)
+    assert report["passed"], report["failures"]
+    assert report["first_divergence"] is None
+    assert all(p["verdict"] != "ours worse" for p in report["probes"])
+
+
+def test_square_config_is_square(square_checkpoint):
+    # The transposed-projector mutation is only shape-preserving when vision width == text width.
+    from pgconv.parity.models import read_config
+
+    cfg = read_config(square_checkpoint)
+    assert cfg.vision.hidden_size == cfg.text.hidden_size
