@@ -84,18 +84,22 @@ class PaliGemma(nn.Module):
         positions exactly as transformers takes them (already 1-indexed); by default `ops.rope_positions` of the
         cache index. dtype defaults to the embedding dtype (the activation dtype).
         """
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         device = input_ids.device
         dtype = dtype or self.text.embed.weight.dtype
         if input_pos is None:
             q_pos, kv_len = torch.arange(t, device=device), t
         else:
             q_pos, kv_len = input_pos.to(device), self.cache_len
-        if attention_mask is not None and attention_mask.shape[-1] > kv_len:
-            raise InputError(f"attention_mask covers {attention_mask.shape[-1]} positions but keys span only {kv_len}")
+        covered = None if attention_mask is None else attention_mask.shape[-1]
+        if covered is not None and (covered > kv_len or (input_pos is None and covered != t)):
+            raise InputError(f"attention_mask covers {covered} positions but the keys span {kv_len}")
         if position_ids is None:
             position_ids = ops.rope_positions(q_pos)[None]
-        return self.text.context(position_ids, q_pos, kv_len, token_type_ids, attention_mask, dtype, input_pos)
+        if token_type_ids is not None:
+            token_type_ids = token_type_ids.to(device)
+        cache_pos = None if input_pos is None else q_pos
+        return self.text.context(position_ids.to(device), q_pos, kv_len, token_type_ids, attention_mask, dtype, cache_pos)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states -> vocabulary logits (tied head; Gemma 2 final soft-cap)."""

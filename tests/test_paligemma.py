@@ -194,3 +194,11 @@ def test_without_token_type_ids_the_mask_is_causal_like_transformers():
     got = ours(**inp)
     assert max_abs(hf(**inp, token_type_ids=None).logits, got) <= FP32_TOL
     assert max_abs(got, ours(**inp, token_type_ids=torch.zeros_like(inp["input_ids"]))) > 1e-3
+
+
+def test_attention_mask_of_the_wrong_length_is_an_input_error():
+    cfg = CONFIGS["tiny"]
+    model = PaliGemma(cfg)
+    inp = make_inputs(cfg, [3])
+    with pytest.raises(InputError, match="attention_mask covers"):
+        model(**{**inp, "attention_mask": inp["attention_mask"][:, 1:]})
