@@ -181,7 +181,7 @@ def _chunks(t: Tensor, seed: int, dtype: str):
     table = _table(t.mean, t.std, dtype)
     for start in range(0, t.numel, _CHUNK):
         n = min(_CHUNK, t.numel - start)
-        u16 = stream.random_raw((n + 3) // 4).astype("<u8").view("<u2")[:n]
+        u16 = stream.random_raw((n + 3) // 4).astype("<u8", copy=False).view("<u2")[:n]
         yield np.take(table, u16)
 
 
@@ -198,7 +198,7 @@ def _write_shard(path: Path, shard: Shard, seed: int, dtype: str) -> None:
         f.write(struct.pack("<Q", len(text)) + text)
         for t in shard.tensors:
             for chunk in _chunks(t, seed, dtype):
-                f.write(chunk.tobytes())
+                f.write(memoryview(chunk))  # no bytes copy
 
 
 def _json(path: Path, obj: object) -> None:

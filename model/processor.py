@@ -136,8 +136,9 @@ class Processor:
         self.image_token_id: int = tok.token_to_id(IMAGE_TOKEN)
         self.image_size = tuple(image_size)
         self.num_image_tokens = int(num_image_tokens)
-        self.image_mean = np.array(image_mean, dtype=np.float32)
-        self.image_std = np.array(image_std, dtype=np.float32)
+        # A scalar mean/std applies to every channel (transformers' normalize); float32 like its numpy arrays.
+        self.image_mean = np.broadcast_to(np.array(image_mean, dtype=np.float32).reshape(-1), (3,)).copy()
+        self.image_std = np.broadcast_to(np.array(image_std, dtype=np.float32).reshape(-1), (3,)).copy()
         self.rescale_factor = float(rescale_factor)
         self.resample = Image.Resampling(resample)
         self.do_resize, self.do_rescale, self.do_normalize = do_resize, do_rescale, do_normalize
@@ -177,9 +178,8 @@ class Processor:
             raise InputError(f"{d}: image_seq_length={n_tokens} but the model expects {config.num_image_tokens} image tokens")
         # transformers: tokenizer_config padding_side wins, then tokenizer.json padding, then the class default
         # (GemmaTokenizer: left; PreTrainedTokenizerBase: right).
-        json_padding = _read_json(tok_path).get("padding") or {}
         default_side = "left" if str(tcfg.get("tokenizer_class", "GemmaTokenizer")).startswith("Gemma") else "right"
-        side = tcfg.get("padding_side") or {"Left": "left", "Right": "right"}.get(json_padding.get("direction"), default_side)
+        side = tcfg.get("padding_side") or str((tokenizer.padding or {}).get("direction", default_side)).lower()
         proc = cls(
             tokenizer,
             image_size=image_size,
