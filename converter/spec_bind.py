@@ -221,8 +221,7 @@ def bind(spec: Spec, cfg: PaliGemmaConfig, *, allow_cut: bool = False) -> BoundS
             natives = tuple(n.format(i=layer) if layered else n for n in rule.native)
             for name, shape in zip(natives, shapes):
                 if name not in expected:
-                    why = ' (the config ties it to the embedding: add when = ["untied"])' if name == "lm_head.weight" else ""
-                    raise SpecError(f"{label}: makes {name!r}, which is not a native tensor of this config{why}")
+                    raise SpecError(f"{label}: {_not_native(name)}")
                 if name in made:
                     raise SpecError(f"{label}: makes {name!r}, which {made[name]} makes too")
                 if shape != expected[name]:
@@ -260,6 +259,11 @@ def _check_used_rows(ops: list[BoundOp], natives: tuple[str, ...], cfg: PaliGemm
                                     f"config's {what} token id {token} is outside them (it would have no embedding)")
 
 
+def _not_native(name: str) -> str:
+    why = ' (the config ties it to the embedding: add when = ["untied"])' if name == "lm_head.weight" else ""
+    return f"makes {name!r}, which is not a native tensor of this config{why}"
+
+
 def _file_shapes(rule: Rule, expected: dict[str, Shape], sym: dict[str, int], stacked: bool, n: int) -> tuple[Shape, ...]:
     """Full shape of each file tensor: declared (`shape`), or the native shape for shape-preserving rules."""
     if rule.shape is not None:
@@ -275,7 +279,7 @@ def _file_shapes(rule: Rule, expected: dict[str, Shape], sym: dict[str, int], st
         raise SpecError("give the file shape (`shape = [...]`) for a rule whose ops change shapes or counts")
     native = rule.native[0].format(i=0)
     if native not in expected:
-        raise SpecError(f"makes {native!r}, which is not a native tensor of this config")
+        raise SpecError(_not_native(native))
     shape = expected[native]
     if stacked:
         if not 0 <= rule.layer_axis <= len(shape):
