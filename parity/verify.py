@@ -74,9 +74,14 @@ def _resolve(checkpoint: str | Path | None) -> Path:
 
     if checkpoint is None:
         return default_checkpoint()
-    path, _ = resolve_source(checkpoint)
+    path, trusted = resolve_source(checkpoint)
     if not path.is_dir():
         raise InputError(f"{checkpoint}: not a checkpoint directory (expected config.json + weights)")
+    from pgconv.converter.load import check_checkpoint
+
+    # Our reader's checks first (headers, index paths, names, shapes, tied lm_head): transformers would follow
+    # paths out of the checkpoint, ignore a differing tied lm_head, and raise its own errors (issue 8).
+    check_checkpoint(path, trusted)
     return path
 
 
@@ -161,8 +166,9 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
         "decisive_top1_agreement": min(c["logits"]["decisive_top1_agreement"] for c in cases),
         "passed": all(c["logits"]["passed"] for c in cases),
     }
-    gen = {k: failing["generation"][k] for k in ("reference_text", "candidate_text", "tokens_equal",
-                                                  "first_divergence", "teacher_forced", "cache", "passed")}
+    gen = {k: failing["generation"][k] for k in ("reference_text", "candidate_text", "reference_tokens",
+                                                  "candidate_tokens", "tokens_equal", "first_divergence",
+                                                  "teacher_forced", "cache", "passed")}
     gen["tokens_equal"] = all(c["generation"]["tokens_equal"] for c in cases)
     gen["passed"] = all(c["generation"]["passed"] for c in cases)
     failures = []
@@ -173,13 +179,12 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
         failures.append("logits: KL or decisive top-1 agreement over budget")
     if not gen["passed"]:
         failures.append("generation: " + _gen_reason(gen))
-    weights_public = {k: v for k, v in weights.items()}
     return {
         "schema_version": SCHEMA_VERSION,
         "passed": not failures,
         "failures": failures,
         "first_divergence": None if first is None else {**first[1], "case": first[0]},
-        "weights": weights_public,
+        "weights": weights,
         "probes": probes,
         "logits": logits,
         "generation": gen,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -25,8 +26,7 @@ __all__ = ["verify"]
               help="Write report.json, report.md, report.html and junit.xml here.")
 @click.option("--probes", type=click.Choice(["all", "coarse"]), default="all", show_default=True,
               help="coarse: block-level probes only; all: also every norm, attention and MLP inside a block.")
-@click.pass_context
-def verify(ctx: click.Context, checkpoint: str | None, images: tuple[Path, ...], prompts: tuple[str, ...], dtype: str,
+def verify(checkpoint: str | None, images: tuple[Path, ...], prompts: tuple[str, ...], dtype: str,
            device: str, max_new_tokens: int, tolerances: Path | None, report_dir: Path | None, probes: str) -> None:
     """Compare pgconv's PaliGemma with transformers' layer by layer on CHECKPOINT (a directory or hub id;
     default: the built-in tiny checkpoint)."""
@@ -39,4 +39,6 @@ def verify(ctx: click.Context, checkpoint: str | None, images: tuple[Path, ...],
     if report_dir is not None:
         click.echo(f"reports written to {report_dir}/ (report.json, report.md, report.html, junit.xml)")
     if not report["passed"]:
-        ctx.exit(1)
+        # sys.exit, not ctx.exit: pgconv.cli.main runs click with standalone_mode=False, where ctx.exit(1) only
+        # becomes the return value of cli.main and main() would still exit 0.
+        sys.exit(1)

@@ -1,0 +1,123 @@
+"""`pgconv verify` end to end: exit codes (0 pass, 1 parity failure, 2 bad input), report files, the Python API."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgconv.cli import main
+from pgconv.model import ops
+from pgconv.parity.report import finalise
+from pgconv.parity.verify import verify
+
+from test_parity_fixtures import tiny_checkpoint  # noqa: F401  (pytest fixture)
+
+REPORT_FIELDS = {"schema_version", "passed", "checkpoint", "dtype", "device", "first_divergence", "probes", "logits",
+                 "generation", "weights"}
+PROBE_FIELDS = {"name", "kind", "passed", "max_abs", "mean_abs", "cosine", "contributed_max_abs", "verdict"}
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", *map(str, args)])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_default_passes_and_writes_every_report(capsys, tmp_path):
+    code, out, _ = _cli(capsys, "--report", tmp_path / "r", "--max-new-tokens", 4)
+    assert code == 0, out
+    assert "PASS" in out and "first divergence: none" in out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert REPORT_FIELDS <= set(report) and report["schema_version"] == 1 and report["passed"] is True
+    assert {"kl_mean", "top1_agreement"} <= set(report["logits"])
+    assert {"reference_text", "candidate_text", "tokens_equal", "first_divergence"} <= set(report["generation"])
+    assert report["generation"]["tokens_equal"] and len(report["generation"]["reference_tokens"]) == 4
+    names = [p["name"] for p in report["probes"]]
+    assert all(PROBE_FIELDS <= set(p) for p in report["probes"])
+    assert names[0] == "vision.embed" and names[-1] == "logits" and "text.blocks.1.mlp" in names
+    assert report["weights"]["mapped"] == report["weights"]["bit_identical"] == report["weights"]["shared"] > 0
+    suite = ET.parse(tmp_path / "r" / "junit.xml").getroot()
+    cases = suite.findall(".//testcase")
+    assert len(cases) == len(names) + 3 and not suite.findall(".//failure")
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.count("<svg") == 2 and "<script" not in html and "src=" not in html and "href=" not in html
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.startswith("## pgconv verify: PASS") and "| `text.norm` |" in md
+
+
+def test_parity_failure_exits_1_and_reports_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
+    code, out, _ = _cli(capsys, "--report", tmp_path, "--max-new-tokens", 2, "--probes", "coarse")
+    assert code == 1
+    assert "FAIL" in out and "first divergence: vision.blocks.0" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] is False and report["first_divergence"]["probe"] == "vision.blocks.0"
+    failed = [c.get("name") for c in ET.parse(tmp_path / "junit.xml").getroot().iter("testcase") if c.find("failure") is not None]
+    assert "probe vision.blocks.0" in failed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/nonexistent/ckpt"], "not a checkpoint directory"),
+    (["--image", "/nonexistent.png"], "image not found"),
+    (["--prompt", "a", "--prompt", "b", "--image", "x.png", "--image", "y.png", "--image", "z.png"], "2 prompts"),
+    (["--prompt", "<image>caption en"], "do not put <image>"),
+    (["--dtype", "float64"], "float64"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--probes", "some"], "some"),
+    (["--device", "tpu"], "tpu"),
+])
+def test_bad_input_exits_2(capsys, args, message):
+    code, out, err = _cli(capsys, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_tolerance_files_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    for content, message in [("{", "not valid JSON"), ('{"nope": 1}', "unknown section"),
+                             ('{"probes": {"text_block": {"float32": {"nrmse": -1}}}}', "non-negative")]:
+        bad.write_text(content)
+        code, _, err = _cli(capsys, "--tolerances", bad)
+        assert code == 2 and message in err, err
+
+
+def test_tolerance_override_is_applied(tmp_path, monkeypatch):
+    # Exact GELU enters in vision block 0's MLP; with vision budgets opened up the first failure moves to the text MLP.
+    monkeypatch.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
+    loose = {"nrmse": 1.0, "nmax": 1.0}
+    path = tmp_path / "tol.json"
+    path.write_text(json.dumps({"version": "test", "probes": {k: {"float32": loose} for k in ("vision_sub", "vision_block")}}))
+    report = verify(tolerances=path, max_new_tokens=2)
+    assert report["tolerances"]["version"] == "test"
+    assert report["first_divergence"]["probe"] == "text.blocks.0.mlp"
+
+
+def test_api_returns_what_report_json_holds(tmp_path):
+    report = verify(max_new_tokens=2, probes="coarse", report_dir=tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text()) == finalise(report)
+    assert not any(p["name"].endswith((".mlp", ".attn", "norm1", "attn_norm")) for p in report["probes"])
+
+
+def test_several_prompts_are_separate_cases(tiny_checkpoint):
+    report = verify(str(tiny_checkpoint("tiny-pg2")), prompts=["caption en", "answer en what is it?"], max_new_tokens=2)
+    assert report["passed"], report["failures"]
+    assert [c["prompt"] for c in report["cases"]] == ["caption en", "answer en what is it?"]
+    assert report["cases"][1]["prompt_length"] > report["cases"][0]["prompt_length"]
+    # Generated tokens are suffix positions: the text probes report them as their own segment.
+    block = next(p for p in report["cases"][0]["probes"] if p["name"] == "text.blocks.0")
+    assert set(block["segments"]) == {"image", "prompt", "suffix"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda(dtype, tiny_checkpoint):
+    for preset in ("tiny", "tiny-pg2"):
+        report = verify(str(tiny_checkpoint(preset)), dtype=dtype, device="cuda", max_new_tokens=4)
+        assert report["passed"], report["failures"]
+        assert report["device"] == "cuda"
