@@ -13,24 +13,21 @@ from pathlib import Path
 
 import torch
 
-from pgconv.converter.checkpoint import open_checkpoint
+from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.layouts import detect_layout, to_native
-from pgconv.converter.plan import plan_conversion
+from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.writer import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, from_hf_config
 
-__all__ = ["load", "load_state_dict", "build_model", "from_transformers"]
+__all__ = ["load", "load_state_dict", "check_checkpoint", "build_model", "from_transformers"]
 
 
-def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PaliGemmaConfig, dict[str, torch.Tensor]]:
-    """(config, native state dict) of a checkpoint directory, weight file or hub id; optionally cast to `dtype`.
-
-    Tensors are read one at a time (and cast right away), so peak memory is the result plus one tensor.
-    """
-    src, trusted = resolve_source(path)
-    ckpt = open_checkpoint(src, trusted_root=trusted)
+def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Checkpoint, PaliGemmaConfig, Plan]:
+    """Every check `load` makes before reading tensor data: headers, index, paths, config, names, shapes, and a
+    stored tied `lm_head` equal to the embedding. `pgconv verify` runs it before transformers opens the files."""
+    ckpt = open_checkpoint(src, trusted_root=trusted_root)
     cfg = ckpt.pg_config()
     try:
         plan = plan_conversion(ckpt.metas(), cfg, "native")
@@ -40,6 +37,15 @@ def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
         if not tensors_equal(ckpt.tensors[d.source], ckpt.tensors[d.equals]):
             raise InputError(f"{ckpt.tensors[d.source].file}: tensor {d.source!r} differs from {d.equals!r} although "
                              "the config ties them (tie_word_embeddings=true)")
+    return ckpt, cfg, plan
+
+
+def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PaliGemmaConfig, dict[str, torch.Tensor]]:
+    """(config, native state dict) of a checkpoint directory, weight file or hub id; optionally cast to `dtype`.
+
+    Tensors are read one at a time (and cast right away), so peak memory is the result plus one tensor.
+    """
+    ckpt, cfg, plan = check_checkpoint(*resolve_source(path))
     sd: dict[str, torch.Tensor] = {}
     for step in plan.steps:
         t = ckpt.tensors[step.sources[0]].load()

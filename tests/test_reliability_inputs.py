@@ -1,0 +1,318 @@
+"""Issue 8 catalogue, end to end through the CLI: every broken checkpoint gives exit 2 and one line naming the file
+and the tensor or key, for convert, inspect, verify and generate; no output is left behind and the source is
+untouched. Reader-level variants of the same cases (and a reader byte fuzz) live in test_safetensors_io.py; the
+CLI fuzz is test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from reliability_helpers import (assert_one_line_error, edit_header, fresh_copy, litter, read_header, run_cli,
+                                 sharded_checkpoint, tiny_checkpoint, tree_digest, write_raw)
+
+EMBED = "language_model.model.embed_tokens.weight"
+BIAS = "multi_modal_projector.linear.bias"
+HEAD = "language_model.lm_head.weight"
+ST = "model.safetensors"
+
+
+def _order(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+# -- safetensors file damage (single-file checkpoint) -------------------------------------------------------------
+
+def _truncated(d: Path) -> list[str]:
+    raw = (d / ST).read_bytes()
+    (d / ST).write_bytes(raw[:-100])
+    return [ST, "truncated"]
+
+
+def _header_longer_than_file(d: Path) -> list[str]:
+    header, data = read_header(d / ST)
+    write_raw(d / ST, header, data, declared=(d / ST).stat().st_size)
+    return [ST, "larger than the file"]
+
+
+def _header_over_100mb(d: Path) -> list[str]:
+    header, data = read_header(d / ST)
+    write_raw(d / ST, header, data, declared=100_000_001)
+    return [ST, "100 MB"]
+
+
+def _malformed_json(d: Path) -> list[str]:
+    header, data = read_header(d / ST)
+    text = json.dumps(header).encode()
+    write_raw(d / ST, text[:-1] + b",", data)  # the closing brace becomes a dangling comma
+    return [ST, "not valid JSON"]
+
+
+def _duplicate_key(d: Path) -> list[str]:
+    header, data = read_header(d / ST)
+    first, second = _order(header)[:2]
+    text = json.dumps(header).replace(json.dumps(second) + ":", json.dumps(first) + ":")
+    write_raw(d / ST, text.encode(), data)
+    return [ST, repr(first), "twice"]
+
+
+def _unknown_dtype(d: Path) -> list[str]:
+    def edit(h):
+        h[BIAS]["dtype"] = "Q4_K"
+        return h
+    edit_header(d / ST, edit)
+    return [ST, BIAS, "unknown dtype"]
+
+
+def _overlap(d: Path) -> list[str]:
+    header, _ = read_header(d / ST)
+    victim = _order(header)[3]
+
+    def edit(h):
+        h[victim]["data_offsets"] = [o - 4 for o in h[victim]["data_offsets"]]
+        return h
+    edit_header(d / ST, edit)
+    return [ST, victim, "overlaps"]
+
+
+def _hole(d: Path) -> list[str]:
+    header, data = read_header(d / ST)
+    last = _order(header)[-1]
+    header[last]["data_offsets"] = [o + 4 for o in header[last]["data_offsets"]]
+    write_raw(d / ST, header, data + b"\0" * 4)
+    return [ST, last, "hole"]
+
+
+def _zero_length(d: Path) -> list[str]:
+    (d / ST).write_bytes(b"")
+    return [ST, "0 bytes"]
+
+
+# -- model-level problems (readable file, wrong content) ----------------------------------------------------------
+
+def _tensors(d: Path, edit: Callable[[dict], None]) -> None:
+    sd = load_file(d / ST)
+    edit(sd)
+    save_file(sd, d / ST, metadata={"format": "pt"})
+
+
+def _missing_tensor(d: Path) -> list[str]:
+    _tensors(d, lambda sd: sd.pop(BIAS))
+    return [str(d), BIAS, "missing"]
+
+
+def _unexpected_tensor(d: Path) -> list[str]:
+    _tensors(d, lambda sd: sd.update({"vision_tower.extra.weight": torch.zeros(3)}))
+    return [str(d), "vision_tower.extra.weight", "unexpected"]
+
+
+def _wrong_shape(d: Path) -> list[str]:
+    _tensors(d, lambda sd: sd.update({BIAS: torch.zeros(71)}))
+    return [str(d), BIAS, "[71]", "config implies [72]"]
+
+
+def _tied_differ(d: Path) -> list[str]:
+    _tensors(d, lambda sd: sd.update({HEAD: sd[EMBED] + 1}))
+    return [ST, HEAD, "differs"]
+
+
+def _config(d: Path, edit: Callable[[dict], None]) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _config_missing(d: Path) -> list[str]:
+    (d / "config.json").unlink()
+    return ["config.json", "missing"]
+
+
+def _config_invalid_json(d: Path) -> list[str]:
+    (d / "config.json").write_text('{"model_type": "paligemma",')
+    return ["config.json", "invalid JSON"]
+
+
+def _config_not_object(d: Path) -> list[str]:
+    (d / "config.json").write_text("[1, 2, 3]")
+    return ["config.json", "not a JSON object"]
+
+
+def _config_unknown_model_type(d: Path) -> list[str]:
+    _config(d, lambda c: c.update(model_type="llava"))
+    return ["config.json", "model_type", "llava"]
+
+
+def _config_contradicts_weights(d: Path) -> list[str]:
+    _config(d, lambda c: c["text_config"].update(intermediate_size=128))
+    return [str(d), "language_model.model.layers.0.mlp.", "config implies"]
+
+
+def _config_fewer_layers(d: Path) -> list[str]:
+    _config(d, lambda c: c["vision_config"].update(num_hidden_layers=1))
+    return [str(d), "vision_tower.vision_model.encoder.layers.1.", "unexpected"]
+
+
+SINGLE = {
+    "safetensors truncated data": _truncated,
+    "safetensors header length > file": _header_longer_than_file,
+    "safetensors header > 100 MB": _header_over_100mb,
+    "safetensors malformed JSON": _malformed_json,
+    "safetensors duplicate key": _duplicate_key,
+    "safetensors unknown dtype": _unknown_dtype,
+    "safetensors overlapping offsets": _overlap,
+    "safetensors hole": _hole,
+    "safetensors zero-length file": _zero_length,
+    "model missing tensor": _missing_tensor,
+    "model unexpected tensor": _unexpected_tensor,
+    "model wrong shape": _wrong_shape,
+    "model tied weights differ": _tied_differ,
+    "config.json missing": _config_missing,
+    "config.json invalid JSON": _config_invalid_json,
+    "config.json not an object": _config_not_object,
+    "config.json unknown model_type": _config_unknown_model_type,
+    "config.json contradicts weight shapes": _config_contradicts_weights,
+    "config.json contradicts layer count": _config_fewer_layers,
+}
+# inspect describes a readable checkpoint instead of refusing it: these are problems in its report (exit 1).
+INSPECT_REPORTS = {"model missing tensor", "model unexpected tensor", "model wrong shape", "model tied weights differ",
+                   "config.json unknown model_type", "config.json contradicts weight shapes",
+                   "config.json contradicts layer count"}
+
+
+# -- index damage (sharded checkpoint) ----------------------------------------------------------------------------
+
+INDEX = "model.safetensors.index.json"
+
+
+def _index(d: Path, edit: Callable[[dict], None]) -> None:
+    idx = json.loads((d / INDEX).read_text())
+    edit(idx["weight_map"])
+    (d / INDEX).write_text(json.dumps(idx))
+
+
+def _shards(d: Path) -> list[str]:
+    return sorted(set(json.loads((d / INDEX).read_text())["weight_map"].values()))
+
+
+def _missing_shard(d: Path) -> list[str]:
+    gone = _shards(d)[1]
+    (d / gone).unlink()
+    return [INDEX, gone, "missing"]
+
+
+def _tensor_in_two_shards(d: Path) -> list[str]:
+    a, b = _shards(d)[:2]
+    first = load_file(d / a)
+    name = sorted(first)[0]
+    second = load_file(d / b)
+    second[name] = first[name]
+    save_file(second, d / b, metadata={"format": "pt"})
+    return [INDEX, name, "stored in"]  # "stored in both", or "listed in A but stored in B" when B is read first
+
+
+def _tensor_not_in_index(d: Path) -> list[str]:
+    _index(d, lambda wm: wm.pop(BIAS))
+    return [BIAS, "not listed"]
+
+
+def _traversal(d: Path) -> list[str]:
+    shard = _shards(d)[0]
+    fresh = d.parent / shard
+    fresh.write_bytes((d / shard).read_bytes())  # a real file waits outside: only the check stops it
+    _index(d, lambda wm: wm.update({k: f"../{shard}" for k, v in wm.items() if v == shard}))
+    return [INDEX, f"../{shard}", "outside the checkpoint"]
+
+
+def _absolute(d: Path) -> list[str]:
+    shard = _shards(d)[0]
+    outside = d.parent / ("abs-" + shard)
+    outside.write_bytes((d / shard).read_bytes())
+    _index(d, lambda wm: wm.update({k: str(outside) for k, v in wm.items() if v == shard}))
+    return [INDEX, str(outside), "outside the checkpoint"]
+
+
+def _escaping_symlink(d: Path) -> list[str]:
+    shard = _shards(d)[0]
+    outside = d.parent / ("link-" + shard)
+    (d / shard).rename(outside)
+    (d / shard).symlink_to(outside)
+    return [INDEX, shard, "resolves outside"]
+
+
+def _index_not_json(d: Path) -> list[str]:
+    (d / INDEX).write_text("{weight_map: nope}")
+    return [INDEX, "invalid JSON"]
+
+
+SHARDED = {
+    "index missing shard": _missing_shard,
+    "index tensor in two shards": _tensor_in_two_shards,
+    "index tensor in a shard but not the index": _tensor_not_in_index,
+    "index traversal path": _traversal,
+    "index absolute path": _absolute,
+    "index escaping symlink": _escaping_symlink,
+    "index invalid JSON": _index_not_json,
+}
+
+
+def _damaged(tmp_path_factory, tmp_path: Path, case: str) -> tuple[Path, list[str]]:
+    if case in SHARDED:
+        src = fresh_copy(sharded_checkpoint(tmp_path_factory), tmp_path / "src")
+        return src, SHARDED[case](src)
+    src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
+    return src, SINGLE[case](src)
+
+
+CASES = list(SINGLE) + list(SHARDED)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_convert_refuses_with_one_line_and_leaves_nothing(tmp_path_factory, tmp_path, capsys, case):
+    src, needles = _damaged(tmp_path_factory, tmp_path, case)
+    before = tree_digest(src)
+    outside = sorted(p.name for p in tmp_path.iterdir())
+    res = run_cli(["convert", src, tmp_path / "dst", "--to", "native", "--quiet"], capsys)
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "dst").exists() and litter(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == outside
+    assert tree_digest(src) == before
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_inspect_refuses_or_reports(tmp_path_factory, tmp_path, capsys, case):
+    src, needles = _damaged(tmp_path_factory, tmp_path, case)
+    before = tree_digest(src)
+    res = run_cli(["inspect", src], capsys)
+    if case in INSPECT_REPORTS:  # a readable checkpoint with problems: listed in the report, exit 1
+        assert res.code == 1 and "Traceback" not in res.err, res.err
+        problems = [line for line in res.out.splitlines() if line.startswith("problem:")]
+        assert problems and any(all(n in p for n in needles if n not in (str(src), ST)) for p in problems), res.out
+    elif case == "config.json missing":  # inspect describes weights alone
+        assert res.code == 0 and "config.json: absent" in res.out, res.err
+    else:
+        assert_one_line_error(res, *needles)
+    assert tree_digest(src) == before
+
+
+# Damage that transformers would load silently (extra files it never opens, a differing tied lm_head it ignores,
+# paths outside the checkpoint it follows) must be refused by verify before transformers sees the checkpoint.
+@pytest.mark.parametrize("case", CASES)
+def test_verify_refuses_with_one_line(tmp_path_factory, tmp_path, capsys, case):
+    src, needles = _damaged(tmp_path_factory, tmp_path, case)
+    before = tree_digest(src)
+    res = run_cli(["verify", src, "--max-new-tokens", "1", "--probes", "coarse"], capsys)
+    assert_one_line_error(res, *[n for n in needles if n != str(src)])
+    assert tree_digest(src) == before
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_generate_refuses_with_one_line(tmp_path_factory, tmp_path, capsys, case):
+    src, needles = _damaged(tmp_path_factory, tmp_path, case)
+    res = run_cli(["generate", src, "--max-new-tokens", "1"], capsys)
+    assert_one_line_error(res, *[n for n in needles if n != str(src)])
