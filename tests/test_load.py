@@ -1,0 +1,115 @@
+"""`pgconv.load`: strict loading from every layout, logits equal to transformers, shared-storage construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from convert_helpers import hf_model, random_state, tiny_inputs, write_checkpoint
+from pgconv.converter.convert import convert
+from pgconv.converter.layouts import LAYOUTS, to_native
+from pgconv.converter.load import build_model, from_transformers, load, load_state_dict
+from pgconv.errors import InputError
+from pgconv.model.config import PRESETS
+
+
+def _ours(model, inputs):
+    return model(inputs["input_ids"], inputs["pixel_values"], inputs["token_type_ids"], inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("name, tie, shard", [("tiny", True, None), ("tiny-pg2", True, "100KB"), ("tiny", False, "100KB")])
+def test_load_transformers_save_gives_transformers_logits(tmp_path, name, tie, shard):
+    cfg = PRESETS[name].replace(tie_word_embeddings=tie)
+    hf = hf_model(cfg)
+    hf.save_pretrained(tmp_path / "ck", **({"max_shard_size": shard} if shard else {}))
+    model = load(tmp_path / "ck")
+    assert not any(p.is_meta for p in model.parameters()) and (model.lm_head is None) == tie
+    inputs = tiny_inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(model, inputs), hf(**inputs).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_load_state_dict_from_every_layout(tmp_path, layout):
+    cfg = PRESETS["tiny-pg2"]
+    sd = random_state(cfg, "native", "BF16", bits=False)
+    write_checkpoint(tmp_path / "src", cfg, sd, dtype="bfloat16")
+    convert(tmp_path / "src", tmp_path / layout, to=layout, quiet=True)
+    got_cfg, got = load_state_dict(tmp_path / layout)
+    assert got_cfg == cfg and got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    _, cast = load_state_dict(tmp_path / layout, dtype=torch.float32)
+    assert all(v.dtype == torch.float32 and torch.equal(v, sd[k].float()) for k, v in cast.items())
+
+
+def _edit(tmp_path, change) -> str:
+    cfg = PRESETS["tiny"]
+    write_checkpoint(tmp_path / "ck", cfg, random_state(cfg, "hf-legacy", "F32", bits=False))
+    sd = load_file(tmp_path / "ck" / "model.safetensors")
+    match = change(sd)
+    save_file(sd, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
+    return match
+
+
+@pytest.mark.parametrize("change", [
+    lambda sd: (sd.pop("language_model.model.layers.1.mlp.up_proj.weight"), r"missing 1 tensor\(s\): language_model.model.layers.1.mlp.up_proj.weight")[1],
+    lambda sd: (sd.update({"vision_tower.vision_model.extra.weight": torch.zeros(1)}), r"unexpected 1 tensor\(s\): vision_tower.vision_model.extra.weight")[1],
+    lambda sd: (sd.update({"multi_modal_projector.linear.bias": torch.zeros(71)}), r"'multi_modal_projector.linear.bias' has shape \[71\]; the config implies \[72\]")[1],
+    lambda sd: (sd.update({"language_model.lm_head.weight": torch.zeros(1728, 72)}), "differs from")[1],
+], ids=["missing", "unexpected", "misshaped", "tied head differs"])
+def test_load_is_strict_and_names_the_tensor(tmp_path, change):
+    match = _edit(tmp_path, change)
+    with pytest.raises(InputError, match=match):
+        load(tmp_path / "ck")
+
+
+def test_tied_head_identical_is_accepted(tmp_path):
+    _edit(tmp_path, lambda sd: sd.update({"language_model.lm_head.weight": sd["language_model.model.embed_tokens.weight"].clone()}))
+    assert load(tmp_path / "ck").lm_head is None
+
+
+def test_load_dtype_and_missing_config(tmp_path):
+    cfg = PRESETS["tiny"]
+    write_checkpoint(tmp_path / "ck", cfg, random_state(cfg, "hf-v5-save", "F32", bits=False))
+    model = load(tmp_path / "ck", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    (tmp_path / "ck" / "config.json").unlink()
+    with pytest.raises(InputError, match="config.json: missing"):
+        load(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("name, tie", [("tiny", True), ("tiny-pg2", False)])
+def test_from_transformers_shares_storage(name, tie):
+    cfg = PRESETS[name].replace(tie_word_embeddings=tie)
+    hf = hf_model(cfg)
+    ours = from_transformers(hf)
+    theirs = {p.data_ptr() for p in hf.parameters()}
+    assert all(p.data_ptr() in theirs for p in ours.parameters())
+    inputs = tiny_inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(ours, inputs), hf(**inputs).logits, atol=1e-5, rtol=0)
+        hf.model.multi_modal_projector.linear.bias.add_(1.0)  # an in-place edit on their side is seen on ours
+    assert torch.equal(ours.projector.bias, hf.model.multi_modal_projector.linear.bias)
+
+
+def test_build_model_rejects_a_wrong_state_dict():
+    cfg = PRESETS["tiny"]
+    sd = to_native(random_state(cfg, "hf-5.6", "F32", bits=False), cfg, "hf-5.6")
+    sd["text.norm.weight"] = torch.zeros(5)
+    with pytest.raises(InputError, match=r"'text.norm.weight' has shape \[5\]"):
+        build_model(cfg, sd)
+    del sd["text.norm.weight"]
+    with pytest.raises(InputError, match="missing 1 tensor"):
+        build_model(cfg, sd)
+
+
+def test_config_json_is_the_source_of_truth(tmp_path):
+    """A config that changes numerics but not shapes (rope theta) is honoured, not replaced by a preset."""
+    cfg = PRESETS["tiny"]
+    write_checkpoint(tmp_path / "ck", cfg, random_state(cfg, "hf-legacy", "F32", bits=False))
+    data = json.loads((tmp_path / "ck" / "config.json").read_text())
+    data["text_config"]["rope_parameters"]["rope_theta"] = 1234.0
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(data))
+    assert load(tmp_path / "ck").cfg.text.rope_theta == 1234.0
