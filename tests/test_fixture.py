@@ -70,6 +70,13 @@ def test_deterministic_and_seeded(tmp_path, fixtures):
     assert a["model.safetensors"] != b["model.safetensors"] and a["tokenizer.json"] == b["tokenizer.json"]
 
 
+def test_values_do_not_depend_on_chunking(tmp_path, monkeypatch, fixtures):
+    # Full-size tensors are streamed in many chunks; tiny ones fit in one. Both must draw the same stream.
+    monkeypatch.setattr(fx, "_CHUNK", 12)
+    chunked = fx.make_fixture(tmp_path / "chunked", "tiny")
+    assert _digests(chunked) == _digests(fixtures["tiny"])
+
+
 def test_init_scales(fixtures):
     with safe_open(fixtures["tiny"] / "model.safetensors", "pt") as f:
         names = {fx.key_map(PRESETS["tiny"], "hf-legacy")[n]: n for n in native_shapes(PRESETS["tiny"])}
