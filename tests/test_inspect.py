@@ -1,0 +1,66 @@
+"""`pgconv inspect`: layout, preset, histogram, tie status, problems against the config, NaN/Inf scan, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from convert_helpers import hf_model, random_state, write_checkpoint
+from pgconv.cli import main
+from pgconv.converter.inspect import inspect, matching_presets
+from pgconv.converter.plan import expected_shapes
+from pgconv.model.config import PRESETS
+
+
+def test_report_on_a_transformers_save(tmp_path):
+    cfg = PRESETS["tiny-pg2"]
+    hf_model(cfg).save_pretrained(tmp_path / "ck", max_shard_size="100KB")
+    r = inspect(tmp_path / "ck", scan=True)
+    n = len(expected_shapes(cfg, "hf-v5-save"))
+    assert (r.layout, r.presets, r.config, r.tensors, r.format) == ("hf-v5-save", ["tiny-pg2"], "ok", n, "safetensors")
+    assert r.dtypes == {"F32": n} and r.total_bytes == sum(4 * torch.Size(s).numel() for s in expected_shapes(cfg, "hf-v5-save").values())
+    assert r.tied.startswith("tied (lm_head not stored") and not r.problems and r.nonfinite == {}
+    assert len(r.files) > 1 and "preset: tiny-pg2" in str(r)
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("tiny")] + ["tiny"])
+def test_presets_are_recognised_from_shapes(name):
+    for layout in ("hf-legacy", "native"):
+        assert matching_presets(expected_shapes(PRESETS[name], layout), layout) == [name]
+
+
+def test_problems_are_listed(tmp_path, capsys):
+    cfg = PRESETS["tiny"]
+    write_checkpoint(tmp_path / "ck", cfg, random_state(cfg, "hf-legacy", "BF16", bits=False), dtype="bfloat16")
+    sd = load_file(tmp_path / "ck" / "model.safetensors")
+    sd.pop("language_model.model.norm.weight")
+    sd["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(31, dtype=torch.bfloat16)
+    sd["language_model.model.layers.0.mlp.up_proj.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    sd["extra.thing"] = torch.zeros(2, dtype=torch.bfloat16)
+    sd["language_model.lm_head.weight"] = torch.ones(1728, 72, dtype=torch.bfloat16)
+    save_file(sd, tmp_path / "ck" / "model.safetensors")
+    r = inspect(tmp_path / "ck", scan=True)
+    assert r.missing == ["language_model.model.norm.weight"] and r.unexpected == ["extra.thing"]
+    assert r.misshaped == [{"name": "vision_tower.vision_model.post_layernorm.bias", "shape": [31], "expected": [32]}]
+    assert r.nonfinite == {"language_model.model.layers.0.mlp.up_proj.weight": {"nan": 1, "inf": 2}}
+    assert "differs" in r.tied and r.presets == []
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(tmp_path / "ck"), "--json", "--scan"])
+    report = json.loads(capsys.readouterr().out)
+    assert e.value.code == 1 and len(report["problems"]) == 5
+
+
+def test_untied_and_unknown_layout(tmp_path, capsys):
+    cfg = PRESETS["tiny"].replace(tie_word_embeddings=False)
+    write_checkpoint(tmp_path / "ck", cfg, random_state(cfg, "hf-5.6", "F16"))
+    r = inspect(tmp_path / "ck")
+    assert r.layout == "hf-5.6" and r.tied.startswith("untied (lm_head stored") and r.nonfinite is None
+    save_file({"foo": torch.zeros(2)}, tmp_path / "x.safetensors")
+    r = inspect(tmp_path / "x.safetensors")
+    assert r.layout is None and r.problems and r.config == "absent"
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(tmp_path / "nope")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("pgconv: error:")
