@@ -60,13 +60,18 @@ class Checkpoint:
             raise type(e)(f"{path}: {e}") from None
 
     def companion_files(self) -> list[Path]:
-        """Non-weight files to copy along (config, tokenizer, processor and generation configs)."""
+        """Non-weight files to copy along (config, tokenizer, processor and generation configs).
+
+        A companion that is a symlink out of the checkpoint is an error, not a silent skip: the output would lack
+        it, and a tokenizer read from elsewhere is input the user did not give (issue 8)."""
         skip = {p.name for p in self.files} | set(INDEX_NAMES) | {MANIFEST_NAME}
         out = []
         for p in sorted(self.root.iterdir()):
             if p.name in skip or not any(fnmatch(p.name, pat) for pat in COMPANION_PATTERNS):
                 continue
-            if p.is_file() and inside(p, self.trusted_root or self.root):
+            if not inside(p, self.trusted_root or self.root):
+                raise InputError(f"{p}: resolves outside the checkpoint directory (symlink to {p.resolve()})")
+            if p.is_file():
                 out.append(p)
         return out
 

@@ -28,6 +28,7 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
     """Every check `load` makes before reading tensor data: headers, index, paths, config, names, shapes, and a
     stored tied `lm_head` equal to the embedding. `pgconv verify` runs it before transformers opens the files."""
     ckpt = open_checkpoint(src, trusted_root=trusted_root)
+    ckpt.companion_files()  # refuses a tokenizer/config file that links out of the checkpoint
     cfg = ckpt.pg_config()
     try:
         plan = plan_conversion(ckpt.metas(), cfg, "native")

@@ -19,7 +19,7 @@ from pgconv.converter.layouts import key_map, to_native
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, from_hf_config
 
-__all__ = ["REF_LAYOUT", "read_config", "load_reference", "build_candidate", "weight_parity"]
+__all__ = ["REF_LAYOUT", "read_config", "load_reference", "build_candidate", "weight_parity", "nonfinite_counts"]
 
 REF_LAYOUT = "hf-5.6"  # transformers >= 5.6 in-memory parameter names
 
@@ -75,6 +75,22 @@ def build_candidate(ref: nn.Module, cfg: PaliGemmaConfig) -> nn.Module:
     return ours.eval().requires_grad_(False)
 
 
+def nonfinite_counts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """{name: {"nan", "inf"}} for the tensors holding NaN/Inf: with such weights both models emit NaN/Inf and every
+    metric is meaningless, so verify names the tensors instead of blaming a probe (issue 8). Chunked: no big temporaries."""
+    out = {}
+    for name, t in state.items():
+        if not t.is_floating_point():
+            continue
+        nan = inf = 0
+        for chunk in t.detach().reshape(-1).split(1 << 22):
+            if not bool(torch.isfinite(chunk).all()):
+                nan, inf = nan + int(torch.isnan(chunk).sum()), inf + int(torch.isinf(chunk).sum())
+        if nan or inf:
+            out[name] = {"nan": nan, "inf": inf}
+    return out
+
+
 def weight_parity(ours: nn.Module, ref: nn.Module, cfg: PaliGemmaConfig) -> dict[str, Any]:
     """Every mapped tensor compared: shape, dtype, storage shared, values bit-identical."""
     names = key_map(cfg, REF_LAYOUT)
@@ -97,7 +113,7 @@ def weight_parity(ours: nn.Module, ref: nn.Module, cfg: PaliGemmaConfig) -> dict
     return {
         "passed": not bad, "mapped": len(rows), "bit_identical": sum(bool(r.get("bit_identical")) for r in rows),
         "shared": sum(bool(r.get("shared")) for r in rows), "mismatched": bad, "layout": REF_LAYOUT,
-        "tied_lm_head": tied,
+        "tied_lm_head": tied, "nonfinite": nonfinite_counts(ours_sd),
         "bytes": sum(t.numel() * t.element_size() for t in ours_sd.values()),
         "map": rows,
     }

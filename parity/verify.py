@@ -50,15 +50,13 @@ def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[P
 
 
 def _inputs(processor: Any, image: Path, prompt: str, device: str) -> dict:
-    from PIL import Image, UnidentifiedImageError
+    from pgconv.model.processor import load_image
 
-    try:
-        with Image.open(image) as im:
-            rgb = im.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{image}: image not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{image}: cannot read image ({e})") from None
+    if not Path(image).is_file():
+        raise InputError(f"{image}: image not found")
+    # load_image: non-images, truncated files and decompression bombs become an InputError naming the file.
+    with load_image(image) as im:
+        rgb = im.convert("RGB")
     if "<image>" in prompt:
         raise InputError(f"prompt {prompt!r}: do not put <image> in the prompt; pass images with --image")
     # One <image> marker per image up front (the processor expands it and inserts <bos> after it).
@@ -172,6 +170,10 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
     gen["tokens_equal"] = all(c["generation"]["tokens_equal"] for c in cases)
     gen["passed"] = all(c["generation"]["passed"] for c in cases)
     failures = []
+    if bad := weights.get("nonfinite"):
+        name, counts = next(iter(bad.items()))
+        failures.append(f"weights: NaN/Inf in {len(bad)} checkpoint tensor(s), e.g. {name} ({counts['nan']} NaN, "
+                        f"{counts['inf']} Inf); the metrics below are not meaningful")
     if not weights["passed"]:
         failures.append(f"weights: {len(weights['mismatched'])} mapped tensor(s) differ")
     failures += [f"probe {p['name']}: {p['verdict']}" for p in probes if not p["passed"]]
