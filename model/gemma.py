@@ -136,6 +136,7 @@ class GemmaDecoder(nn.Module):
         positions: Tensor,
         q_pos: Tensor,
         kv_len: int,
+        *,
         token_type_ids: Tensor | None,
         padding_mask: Tensor | None,
         dtype: torch.dtype,

@@ -40,7 +40,9 @@ class PaliGemma(nn.Module):
         self.projector = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.text = GemmaDecoder(cfg.text)
         # Tied by default: logits use text.embed.weight (hub checkpoints carry no lm_head tensor).
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     # -- pieces -----------------------------------------------------------------------------------------------------
 
@@ -99,7 +101,10 @@ class PaliGemma(nn.Module):
         if token_type_ids is not None:
             token_type_ids = token_type_ids.to(device)
         cache_pos = None if input_pos is None else q_pos
-        return self.text.context(position_ids.to(device), q_pos, kv_len, token_type_ids, attention_mask, dtype, cache_pos)
+        return self.text.context(
+            position_ids.to(device), q_pos, kv_len,
+            token_type_ids=token_type_ids, padding_mask=attention_mask, dtype=dtype, cache_pos=cache_pos,
+        )
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states -> vocabulary logits (tied head; Gemma 2 final soft-cap)."""

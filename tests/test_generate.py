@@ -58,7 +58,7 @@ def test_streams_every_step_runs_vision_once_and_prefills_one_logit_row():
     ours.vision.register_forward_hook(lambda *_: vision_calls.append(1))
     real_logits = ours.logits
     ours.logits = lambda h: (logit_rows.append(h.shape[1]), real_logits(h))[1]
-    got = generate(ours, **inp, max_new_tokens=6, eos_token_ids=NO_EOS, on_token=lambda tok: streamed.append(tok.clone()))
+    got = generate(ours, **inp, max_new_tokens=6, eos_token_ids=NO_EOS, on_token=lambda t: streamed.append(t.clone()))
     assert torch.equal(torch.stack(streamed, dim=1), got)
     assert len(vision_calls) == 1
     assert logit_rows == [1] * 6  # prefill keeps only the last position; 5 decode steps of one token
