@@ -19,9 +19,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
+from pgconv.converter.custom import check_provenance, is_spec_source, open_spec_checkpoint
 from pgconv.converter.dtypes import parse_dtype
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.manifest import build_manifest, check_output, write_manifest
+from pgconv.converter.layouts import LAYOUTS
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.writer import TensorRecord, parse_size, shard_file_names, shard_targets, tensors_equal, write_shard
@@ -121,12 +123,17 @@ def _write_tree(tmp: Path, ckpt: Checkpoint, plan: Plan, shards: list, names: li
         index = {"metadata": {"total_parameters": sum(r.target.numel for r in records), "total_size": plan.total_bytes},
                  "weight_map": {r.target.name: r.file for r in sorted(records, key=lambda r: r.target.name)}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for p in ckpt.companion_files():
+    companions = ckpt.companion_files()
+    for p in companions:
         if p.name == "config.json" and plan.config_changes:
             text = json.dumps(rewrite_config(ckpt.config, dict(plan.config_changes)), indent=2, sort_keys=True) + "\n"
             (tmp / p.name).write_text(text, encoding="utf-8")
         else:
             shutil.copyfile(p, tmp / p.name)
+    if ckpt.config is not None and "config.json" not in {p.name for p in companions}:
+        # A source without a config.json file (big_vision .npz, spec formats) brings its config as data.
+        text = json.dumps(rewrite_config(ckpt.config, dict(plan.config_changes)), indent=2, sort_keys=True) + "\n"
+        (tmp / "config.json").write_text(text, encoding="utf-8")
     write_manifest(tmp, build_manifest(plan, records, ckpt, untie=untie))
     for p in tmp.iterdir():
         with open(p, "rb") as f:
@@ -136,16 +143,33 @@ def _write_tree(tmp: Path, ckpt: Checkpoint, plan: Plan, shards: list, names: li
 
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, shard_size: str | int = "5GB",
-            force: bool = False, check: bool = False, untie: bool = False, quiet: bool = False) -> ConvertSummary:
-    """Convert the PaliGemma checkpoint `src` (directory, weight file or hub id) into layout `to` at `dst`."""
+            force: bool = False, check: bool = False, untie: bool = False, quiet: bool = False,
+            from_: str | Path | None = None, config: str | Path | None = None,
+            allow_vocab_cut: bool = False) -> ConvertSummary:
+    """Convert the PaliGemma checkpoint `src` (directory, weight file or hub id) into layout `to` at `dst`.
+
+    Spec-defined formats (converter/spec.py): `to` may also be a spec (`big-vision`, a built-in spec name, or a
+    .toml/.json file), and `from_` reads SRC through one (a `.npz` SRC is read as big_vision); `config` (preset
+    name or config.json) is for sources without a config.json; `allow_vocab_cut` lets a vocabulary cut drop rows
+    that are not zero padding.
+    """
+    if to not in LAYOUTS:  # a spec: custom writer (npz members / stacked tensors streamed layer by layer)
+        from pgconv.converter.spec_write import convert_to_spec
+
+        return convert_to_spec(src, dst, to, from_=from_, config=config, dtype=dtype, force=force,
+                               allow_cut=allow_vocab_cut, check=check, untie=untie, quiet=quiet)
     start = time.perf_counter()
     src_path, trusted = resolve_source(src)
-    ckpt = open_checkpoint(src_path, trusted_root=trusted)
+    if is_spec_source(src, from_):  # native tensors read through the spec, config from --config or the shapes
+        ckpt = open_spec_checkpoint(src_path, from_ or "big-vision", config, allow_cut=allow_vocab_cut)
+    else:
+        ckpt = open_checkpoint(src_path, trusted_root=trusted)
     cfg = ckpt.pg_config()
     try:
         plan = plan_conversion(ckpt.metas(), cfg, to, dtype=parse_dtype(dtype), untie=untie)
     except InputError as e:
         raise type(e)(f"{src_path}: {e}") from None
+    check_provenance(ckpt.metadata, getattr(ckpt, "spec", None) or plan.src_layout, False, str(src_path))
     for d in plan.drops:
         a, b = ckpt.tensors[d.source], ckpt.tensors[d.equals]
         if not tensors_equal(a, b):
@@ -180,7 +204,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
         raise
     shutil.rmtree(old, ignore_errors=True)
     return ConvertSummary(
-        str(src), dst, plan.src_layout, plan.dst_layout, len(records), plan.total_bytes, names,
+        str(src), dst, ckpt.spec.name if getattr(ckpt, "spec", None) else plan.src_layout, plan.dst_layout, len(records), plan.total_bytes, names,
         time.perf_counter() - start, copied=sum(r.copied for r in records),
         lossy=[(r.target.name, r.max_abs_diff, r.fp16_overflow) for r in records
                if (r.max_abs_diff or 0) > 0 or r.fp16_overflow],

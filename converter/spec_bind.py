@@ -84,7 +84,7 @@ class BoundSpec:
                 group = op.forward(group)
             raw = None
             if span is not None and not inst.ops and inst.layer_axis in (None, 0):
-                raw = span(inst.file[0], inst.layer)
+                raw = span(inst.file[0], None if inst.layer_axis is None else inst.layer)
             for name, shape, thunk in zip(inst.native, inst.shapes, group):
                 out[name] = NativeTensor(name, shape, inst.file, inst.transform(self.spec),
                                          lambda t=thunk: t().contiguous(), raw)

@@ -220,7 +220,7 @@ def _cut(t: torch.Tensor, n: int, ctx: Context) -> torch.Tensor:
     # Bitwise zero: -0.0 or a NaN row is data, and re-padding with +0.0 would not give it back.
     if tail.numel() and not ctx.allow_cut and bool(_bits(tail).ne(0).any()):
         raise InputError(f"{ctx.tensors}: rows {n}..{t.shape[0] - 1} would be cut but are not zero padding "
-                         f"({ctx.where}); allow the cut explicitly to drop them")
+                         f"({ctx.where}); pass --allow-vocab-cut (allow_cut=True) to drop them")
     return t[:n]
 
 

@@ -129,13 +129,20 @@ def _write_safetensors(tmp: Path, files: list[FileTensor], codes: dict[str, str]
 
 def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: str | Path | None = None,
                     config: str | Path | None = None, dtype: str | None = None, force: bool = False,
-                    allow_cut: bool = False, quiet: bool = False):
-    """Convert SRC (any layout, or a spec format with `from_`) into the format of spec `to` at DST."""
+                    allow_cut: bool = False, check: bool = False, untie: bool = False, quiet: bool = False):
+    """Convert SRC (any layout, or a spec format with `from_`) into the format of spec `to` at DST.
+
+    `check` re-reads DST through the spec and, when no dtype changed, compares every native tensor with the
+    source bit for bit (a cut vocabulary compares the kept rows' padding back as zeros, which the cut checked).
+    """
     from pgconv import __version__
     from pgconv.converter.convert import ConvertSummary
 
     start = time.perf_counter()
     spec = load_spec(to)
+    if untie:
+        raise InputError(f"--untie is not supported for spec {spec.name!r} outputs (add an lm_head rule with "
+                         'when = ["untied"] and an untied config instead)')
     ck, cfg, src_format, natives = native_source(src, from_, config, allow_cut=allow_cut)
     if spec.format == "npz" and not str(dst).endswith(".npz"):
         raise InputError(f"{dst}: spec {spec.name!r} writes one .npz file; give DST a .npz name")
@@ -181,5 +188,30 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
     names = [dst.name] if spec.format == "npz" else ["model.safetensors"]
+    report = _check(dst, spec, cfg, natives, codes, allow_cut) if check else None
     return ConvertSummary(str(src), dst, src_format, spec.name, len(files), total, names, time.perf_counter() - start,
-                          lossy=[(n, d, 0) for n, d in lossy.items() if d > 0])
+                          lossy=[(n, d, 0) for n, d in lossy.items() if d > 0], check=report)
+
+
+def _check(dst: Path, spec, cfg: PaliGemmaConfig, natives: dict[str, SourceTensor], codes: dict[str, str],
+           allow_cut: bool) -> str:
+    back = open_spec_checkpoint(dst, spec, cfg)
+    if {t.meta.dtype for t in natives.values()} != set(codes.values()):
+        return f"check: {dst.name} re-read through spec {spec.name!r} (dtype changed: no round trip)"
+    cut = []
+    for name, t in natives.items():
+        if tensors_equal(back.tensors[name], t):
+            continue
+        if allow_cut and _cut_rows_only(back.tensors[name].load(), t.load()):
+            cut.append(name)
+            continue
+        raise InputError(f"{dst}: check failed: {name!r} read back through spec {spec.name!r} differs from the source")
+    dropped = f" except the rows cut from {', '.join(cut)}" if cut else ""
+    return f"check: {dst.name} read back through spec {spec.name!r} gives the source bit for bit{dropped}"
+
+
+def _cut_rows_only(back: torch.Tensor, src: torch.Tensor) -> bool:
+    """`back` equals `src` up to some row and is zero after it (what an allowed vocabulary cut leaves)."""
+    nonzero = back.reshape(back.shape[0], -1).ne(0).any(1).nonzero()
+    keep = int(nonzero[-1]) + 1 if len(nonzero) else 0
+    return bool(torch.equal(back[:keep].view(torch.uint8), src[:keep].contiguous().view(torch.uint8)))

@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from pgconv.converter import layouts
 from pgconv.converter.custom import open_spec_checkpoint
@@ -19,7 +21,7 @@ from pgconv.converter.spec_bind import bind
 from pgconv.converter.spec_ops import OpSpec, SpecError
 from pgconv.converter.spec_write import convert_to_spec
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS
+from pgconv.model.config import PRESETS, to_hf_config
 
 CONFIGS = {"tiny": PRESETS["tiny"], "tiny-pg2": PRESETS["tiny-pg2"]}
 
@@ -266,14 +268,11 @@ def test_user_spec_with_offsets_on_disk(tmp_path, offset_spec):
     cfg = CONFIGS["tiny"]
     natives = {n: torch.randn(s) for n, s in native_shapes(cfg).items()}
     natives["text.blocks.0.attn_norm.weight"] = torch.tensor([0.5, -0.25] * 36)  # exact under +1 -1
-    from safetensors.torch import save_file
-    from pgconv.model.config import to_hf_config
     (tmp_path / "src").mkdir()
     save_file(layouts.from_native(natives, cfg, "hf-legacy"), tmp_path / "src" / "model.safetensors")
     (tmp_path / "src" / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
 
     convert_to_spec(tmp_path / "src", tmp_path / "out", offset_spec, quiet=True)
-    from safetensors import safe_open
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         meta = f.metadata()
         stored = f.get_tensor("language_model.model.layers.0.input_layernorm.weight")
@@ -287,3 +286,59 @@ def test_user_spec_with_offsets_on_disk(tmp_path, offset_spec):
         open_spec_checkpoint(tmp_path / "out", "hf-legacy")
     with pytest.raises(InputError, match=r"format 'plus-one'.*reading it as 'hf-legacy'"):
         convert_to_spec(tmp_path / "out", tmp_path / "again", offset_spec, quiet=True)
+
+
+USER_SPEC = '''
+name = "flax-like"
+description = "hub names, but decoder projections stacked over layers and stored (in, out) like flax kernels"
+format = "safetensors"
+
+[[rule]]
+file = "decoder/q/kernel"
+native = "text.blocks.{i}.attn.q.weight"
+layer_axis = 0
+shape = ["L", "D", "N*H"]
+ops = [{transpose = [1, 0]}]
+
+[[rule]]
+file = "decoder/kv/kernel"
+native = ["text.blocks.{i}.attn.k.weight", "text.blocks.{i}.attn.v.weight"]
+layer_axis = 0
+shape = ["L", "D", "2*K*H"]
+ops = [{transpose = [1, 0]}, {split = {axis = 0, sizes = ["K*H", "K*H"]}}]
+'''
+
+
+def rules_toml(spec: Spec) -> str:
+    """Just the [[rule]] tables of a spec, to append to a hand-written header."""
+    return "\n[[rule]]" + dumps(spec).split("\n[[rule]]", 1)[1]
+
+
+def test_cli_user_spec_round_trip(tmp_path):
+    from pgconv.cli import main
+
+    cfg = CONFIGS["tiny"]
+    # The rest of the rules: the hub layout's, minus the tensors the two rules above make.
+    taken = {"text.blocks.{i}.attn.q.weight", "text.blocks.{i}.attn.k.weight", "text.blocks.{i}.attn.v.weight"}
+    rest = Spec("x", tuple(r for r in layout_spec("hf-legacy").rules if r.native[0] not in taken))
+    spec_path = tmp_path / "flax-like.toml"
+    spec_path.write_text(USER_SPEC + rules_toml(rest))
+    natives = random_natives(cfg)
+    (tmp_path / "src").mkdir()
+    save_file(layouts.from_native(natives, cfg, "hf-legacy"), tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        assert exc.value.code == 0
+
+    cli("convert", tmp_path / "src", tmp_path / "out", "--to", spec_path, "--check", "--quiet")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_slice("decoder/kv/kernel").get_shape() == [2, 72, 96]
+        assert f.metadata()["pgconv.format"] == "flax-like"
+        kv = f.get_tensor("decoder/kv/kernel")
+    assert same_bits(kv[1, :, :48], natives["text.blocks.1.attn.k.weight"].T.contiguous())
+    cli("convert", tmp_path / "out", tmp_path / "back", "--from", spec_path, "--to", "hf-legacy", "--check", "--quiet")
+    a, b = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(a) == set(b) and all(same_bits(a[k], b[k]) for k in a)
