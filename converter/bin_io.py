@@ -11,8 +11,6 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import torch
-
 from pgconv.converter.dtypes import DTYPES, code_of
 from pgconv.converter.sources import SourceTensor, TensorMeta
 from pgconv.errors import InputError
@@ -22,6 +20,8 @@ __all__ = ["read_bin"]
 
 def read_bin(path: Path) -> tuple[dict[str, str], dict[str, SourceTensor]]:
     """(metadata, tensors) of a torch-saved state dict, loaded safely and memory-mapped."""
+    import torch
+
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError,

@@ -11,8 +11,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.dtypes import FLOAT_CODES
@@ -88,6 +86,8 @@ def _tied_status(ck: Checkpoint, cfg: PaliGemmaConfig | None, layout: str) -> tu
 
 
 def _scan(ck: Checkpoint) -> dict[str, dict[str, int]]:
+    import torch
+
     out = {}
     for name, t in ck.tensors.items():
         if t.meta.dtype not in FLOAT_CODES:

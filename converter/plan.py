@@ -13,14 +13,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from pgconv.converter.dtypes import FLOAT_CODES
 from pgconv.converter.layouts import LAYOUTS, LayoutError, detect_layout, key_map, native_shapes
 from pgconv.converter.sources import TensorMeta
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Transform", "TRANSFORMS", "Step", "Drop", "Plan", "plan_conversion", "validate_plan", "expected_shapes"]
 
@@ -31,7 +33,7 @@ Shape = tuple[int, ...]
 class Transform:
     name: str
     shape: Callable[[tuple[Shape, ...], tuple], Shape]  # target shape from source shapes; raises on bad input
-    apply: Callable[[list[torch.Tensor], tuple], torch.Tensor]
+    apply: Callable[[list["torch.Tensor"], tuple], "torch.Tensor"]
     raw: bool = False  # output bytes equal the single source's bytes, so a same-dtype step is a byte-range copy
 
 

@@ -14,11 +14,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pgconv.converter.dtypes import itemsize, torch_dtype
 from pgconv.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported only where values are needed (see dtypes.py)
+    import torch
 
 __all__ = ["TensorMeta", "SourceTensor", "CHUNK_BYTES"]
 
@@ -46,14 +48,16 @@ class SourceTensor:
     meta: TensorMeta
     file: Path
     span: tuple[int, int] | None = None  # absolute byte range of the raw data in `file`
-    loader: Callable[[], torch.Tensor] | None = None
+    loader: Callable[[], "torch.Tensor"] | None = None
 
     @property
     def name(self) -> str:
         return self.meta.name
 
-    def load(self) -> torch.Tensor:
+    def load(self) -> "torch.Tensor":
         """The whole tensor in memory (a fresh tensor for spans: no mmap pages stay mapped)."""
+        import torch
+
         if self.loader is not None:
             t = self.loader()
         else:
@@ -65,27 +69,43 @@ class SourceTensor:
                              f"its header says {self.meta.dtype} {list(self.meta.shape)}")
         return t
 
-    def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    def raw_chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
+        """The tensor's raw little-endian C-order bytes in pieces of at most `max_bytes` (whole elements).
+
+        Pieces read from a span share one buffer that the next piece reuses: consume or copy each one before
+        asking for the next. Needs no torch for span sources.
+        """
+        step = max(1, max_bytes // itemsize(self.meta.dtype)) * itemsize(self.meta.dtype)
+        if self.span is None:
+            import torch
+
+            data = memoryview(self.load().contiguous().reshape(-1).view(torch.uint8).numpy())
+            for pos in range(0, len(data), step):
+                yield data[pos:pos + step]
+            return
+        begin, end = self.span
+        view = memoryview(bytearray(min(step, end - begin)))
+        for pos in range(begin, end, step):
+            piece = view[: min(step, end - pos)]
+            _read_into(self, piece, pos - begin)
+            yield piece
+
+    def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator["torch.Tensor"]:
         """The tensor's elements in C order as flat 1-D pieces of at most `max_bytes` (bounded memory for spans).
 
-        A piece read from a span lives in a buffer that the next piece reuses: consume or clone it before asking
-        for the next one.
+        Like `raw_chunks`, a piece read from a span lives in a buffer that the next piece reuses.
         """
-        size = itemsize(self.meta.dtype)
-        step = max(1, max_bytes // size) * size
+        import torch
+
         if self.span is None:
             flat = self.load().reshape(-1)
-            per = step // size
+            per = max(1, max_bytes // itemsize(self.meta.dtype))
             for i in range(0, flat.numel(), per):
                 yield flat[i:i + per]
             return
-        begin, end = self.span
-        buf = torch.empty(min(step, end - begin), dtype=torch.uint8)
-        for pos in range(begin, end, step):
-            n = min(step, end - pos)
-            view = buf[:n]
-            _read_into(self, memoryview(view.numpy()), pos - begin)
-            yield view.view(torch_dtype(self.meta.dtype))
+        dtype = torch_dtype(self.meta.dtype)
+        for piece in self.raw_chunks(max_bytes):
+            yield torch.frombuffer(piece, dtype=dtype)
 
 
 def _read_into(src: SourceTensor, out: memoryview, rel: int) -> None:

@@ -3,7 +3,8 @@
 Memory stays flat whatever the model size: a same-dtype rename is a kernel-side byte-range copy
 (`os.copy_file_range`, falling back to chunked pread/write), a cast reads, converts and writes
 `CHUNK_BYTES` at a time, and only a non-byte-preserving transform materialises one tensor. SHA-256 of every
-tensor runs on a worker thread (hashlib releases the GIL) so hashing overlaps the copy.
+tensor runs on a worker thread (hashlib releases the GIL) so hashing overlaps the copy. torch is imported
+only for casts and transforms.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pgconv.converter.dtypes import is_widening, torch_dtype
 from pgconv.converter.plan import TRANSFORMS, Step
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.sources import CHUNK_BYTES, SourceTensor, TensorMeta
 from pgconv.errors import InputError
+
+if TYPE_CHECKING:  # torch only for casts and transforms: a same-dtype conversion never imports it
+    import torch
 
 __all__ = ["TensorRecord", "parse_size", "shard_targets", "shard_file_names", "write_shard", "tensors_equal",
            "sha256_of"]
@@ -122,8 +125,8 @@ def _hash_range(h: "hashlib._Hash", path: Path, begin: int, end: int) -> None:
 
 def sha256_of(src: SourceTensor) -> str:
     h = hashlib.sha256()
-    for chunk in src.chunks():
-        h.update(memoryview(chunk.view(torch.uint8).numpy()))
+    for piece in src.raw_chunks():
+        h.update(piece)
     return h.hexdigest()
 
 
@@ -158,7 +161,7 @@ def _copy_range(src: SourceTensor, out_fd: int, progress: Callable[[int], None])
             progress(n)
 
 
-def _values(step: Step, sources: Mapping[str, SourceTensor]) -> Iterator[torch.Tensor]:
+def _values(step: Step, sources: Mapping[str, SourceTensor]) -> Iterator["torch.Tensor"]:
     """The target tensor's values in C order, as flat chunks in the source dtype."""
     srcs = [sources[s] for s in step.sources]
     if step.transform == "identity":
@@ -170,8 +173,10 @@ def _values(step: Step, sources: Mapping[str, SourceTensor]) -> Iterator[torch.T
         yield out[i:i + per]
 
 
-def _cast_stats(x: torch.Tensor, y: torch.Tensor, target: str) -> tuple[float, int]:
+def _cast_stats(x: "torch.Tensor", y: "torch.Tensor", target: str) -> tuple[float, int]:
     """(max |y - x| over finite values, count of finite values that overflowed to inf)."""
+    import torch
+
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # exact for every source value
     xw, yw = x.to(wide), y.to(wide)
     finite = torch.isfinite(xw)
@@ -190,6 +195,8 @@ def _emit(step: Step, sources: Mapping[str, SourceTensor], fd: int, hasher: _Has
         _copy_range(src, fd, progress)
         rec.copied = True
         return h
+    import torch
+
     target = step.target.dtype
     exact = all(is_widening(sources[s].meta.dtype, target) for s in step.sources)
     for chunk in _values(step, sources):
@@ -242,4 +249,4 @@ def tensors_equal(a: SourceTensor, b: SourceTensor) -> bool:
     """Bit-identical contents (same dtype and shape), compared chunk by chunk."""
     if a.meta.dtype != b.meta.dtype or a.meta.shape != b.meta.shape:
         return False
-    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a.chunks(), b.chunks()))
+    return all(x == y for x, y in zip(a.raw_chunks(), b.raw_chunks()))
