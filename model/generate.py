@@ -97,11 +97,7 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    max_len = t + max_new_tokens
-    if model.cache_batch != b or model.cache_len < max_len:
-        model.setup_cache(b, max_len)
-    else:
-        model.reset_cache()
+    model.ensure_cache(b, t + max_new_tokens)
     # Room for every step's mask column, preallocated (0 = not a key yet).
     full_mask = torch.zeros((b, model.cache_len), dtype=torch.long, device=device)
     full_mask[:, :t] = mask

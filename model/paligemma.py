@@ -177,7 +177,15 @@ class PaliGemma(nn.Module):
             raise RuntimeError("no KV cache: call setup_cache(batch, max_seq_len) first")
         return cache.max_seq_len
 
-    @property
-    def cache_batch(self) -> int | None:
+    def ensure_cache(self, batch: int, min_seq_len: int) -> None:
+        """Reuse the cache (zeroed) when it fits this batch, length, dtype and device; otherwise allocate one."""
         cache = self.text.blocks[0].attn.cache if len(self.text.blocks) else None
-        return None if cache is None else cache.k.shape[0]
+        weight = self.text.embed.weight
+        fits = (
+            cache is not None and cache.k.shape[0] == batch and cache.max_seq_len >= min_seq_len
+            and cache.k.dtype == weight.dtype and cache.k.device == weight.device
+        )
+        if fits:
+            self.reset_cache()
+        else:
+            self.setup_cache(batch, min_seq_len)

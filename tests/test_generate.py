@@ -111,3 +111,14 @@ def test_sample_next_distribution_follows_temperature():
     draws = torch.stack([sample_next(logits, 2.0, generator=g) for _ in range(4000)]).flatten()
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, torch.softmax(logits[0] / 2.0, -1), atol=0.03)
+
+
+def test_a_cache_that_does_not_fit_is_replaced():
+    cfg = CONFIGS["tiny"]
+    _, ours = pair(cfg, seed=2)
+    one, two = make_inputs(cfg, [4], seed=7), make_inputs(cfg, [4, 6], seed=7)
+    ours.setup_cache(1, 64, dtype=torch.bfloat16)  # wrong dtype for this fp32 model
+    generate(ours, **one, max_new_tokens=3, eos_token_ids=NO_EOS)
+    assert ours.text.blocks[0].attn.cache.k.dtype == torch.float32
+    generate(ours, **two, max_new_tokens=3, eos_token_ids=NO_EOS)  # another batch size
+    assert ours.text.blocks[0].attn.cache.k.shape[0] == 2
