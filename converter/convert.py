@@ -19,7 +19,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
-from pgconv.converter.custom import check_provenance, is_spec_source, open_spec_checkpoint
 from pgconv.converter.dtypes import parse_dtype
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.manifest import build_manifest, check_output, write_manifest
@@ -160,7 +159,11 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
                                allow_cut=allow_vocab_cut, check=check, untie=untie, quiet=quiet)
     start = time.perf_counter()
     src_path, trusted = resolve_source(src)
-    if is_spec_source(src, from_):  # native tensors read through the spec, config from --config or the shapes
+    # The spec machinery imports torch; a plain same-dtype layout conversion must not pay for it (RSS, start-up),
+    # so it is imported only for spec sources and for files that carry pgconv provenance.
+    if from_ is not None or Path(str(src)).suffix == ".npz":  # custom.is_spec_source: read through a spec
+        from pgconv.converter.custom import open_spec_checkpoint
+
         ckpt = open_spec_checkpoint(src_path, from_ or "big-vision", config, allow_cut=allow_vocab_cut)
     else:
         ckpt = open_checkpoint(src_path, trusted_root=trusted)
@@ -169,7 +172,10 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
         plan = plan_conversion(ckpt.metas(), cfg, to, dtype=parse_dtype(dtype), untie=untie)
     except InputError as e:
         raise type(e)(f"{src_path}: {e}") from None
-    check_provenance(ckpt.metadata, getattr(ckpt, "spec", None) or plan.src_layout, False, str(src_path))
+    if "pgconv.format" in ckpt.metadata:  # custom.check_provenance has nothing to check otherwise
+        from pgconv.converter.custom import check_provenance
+
+        check_provenance(ckpt.metadata, getattr(ckpt, "spec", None) or plan.src_layout, False, str(src_path))
     for d in plan.drops:
         a, b = ckpt.tensors[d.source], ckpt.tensors[d.equals]
         if not tensors_equal(a, b):

@@ -1,0 +1,155 @@
+"""Heavy benchmark (not part of `make test`): `pgconv convert` on the 3B random fixture vs `cp` and transformers.
+
+One run measures, each in its own fresh process, one at a time, on a warm page cache (every input file is read
+once first) with dirty pages flushed (`sync`) between runs:
+- `cp -r` of the fixture (and `cp -r` + `sync`, since pgconv fsyncs its output);
+- `pgconv convert --to native` (same dtype: a rename, raw byte copies);
+- `pgconv convert --to hf-legacy --dtype float32` (bf16 -> fp32 cast);
+- transformers `from_pretrained(dtype=float32)` + `save_pretrained` (skipped when less than 16 GB is available).
+Peak RSS is the child's `ru_maxrss` from `os.wait4` (it counts file-backed pages a process maps, such as
+torch's shared libraries).
+Targets (issue 3): same dtype <= 1.5 x cp wall and <= 256 MB RSS; bf16 -> fp32 <= 0.5 x transformers wall and
+<= 1.5 GB RSS.
+
+    python benchmarks/convert_3b.py [--fixture DIR] [--skip-transformers] [--runs N]
+
+The fixture (`paligemma-3b-pt-224`, bf16, ~5.9 GB, sharded) is written once under benchmarks/out/fixtures/ (shared
+with verify_3b.py). Outputs go to benchmarks/out/convert_3b/ and are deleted after each run; results are printed
+and saved to benchmarks/out/convert_3b.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+PRESET = "paligemma-3b-pt-224"
+PGCONV = [sys.executable, "-c", "from pgconv.cli import main; main()"]
+
+TRANSFORMERS = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from transformers import PaliGemmaForConditionalGeneration
+t1 = time.perf_counter()
+model = PaliGemmaForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.float32)
+t2 = time.perf_counter()
+model.save_pretrained(sys.argv[2])
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "save_s": t3 - t2}))
+"""
+
+
+def _run(cmd: list[str]) -> dict:
+    """Wall time and peak RSS of one child process (plus its JSON stdout line, if any)."""
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:  # files: no pipe deadlock
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        out_f.seek(0), err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+    if code:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}):\n{err[-2000:]}")
+    result = {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    if last.startswith("{"):
+        result.update(json.loads(last))
+    return result
+
+
+def _sync() -> float:
+    start = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - start
+
+
+def _warm(path: Path) -> int:
+    total = 0
+    for f in sorted(path.iterdir()):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(64 << 20):
+                total += len(chunk)
+    return total
+
+
+def _available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1e6
+    return 0.0
+
+
+def _fixture(path: Path | None, preset: str) -> Path:
+    path = path or OUT / "fixtures" / preset
+    if not (path / "config.json").exists():
+        from pgconv.converter.fixture import make_fixture
+
+        print(f"writing the {preset} random fixture to {path} (once) ...", flush=True)
+        make_fixture(path, preset, force=True, dtype="bfloat16")
+    return path
+
+
+def _measure(name: str, cmd: list[str], out: Path, results: dict, runs: int) -> None:
+    best = None
+    for _ in range(runs):
+        shutil.rmtree(out, ignore_errors=True)
+        _sync()
+        r = _run(cmd)
+        r["sync_after_s"] = round(_sync(), 2)
+        best = r if best is None or r["wall_s"] < best["wall_s"] else best
+    shutil.rmtree(out, ignore_errors=True)
+    results[name] = best
+    print(f"{name:24s} {best['wall_s']:7.2f} s  (+sync {best['sync_after_s']:.2f} s)  peak RSS {best['peak_rss_mb']:8.1f} MB",
+          flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fixture", type=Path)
+    ap.add_argument("--preset", default=PRESET, help="another preset (e.g. tiny) for a quick smoke run")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--runs", type=int, default=1, help="repeat each measurement, keep the fastest")
+    args = ap.parse_args()
+    src = _fixture(args.fixture, args.preset)
+    work = OUT / "convert_3b"
+    work.mkdir(parents=True, exist_ok=True)
+    size = _warm(src)
+    print(f"fixture {src}: {size / 1e9:.2f} GB, warm page cache, {os.cpu_count()} CPUs", flush=True)
+    results: dict = {}
+    _measure("cp -r", ["cp", "-r", str(src), str(work / "cp")], work / "cp", results, args.runs)
+    _measure("pgconv same dtype", PGCONV + ["convert", str(src), str(work / "same"), "--to", "native", "--quiet"],
+             work / "same", results, args.runs)
+    _measure("pgconv bf16->fp32", PGCONV + ["convert", str(src), str(work / "fp32"), "--to", "hf-legacy", "--dtype",
+                                           "float32", "--quiet"], work / "fp32", results, args.runs)
+    if args.skip_transformers or _available_gb() < 16:
+        print(f"transformers skipped ({_available_gb():.1f} GB available, 16 GB needed)", flush=True)
+    else:
+        _measure("transformers fp32", [sys.executable, "-c", TRANSFORMERS, str(src), str(work / "hf")], work / "hf",
+                 results, 1)
+    cp, same, cast = results["cp -r"], results["pgconv same dtype"], results["pgconv bf16->fp32"]
+    cp_synced = cp["wall_s"] + cp["sync_after_s"]
+    verdict = {
+        "same_dtype_vs_cp": round(same["wall_s"] / max(cp["wall_s"], 1e-3), 2),
+        "same_dtype_vs_cp_plus_sync": round(same["wall_s"] / max(cp_synced, 1e-3), 2),
+        "same_dtype_rss_ok": same["peak_rss_mb"] <= 256,
+        "cast_rss_ok": cast["peak_rss_mb"] <= 1536,
+    }
+    if "transformers fp32" in results:
+        verdict["cast_vs_transformers"] = round(cast["wall_s"] / results["transformers fp32"]["wall_s"], 2)
+    print("ratios (targets: same dtype <= 1.5 x cp, cast <= 0.5 x transformers):", json.dumps(verdict), flush=True)
+    (OUT / "convert_3b.json").write_text(json.dumps({"preset": args.preset, "bytes": size, "results": results,
+                                                     "verdict": verdict}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
