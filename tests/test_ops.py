@@ -55,13 +55,15 @@ def test_embed_scale_rounds_to_the_activation_dtype():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.floats(-1e4, 1e4, allow_nan=False), st.sampled_from([30.0, 50.0]))
+# Away from subnormals: v / cap would underflow and lose relative precision there (irrelevant for logits).
+@given(st.floats(-1e4, 1e4, allow_nan=False).filter(lambda v: v == 0 or abs(v) > 1e-300), st.sampled_from([30.0, 50.0]))
 def test_softcap_is_bounded_odd_and_near_identity_for_small_values(v, cap):
     x = torch.tensor([v, -v], dtype=torch.float64)
     y = ops.softcap(x, cap)
     assert (y.abs() <= cap).all() and y[0] == -y[1]
     if abs(v) < 1e-2 * cap:
-        assert abs(y[0].item() - v) <= abs(v) ** 3 / cap**2 + 1e-15 * abs(v)  # tanh(u) = u - u^3/3 + ...
+        # tanh(u) = u - u^3/3 + ...; plus a few ulps of rounding (relative)
+        assert abs(y[0].item() - v) <= abs(v) ** 3 / cap**2 + 1e-15 * abs(v)
 
 
 def _rope_by_complex_rotation(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
