@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from pgconv.converter.checkpoint import Checkpoint, open_checkpoint, read_json
 from pgconv.converter.npz import BFLOAT16, NpzReader, to_torch
-from pgconv.converter.sources import SourceTensor, TensorMeta
+from pgconv.converter.dtypes import itemsize, torch_dtype
+from pgconv.converter.sources import CHUNK_BYTES, SourceTensor, TensorMeta
 from pgconv.converter.spec import Spec, load_spec
 from pgconv.converter.spec_bind import BoundSpec, bind
 from pgconv.converter.spec_ops import Shape, SpecError
 from pgconv.errors import InputError
 from pgconv.model.config import PRESETS, PaliGemmaConfig, from_hf_config, to_hf_config
 
-__all__ = ["SpecCheckpoint", "open_spec_checkpoint", "resolve_config", "infer_preset", "provenance",
+__all__ = ["SpecCheckpoint", "RowsSource", "open_spec_checkpoint", "resolve_config", "infer_preset", "provenance",
            "check_provenance", "is_spec_source"]
 
 _NP_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -172,6 +176,36 @@ def resolve_config(config: str | Path | PaliGemmaConfig | None, spec: Spec, foun
     return PRESETS[infer_preset(spec, found, where)]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowsSource(SourceTensor):
+    """A tensor that is the first rows of a raw file tensor followed by zero rows (a vocabulary pad or cut),
+    streamed in chunks: the file rows are read piecewise and the zero rows generated, so neither the file tensor
+    nor the result is ever whole in memory (the 257152 x D embedding is the largest big_vision tensor)."""
+
+    file_span: tuple[int, int] = (0, 0)
+    file_rows: int = 0
+    allow_cut: bool = False
+
+    def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+        row_bytes = (self.file_span[1] - self.file_span[0]) // max(self.file_rows, 1)
+        keep = min(self.file_rows, self.meta.shape[0])
+        dtype = self.meta.dtype
+        head = SourceTensor(TensorMeta(self.name, (keep * row_bytes // itemsize(dtype),), dtype), self.file,
+                            span=(self.file_span[0], self.file_span[0] + keep * row_bytes))
+        yield from head.chunks(max_bytes)
+        if self.file_rows > keep:  # slice_rows: the dropped file rows must be zero padding, checked as they pass
+            tail = SourceTensor(TensorMeta(self.name, ((self.file_rows - keep) * row_bytes // itemsize(dtype),), dtype),
+                                self.file, span=(self.file_span[0] + keep * row_bytes, self.file_span[1]))
+            for piece in tail.chunks(max_bytes):
+                if not self.allow_cut and bool(piece.view(torch.uint8).ne(0).any()):
+                    raise InputError(f"{self.file}: rows {keep}.. of the file tensor behind {self.name!r} would be "
+                                     "cut but are not zero padding; pass --allow-vocab-cut (allow_cut=True)")
+        zeros = (self.meta.shape[0] - keep) * row_bytes // itemsize(dtype)
+        step = max(1, max_bytes // itemsize(dtype))
+        for start in range(0, zeros, step):
+            yield torch.zeros(min(step, zeros - start), dtype=torch_dtype(dtype))
+
+
 @dataclasses.dataclass
 class SpecCheckpoint(Checkpoint):
     """A checkpoint read through a spec: `tensors` are native tensors; the config comes with it."""
@@ -217,7 +251,11 @@ def open_spec_checkpoint(path: str | Path, spec: str | Path | Spec = "big-vision
         if len(codes) != 1:
             raise InputError(f"{path}: {name!r} is made from tensors of different dtypes ({', '.join(nt.sources)})")
         meta = TensorMeta(name, nt.shape, codes.pop())
-        tensors[name] = SourceTensor(meta, src.file_of(nt.sources[0]), span=nt.span, loader=nt.load)
+        if nt.rows_of is not None:
+            tensors[name] = RowsSource(meta, src.file_of(nt.sources[0]), loader=nt.load, file_span=nt.rows_of[0],
+                                       file_rows=nt.rows_of[1], allow_cut=allow_cut)
+        else:
+            tensors[name] = SourceTensor(meta, src.file_of(nt.sources[0]), span=nt.span, loader=nt.load)
     top = max(set(dtypes.values()), key=list(dtypes.values()).count)
     hf = to_hf_config(cfg, dtype={"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(top, "float32"))
     return SpecCheckpoint(root=path if path.is_dir() else path.parent, files=tuple(src.files), tensors=tensors,

@@ -30,6 +30,9 @@ class NativeTensor:
     transform: str  # what was done, for reports and manifests
     load: Callable[[], torch.Tensor]
     span: tuple[int, int] | None = None  # byte range in the file when the tensor is a plain slice of it (raw copy)
+    # A single pad_rows/slice_rows of a raw file tensor: (byte range of that file tensor, its rows). The tensor is
+    # then its first min(rows, shape[0]) rows followed by zero rows, and can be streamed without materialising it.
+    rows_of: tuple[tuple[int, int], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,16 @@ class BoundSpec:
             group = [(lambda key=key, src=source: src(key)) for key in inst.file]
             for op in inst.ops:
                 group = op.forward(group)
-            raw = None
-            if span is not None and not inst.ops and inst.layer_axis in (None, 0):
-                raw = span(inst.file[0], None if inst.layer_axis is None else inst.layer)
+            raw = rows_of = None
+            if span is not None and inst.layer_axis in (None, 0) and len(inst.file) == 1:
+                where = span(inst.file[0], None if inst.layer_axis is None else inst.layer)
+                if not inst.ops:
+                    raw = where
+                elif where is not None and len(inst.ops) == 1 and inst.ops[0].spec.name in ("pad_rows", "slice_rows"):
+                    rows_of = (where, inst.ops[0].in_shapes[0][0])
             for name, shape, thunk in zip(inst.native, inst.shapes, group):
                 out[name] = NativeTensor(name, shape, inst.file, inst.transform(self.spec),
-                                         lambda t=thunk: t().contiguous(), raw)
+                                         lambda t=thunk: t().contiguous(), raw, rows_of)
         return out
 
     def file_tensors(self, read: Callable[[str], torch.Tensor]) -> list[FileTensor]:

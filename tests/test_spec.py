@@ -342,3 +342,29 @@ def test_cli_user_spec_round_trip(tmp_path):
     cli("convert", tmp_path / "out", tmp_path / "back", "--from", spec_path, "--to", "hf-legacy", "--check", "--quiet")
     a, b = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert set(a) == set(b) and all(same_bits(a[k], b[k]) for k in a)
+
+
+def test_slice_rows_on_disk_checks_the_dropped_rows(tmp_path):
+    """A file that stores 3 more embedding rows than the config: read by streaming, refused if they are not zero."""
+    cfg = CONFIGS["tiny"]
+    rules = tuple(dataclasses.replace(r, ops=(OpSpec("slice_rows", "V"),), shape=(("V+3", "D"),))
+                  if r.native == ("text.embed.weight",) else r for r in layout_spec("hf-legacy").rules)
+    spec = Spec("padded", rules)
+    natives = random_natives(cfg)
+    files = layouts.from_native(natives, cfg, "hf-legacy")
+    embed = files["language_model.model.embed_tokens.weight"]
+    for name, extra in (("zero", torch.zeros(3, 72)), ("data", torch.ones(3, 72))):
+        files["language_model.model.embed_tokens.weight"] = torch.cat([embed, extra])
+        (tmp_path / name).mkdir()
+        save_file(files, tmp_path / name / "model.safetensors")
+        ck = open_spec_checkpoint(tmp_path / name / "model.safetensors", spec, cfg)
+        streamed = ck.tensors["text.embed.weight"]
+        if name == "zero":
+            pieces = [p.clone() for p in streamed.chunks(4096)]  # the reader reuses its buffer
+            assert same_bits(torch.cat(pieces).reshape(embed.shape), embed)
+            assert same_bits(streamed.load(), embed)
+        else:
+            with pytest.raises(InputError, match="would be cut but are not zero padding"):
+                list(streamed.chunks(4096))
+            with pytest.raises(InputError, match="would be cut but are not zero padding"):
+                streamed.load()
