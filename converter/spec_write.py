@@ -33,8 +33,9 @@ from pgconv.converter.npz import NpzWriter, from_torch
 from pgconv.converter.plan import plan_conversion
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.sources import SourceTensor, TensorMeta
-from pgconv.converter.spec import load_spec
+from pgconv.converter.spec import builtin_names, load_spec
 from pgconv.converter.spec_bind import FileTensor, bind
+from pgconv.converter.spec_ops import SpecError
 from pgconv.converter.writer import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, to_hf_config
@@ -139,7 +140,15 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
     from pgconv.converter.convert import ConvertSummary
 
     start = time.perf_counter()
-    spec = load_spec(to)
+    try:
+        spec = load_spec(to)
+    except SpecError as e:
+        if not str(e).startswith("unknown spec"):
+            raise
+        from pgconv.converter.layouts import LAYOUTS
+
+        raise SpecError(f"--to {to}: not a layout ({', '.join(LAYOUTS)}) nor a spec (a .toml/.json file or one of "
+                        f"{', '.join(builtin_names())})") from None
     if untie:
         raise InputError(f"--untie is not supported for spec {spec.name!r} outputs (add an lm_head rule with "
                          'when = ["untied"] and an untied config instead)')
@@ -158,6 +167,12 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
         raise InputError(f"{dst}: already exists (use --force to replace it)")
     if not dst.parent.is_dir():
         raise InputError(f"{dst.parent}: destination's parent directory does not exist")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{dst.parent}: not writable")
+    need = total + sum(p.stat().st_size for p in ck.companion_files()) + (1 << 20)
+    free = shutil.disk_usage(dst.parent).free
+    if free < need:
+        raise InputError(f"{dst.parent}: not enough free space ({free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed)")
     meta = {**provenance(bound), "pgconv.source_format": src_format}
     tmp = dst.parent / f".{dst.name}.pgconv-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     lossy: dict[str, float] = {}
@@ -184,8 +199,10 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)  # atomic, also over an existing file
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # full disk, permissions, read-only fs: one line, exit 2 (issue 8)
+            raise InputError(f"{dst}: write failed ({e.strerror or e})") from None
         raise
     names = [dst.name] if spec.format == "npz" else ["model.safetensors"]
     report = _check(dst, spec, cfg, natives, codes, allow_cut) if check else None
