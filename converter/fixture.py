@@ -241,14 +241,25 @@ def make_fixture(directory: str | os.PathLike, preset: str = "tiny", seed: int =
         raise InputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(f"{out}: directory is not empty (pass force=True / --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise InputError(f"{out.parent}: not writable")
+        # Weights plus the tokenizer (about 300 bytes per vocabulary entry) and small JSON files.
+        need = plan.total_size + 300 * plan.config.text.vocab_size + (1 << 20)
+        if (free := shutil.disk_usage(out.parent).free) < need:
+            raise InputError(f"{out.parent}: not enough free space ({free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:  # parent is a file, permissions, read-only filesystem
+        raise InputError(f"{out.parent}: cannot create the fixture there ({e.strerror or e})") from None
     try:
         _write_files(tmp, plan, seed)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # full disk mid-write: one line, exit 2, nothing left behind (issue 8)
+            raise InputError(f"{out}: write failed ({e.strerror or e})") from None
         raise
     return out
 

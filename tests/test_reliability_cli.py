@@ -1,0 +1,355 @@
+"""Issue 8, CLI catalogue: unwritable or existing destinations, full disks, interrupts and exceptions mid-write,
+for every writer (layout convert, spec/.npz convert, fixture), plus exit codes end to end.
+
+Already covered elsewhere (not repeated here): convert's existing DST / --force and overlapping DST, an injected
+ENOSPC in `_copy_range`, KeyboardInterrupt in-process, the free-space check, and a real SIGINT mid-conversion
+(test_convert_errors.py); an unknown fixture preset (test_cli_generate.py); unknown layouts and shard sizes
+(test_convert_errors.py `test_cli_rejects_bad_options`); fixture refusing a non-empty directory and a failed
+write (test_fixture.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reliability_helpers import assert_one_line_error, fresh_copy, litter, run_cli, tiny_checkpoint, tree_digest
+from pgconv.errors import InputError
+
+PGCONV = Path(sys.executable).parent / "pgconv"
+
+
+def _writers(src: Path, parent: Path) -> dict[str, list]:
+    """One command per writer, each writing to `parent`/out*."""
+    return {
+        "convert layout": ["convert", src, parent / "out", "--to", "native", "--quiet"],
+        "convert cast": ["convert", src, parent / "out", "--to", "hf-v5-save", "--dtype", "bfloat16", "--quiet"],
+        "convert big-vision": ["convert", src, parent / "out.npz", "--to", "big-vision", "--allow-vocab-cut",
+                               "--quiet"],
+        "fixture": ["fixture", parent / "out"],
+    }
+
+
+WRITERS = ["convert layout", "convert cast", "convert big-vision", "fixture"]
+
+
+def _outputs(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+# -- unwritable destination ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_destination_parent_missing_or_a_file(tmp_path_factory, tmp_path, capsys, writer):
+    src = tiny_checkpoint(tmp_path_factory)
+    (tmp_path / "file").write_text("x")
+    for parent in (tmp_path / "file", tmp_path / "no" / "such"):
+        argv = _writers(src, parent)[writer]
+        res = run_cli(argv, capsys)
+        if writer == "fixture" and parent.name == "such":  # the fixture creates missing parents, like mkdir -p
+            assert res.code == 0, res.err
+            continue
+        assert_one_line_error(res, str(parent))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_permission_denied_is_one_line(tmp_path_factory, tmp_path, capsys, monkeypatch, writer):
+    """EACCES when the output is created (a read-only directory; as root chmod does not stop us, so the error is
+    injected into mkdir/open under tmp_path): exit 2, one line, nothing left."""
+    src = tiny_checkpoint(tmp_path_factory)
+    out_dir = tmp_path / "ro"
+    out_dir.mkdir()
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def deny(path) -> None:
+        if str(path).startswith(str(out_dir)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def mkdir(path, *a, **k):
+        deny(path)
+        return real_mkdir(path, *a, **k)
+
+    def open_(path, *a, **k):
+        deny(path)
+        return real_open(path, *a, **k)
+
+    import builtins
+    real_builtin_open = builtins.open
+
+    def builtin_open(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+"):
+            deny(file)
+        return real_builtin_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+    monkeypatch.setattr(io, "open", builtin_open)  # zipfile opens through io.open
+    monkeypatch.setattr(os, "access", lambda p, m, **k: True)  # what root sees on a directory it cannot write
+    res = run_cli(_writers(src, out_dir)[writer], capsys)
+    monkeypatch.undo()
+    assert_one_line_error(res, "Permission denied")
+    assert _outputs(out_dir) == []
+
+
+def test_not_writable_is_checked_before_any_work(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    src = tiny_checkpoint(tmp_path_factory)
+    monkeypatch.setattr(os, "access", lambda p, m, **k: Path(p) != tmp_path)
+    res = run_cli(_writers(src, tmp_path)["convert layout"], capsys)
+    assert_one_line_error(res, str(tmp_path), "not writable")
+
+
+# -- destination exists ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_existing_destination_is_kept(tmp_path_factory, tmp_path, capsys, writer):
+    src = tiny_checkpoint(tmp_path_factory)
+    argv = _writers(src, tmp_path)[writer]
+    dst = Path(argv[2] if writer != "fixture" else argv[1])
+    if writer == "convert big-vision":
+        dst.write_bytes(b"precious")
+    else:
+        dst.mkdir()
+        (dst / "keep.txt").write_text("precious")
+    before = tree_digest(tmp_path)
+    res = run_cli(argv, capsys)
+    assert_one_line_error(res, str(dst), "--force")
+    assert tree_digest(tmp_path) == before and litter(tmp_path) == []
+
+
+def test_destination_that_is_a_file_is_never_replaced_by_a_directory(tmp_path_factory, tmp_path, capsys):
+    src = tiny_checkpoint(tmp_path_factory)
+    (tmp_path / "out").write_text("precious")
+    res = run_cli(_writers(src, tmp_path)["convert layout"] + ["--force"], capsys)
+    assert_one_line_error(res, "out", "not a directory")
+    assert (tmp_path / "out").read_text() == "precious"
+
+
+# -- full disk -------------------------------------------------------------------------------------------------------
+
+def _fd_under(fd: int, directory: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory))
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("after", [0, 200_000])
+@pytest.mark.parametrize("writer", ["convert layout", "convert cast"])
+def test_enospc_in_the_write_syscalls(tmp_path_factory, tmp_path, capsys, monkeypatch, writer, after):
+    """os.write / os.copy_file_range into the output fail with ENOSPC after `after` bytes (the syscalls the
+    layout writer uses for raw copies and casts): exit 2 naming DST and the error, no DST, no temp directory."""
+    src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
+    before = tree_digest(src)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    written = [0]
+    real_write, real_copy = os.write, os.copy_file_range
+
+    def charge(fd: int, n: int) -> None:
+        if _fd_under(fd, out):
+            if written[0] + n > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written[0] += n
+
+    def write(fd, data):
+        charge(fd, len(data))
+        return real_write(fd, data)
+
+    def copy(src_fd, dst_fd, count, *a, **k):
+        charge(dst_fd, count)
+        return real_copy(src_fd, dst_fd, count, *a, **k)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "copy_file_range", copy)
+    res = run_cli(_writers(src, out)[writer], capsys)
+    monkeypatch.undo()
+    assert_one_line_error(res, "out", "No space left on device")
+    assert _outputs(out) == [] and tree_digest(src) == before
+
+
+def _unshare() -> list[str] | None:
+    """A command prefix giving a private mount namespace (root, or an unprivileged user namespace)."""
+    exe = shutil.which("unshare")
+    if exe is None or not sys.platform.startswith("linux"):
+        return None
+    for prefix in ([exe, "-m"], [exe, "-rm"]):
+        probe = subprocess.run([*prefix, "sh", "-c", 'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"; '
+                                'rc=$?; umount "$d" 2>/dev/null; rmdir "$d"; exit $rc'], capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+UNSHARE = _unshare()
+_LIE = "import shutil; shutil.disk_usage = lambda p: shutil._ntuple_diskusage(10**12, 0, 10**12)\n"
+_MAIN = "import sys; from pgconv.cli import main; main(sys.argv[1:])\n"
+
+
+def _in_tmpfs(mnt: Path, options: str, argv: list, lie_about_space: bool) -> tuple[int, str, list[str]]:
+    """Run pgconv with `mnt` a fresh tmpfs (private mount namespace): (exit code, stderr, what is left in mnt)."""
+    script = (_LIE if lie_about_space else "") + _MAIN
+    shell = ('mount -t tmpfs -o "$0" tmpfs "$1" || exit 99; shift; "$@"; rc=$?; echo "rc=$rc"; '
+             'ls -A "$MNT" | sed "s/^/left=/"')
+    proc = subprocess.run([*UNSHARE, "sh", "-c", shell, options, str(mnt), sys.executable, "-c", script,
+                           *map(str, argv)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MNT": str(mnt)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    code = int(next(line for line in lines if line.startswith("rc="))[3:])
+    return code, proc.stderr, [line[5:] for line in lines if line.startswith("left=")]
+
+
+@pytest.mark.skipif(UNSHARE is None, reason="no private mount namespace (unshare -m) to mount a small tmpfs in")
+@pytest.mark.parametrize("lie", [False, True], ids=["free-space check", "real ENOSPC mid-write"])
+@pytest.mark.parametrize("writer", WRITERS)
+def test_full_disk_on_a_real_small_filesystem(tmp_path_factory, tmp_path, writer, lie):
+    """A 512 kB tmpfs for a ~1 MB checkpoint. Honest free space: refused before writing. Free space over-reported
+    (so the writes really hit ENOSPC): the error is still one line, exit 2, and the filesystem is left empty."""
+    src = tiny_checkpoint(tmp_path_factory)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    code, err, left = _in_tmpfs(mnt, "size=512k", _writers(src, mnt)[writer], lie)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("pgconv: error: "), err
+    assert ("No space left on device" if lie else "not enough free space") in err, err
+    assert left == []
+
+
+@pytest.mark.skipif(UNSHARE is None, reason="no private mount namespace (unshare -m) to mount a read-only tmpfs in")
+@pytest.mark.parametrize("writer", WRITERS)
+def test_read_only_filesystem(tmp_path_factory, tmp_path, writer):
+    src = tiny_checkpoint(tmp_path_factory)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    code, err, left = _in_tmpfs(mnt, "ro,size=1m", _writers(src, mnt)[writer], False)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("pgconv: error: "), err
+    assert "not writable" in err or "Read-only file system" in err, err
+    assert left == []
+
+
+# -- exceptions and interrupts mid-write ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exc", [RuntimeError("bug"), KeyboardInterrupt()], ids=["exception", "ctrl-c"])
+@pytest.mark.parametrize("writer", ["convert big-vision", "convert cast"])
+def test_exception_mid_write_leaves_nothing(tmp_path_factory, tmp_path, monkeypatch, writer, exc):
+    """The 10th tensor raises: the exception propagates (a bug stays a bug), no DST, no temp litter, and a
+    --force'd existing destination is still there."""
+    from pgconv.converter import convert as conv
+
+    src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
+    before = tree_digest(src)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    calls = [0]
+    from pgconv.converter import sources
+
+    def failing(real):
+        def read(self, *a, **k):  # the 10th tensor read (chunks or whole) raises
+            calls[0] += 1
+            if calls[0] == 10:
+                raise exc
+            return real(self, *a, **k)
+        return read
+
+    for name in ("chunks", "load"):
+        monkeypatch.setattr(sources.SourceTensor, name, failing(getattr(sources.SourceTensor, name)))
+    argv = _writers(src, out)[writer]
+    dst = Path(argv[2])
+    kwargs = dict(to=argv[4], quiet=True, force=True)
+    if writer == "convert big-vision":
+        kwargs["allow_vocab_cut"] = True
+        dst.write_bytes(b"old")
+    else:
+        kwargs["dtype"] = "bfloat16"
+        dst.mkdir()
+        (dst / "old").write_text("old")
+    with pytest.raises(type(exc)):
+        conv.convert(src, dst, **kwargs)
+    assert calls[0] >= 10
+    assert _outputs(out) == [dst.name] and tree_digest(src) == before
+    assert (dst.read_bytes() if dst.is_file() else (dst / "old").read_bytes()) == b"old"
+
+
+_SLOW = """
+import sys, time, importlib
+module, attr, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+mod = importlib.import_module(module)
+owner, name = (getattr(mod, attr.split(".")[0]), attr.split(".")[1]) if "." in attr else (mod, attr)
+real = getattr(owner, name)
+def slow(*a, **k):
+    time.sleep(delay)
+    return real(*a, **k)
+setattr(owner, name, slow)
+from pgconv.cli import main
+main(sys.argv[4:])
+"""
+# (module, function slowed down per call, seconds): enough calls that SIGINT lands mid-write.
+_SLOWED = {
+    "convert big-vision": ("pgconv.converter.npz", "NpzWriter.add", 0.05),
+    "fixture": ("pgconv.converter.fixture", "_chunks", 0.05),
+}
+
+
+@pytest.mark.parametrize("writer", list(_SLOWED))
+def test_sigint_mid_write(tmp_path_factory, tmp_path, writer):
+    """A real SIGINT while the output is being written (subprocess): exit 130, 'pgconv: interrupted', no DST, no
+    temp directory. (Layout conversions: test_convert_errors.py::test_sigint_during_conversion.)"""
+    src = tiny_checkpoint(tmp_path_factory)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    module, attr, delay = _SLOWED[writer]
+    argv = [str(a) for a in _writers(src, out)[writer]]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW, module, attr, str(delay), *argv], stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".") for p in out.iterdir()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "pgconv: interrupted", err
+    assert _outputs(out) == []
+
+
+# -- exit codes and --debug --------------------------------------------------------------------------------------------
+
+def test_exit_codes_end_to_end(tmp_path_factory, tmp_path):
+    """The installed console script: 0 ok, 1 inspect problems, 2 bad input or usage; one line, no traceback."""
+    src = tiny_checkpoint(tmp_path_factory)
+    bad = fresh_copy(src, tmp_path / "bad")
+    (bad / "model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}")
+    nan = fresh_copy(src, tmp_path / "nan")
+    raw = bytearray((nan / "model.safetensors").read_bytes())
+    raw[-4:] = b"\x00\x00\xc0\x7f"  # the last float32 becomes NaN
+    (nan / "model.safetensors").write_bytes(bytes(raw))
+    cases = [(["inspect", src], 0), (["inspect", nan, "--scan"], 1), (["inspect", bad], 2),
+             (["convert", bad, tmp_path / "o", "--to", "native"], 2), (["no-such-command"], 2),
+             (["convert", src], 2)]
+    for argv, want in cases:
+        run = subprocess.run([str(PGCONV), *map(str, argv)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == want, (argv, run.stderr)
+        assert "Traceback" not in run.stderr
+        if want == 2 and argv[0] != "no-such-command" and len(argv) > 2:
+            assert run.stderr.startswith("pgconv: error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    from pgconv.cli import main
+
+    with pytest.raises(InputError, match="no such file"):
+        main(["--debug", "inspect", str(tmp_path / "missing")])
+    res = run_cli(["inspect", tmp_path / "missing"], capsys)
+    assert_one_line_error(res, "missing", "no such file")
