@@ -88,8 +88,11 @@ class Spec:
 
     @property
     def digest(self) -> str:
-        """Identifies the rules (not the file's formatting): recorded as provenance in written files."""
-        return hashlib.sha256(json.dumps(spec_to_data(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies what the spec does to tensors (rules, prefix, format; not its description, metadata or
+        formatting): recorded as provenance in written files."""
+        data = spec_to_data(self)
+        semantic = {k: data.get(k) for k in ("format", "prefix", "rule")}
+        return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
