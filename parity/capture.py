@@ -109,14 +109,15 @@ class Recorder:
         return hook
 
     def get(self, path: str, at: str = "output") -> Any:
-        module, attr = split_path(path)
-        call = self.calls.get(module)
-        if call is None or not call.done:
-            raise KeyError(f"module {module!r} was not called during capture")
-        return tensor_of(call, at, attr)
+        return tensor_of(self.call(path), at, split_path(path)[1])
 
     def call(self, path: str) -> Call:
-        return self.calls[split_path(path)[0]]
+        """The recorded first call of the module at `path`; KeyError if it was never called."""
+        module = split_path(path)[0]
+        call = self.calls.get(module)
+        if call is None or not call.done:
+            raise KeyError(f"module {module!r} was not called during the forward pass")
+        return call
 
 
 def _detach(value: Any) -> Any:

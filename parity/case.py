@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from pgconv.parity.capture import Recorder
-from pgconv.parity.compare import OURS_WORSE, evaluate_probe, value
+from pgconv.parity.compare import OURS_WORSE, chained, evaluate_probe, failed_row, value
 from pgconv.parity.generation import compare_steps, decisive_top1, first_divergence, ours_greedy, reference_greedy, step_metrics
 from pgconv.parity.metrics import logit_metrics, segment_masks, segment_metrics
 from pgconv.parity.probes import Probe
+from pgconv.parity.replay import OWN_PATHS, own_value
 from pgconv.parity.tolerances import Tolerances
 
 __all__ = ["run_case", "EXTRA_REF_PATHS"]
@@ -100,7 +101,8 @@ def run_case(
     with Recorder(ref, ref_paths) as ref_rec, torch.no_grad():
         ref_logits = ref(**seq, use_cache=False).logits
     lap("reference_forward")
-    with Recorder(ours, {p.ours for p in probes if p.ours}) as ours_rec, torch.no_grad():
+    ours_paths = {p.ours for p in probes if p.ours and p.ours_at != "call"} | set(OWN_PATHS)
+    with Recorder(ours, ours_paths) as ours_rec, torch.no_grad():
         ours_logits = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"])
     lap("candidate_forward")
 
@@ -108,12 +110,27 @@ def run_case(
     masks = segment_masks(ids, seq["token_type_ids"], image_token)
     rows = []
     with torch.no_grad():
+        prev: dict[str, tuple[Probe, Tensor, Tensor]] = {}  # last probe of each stack with its two values
         for p in probes:
-            if p.name == "logits":
-                ov, rv = ours_logits, ref_logits
-            else:
-                ov, rv = value(ours_rec, p.ours, p.ours_at, p.kind), value(ref_rec, p.ref, p.ref_at, p.kind)
-            rows.append(evaluate_probe(p, ours, ref, ours_rec, ref_rec, ov, rv, tol, dtype, masks, ids))
+            try:
+                if p.name == "logits":
+                    ov, rv = ours_logits, ref_logits
+                else:
+                    rv = value(ref_rec, p.ref, p.ref_at, p.kind)
+                    ov = own_value(p, ours, ours_rec, seq) if p.ours_at == "call" else value(ours_rec, p.ours, p.ours_at, p.kind)
+            except KeyError as e:  # e.g. a block our forward never called
+                rows.append(failed_row(p, tol.probe(p.kind, dtype), str(e).strip("'\"")))
+                continue
+            row = evaluate_probe(p, ours, ref, ours_rec, ref_rec, ov, rv, tol, dtype, masks, ids)
+            if p.stack and p.replay == "call" and p.stack in prev:
+                before, ours_prev, ref_prev = prev[p.stack]
+                if chained(ref_rec, p, p.ref, ref_prev) and not chained(ours_rec, p, p.ours, ours_prev):
+                    row.update(verdict=OURS_WORSE, passed=False,
+                               error=f"our {p.ours} was not fed the output of {before.ours} (skipped, repeated or "
+                                     f"reordered block)")
+            if p.stack:
+                prev[p.stack] = (p, ov, rv)
+            rows.append(row)
     lap("probes")
     logits = _logits_section(ours_logits, ref_logits, masks, tol.section("logits", dtype))
     del ref_rec, ours_rec

@@ -24,7 +24,7 @@ from pgconv.parity.probes import Probe
 from pgconv.parity.replay import replay, same_input
 from pgconv.parity.tolerances import Tolerances
 
-__all__ = ["value", "evaluate_probe", "MATCH", "NOISE", "OURS_WORSE", "REF_WORSE"]
+__all__ = ["value", "evaluate_probe", "failed_row", "chained", "MATCH", "NOISE", "OURS_WORSE", "REF_WORSE"]
 
 MATCH, NOISE, OURS_WORSE, REF_WORSE = "match", "rounding noise", "ours worse", "reference worse"
 
@@ -70,7 +70,8 @@ def evaluate_probe(
     budget = tol.probe(probe.kind, dtype)
     segs = masks if probe.name.startswith(("text.", "logits")) else None
     if ours_value.shape != ref_value.shape:
-        return _shape_mismatch(probe, ours_value, ref_value, budget)
+        return failed_row(probe, budget, f"shape mismatch: ours {tuple(ours_value.shape)} vs reference "
+                                         f"{tuple(ref_value.shape)}")
     e2e = segment_metrics(ours_value, ref_value, segs)
     if probe.replay == "none":
         replayed, tf, how = False, ours_value, "none (same input by construction)"
@@ -111,7 +112,8 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else "inf"
 
 
-def _shape_mismatch(probe: Probe, ours: Tensor, ref: Tensor, budget: dict) -> dict[str, Any]:
+def failed_row(probe: Probe, budget: dict, error: str) -> dict[str, Any]:
+    """A probe that cannot be compared at all (shape mismatch, module never called): ours worse, with the reason."""
     inf = math.inf
     return {
         "name": probe.name, "kind": probe.kind, "stack": probe.stack, "layer": probe.layer, "passed": False,
@@ -119,6 +121,12 @@ def _shape_mismatch(probe: Probe, ours: Tensor, ref: Tensor, budget: dict) -> di
         "nrmse": inf, "nmax": inf, "contributed_max_abs": inf, "contributed_nrmse": inf, "contributed_nmax": inf,
         "contributed_cosine": -1.0, "within_budget": False, "contributed_within_budget": False, "inherited": False,
         "replay": "none", "budget": budget, "segments": {}, "fp64": None,
-        "ours": probe.ours, "reference": probe.ref,
-        "error": f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}",
+        "ours": probe.ours, "reference": probe.ref, "error": error,
     }
+
+
+def chained(rec: Recorder, probe: Probe, path: str, prev_value: Tensor) -> bool:
+    """Whether the module at `path` was fed exactly `prev_value` (the previous probe of its stack): a skipped,
+    repeated or reordered block leaves every block correct on its own, so only this structural check sees it."""
+    x = primary((*rec.call(path).args, rec.call(path).kwargs))
+    return x is not None and x.shape == prev_value.shape and x.dtype == prev_value.dtype and bool(torch.equal(x, prev_value))

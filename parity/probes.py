@@ -13,7 +13,8 @@ down here once. Each row names a module on each side (`{i}` = layer index), whic
   or a special recipe in `parity.oracle` (`merge`, `rope`, `logits`).
 
 Reference paths are transformers >= 5.6 in-memory names (converter.layouts `hf-5.6`). Our paths are the native
-names of `pgconv.model.PaliGemma`; `@ctx.<attr>` reads an attribute of the AttnContext our block was called with.
+names of `pgconv.model.PaliGemma`; `@ctx.<attr>` reads an attribute of the AttnContext our block was called with;
+`name()` (with `ours_at="call"`) is a method of ours recomputed on the same inputs (`parity.replay.OWN`).
 Order is execution order: the first probe where ours is worse is the first divergence.
 """
 
@@ -26,7 +27,7 @@ from pgconv.model.config import PaliGemmaConfig
 
 __all__ = ["Probe", "PROBES", "probes_for"]
 
-At = Literal["input", "output"]
+At = Literal["input", "output", "call"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ class Probe:
 V, T = "model.vision_tower.", "model.language_model."
 
 PROBES: tuple[Probe, ...] = (
-    # Patch embedding + learned positions: our input to vision block 0 (the embedding is a method, not a module).
-    Probe("vision.embed", "vision_embed", "vision.blocks.0", V + "embeddings", ours_at="input", replay="none",
+    # Patch embedding + learned positions. Ours is a method, not a module: `ours_at="call"` recomputes it from the
+    # same pixels (`replay.OWN`); the next block's input is then checked to be exactly this value.
+    Probe("vision.embed", "vision_embed", "vision.embed()", V + "embeddings", ours_at="call", replay="none",
           stack="vision"),
     Probe("vision.blocks.{i}.norm1", "vision_sub", "vision.blocks.{i}.norm1", V + "encoder.layers.{i}.layer_norm1",
           layers="vision", coarse=False),
@@ -66,7 +68,7 @@ PROBES: tuple[Probe, ...] = (
     Probe("vision.norm", "vision_norm", "vision.norm", V + "post_layernorm", stack="vision"),
     Probe("projector", "projector", "projector", "model.multi_modal_projector"),
     # Embedded prompt with the image features scattered in (and Gemma's normaliser applied to the text tokens).
-    Probe("text.embed", "merged_embed", "text.blocks.0", T.rstrip("."), ours_at="input", ref_at="input",
+    Probe("text.embed", "merged_embed", "embed()", T.rstrip("."), ours_at="call", ref_at="input",
           replay="merge", oracle="merge", stack="text"),
     # Inputs every decoder block shares: RoPE tables of the positions used, and the attention mask per layer type.
     Probe("text.rope", "rope", "text.blocks.0@ctx.cos,ctx.sin", T + "rotary_emb", ours_at="input", replay="none",

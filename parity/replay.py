@@ -20,9 +20,24 @@ from torch import Tensor, nn
 from pgconv.parity.capture import Call, Recorder, primary
 from pgconv.parity.probes import Probe
 
-__all__ = ["replay", "same_input"]
+__all__ = ["replay", "same_input", "own_value", "OWN", "OWN_PATHS"]
 
 T = "model.language_model."
+
+
+# Our values that come from a method rather than a module: recomputed on our own run's inputs (deterministic, so
+# equal to what the forward computed when the forward really uses the method; the chain check on the next block's
+# input proves that it did).
+OWN = {
+    "vision.embed()": lambda model, rec, inputs: model.vision.embed(inputs["pixel_values"]),
+    "embed()": lambda model, rec, inputs: model.embed(inputs["input_ids"], rec.get("projector", "output")),
+}
+OWN_PATHS = ("projector",)  # modules of ours the OWN recipes read
+
+
+@torch.no_grad()
+def own_value(probe: Probe, ours: nn.Module, ours_rec: Recorder, inputs: dict[str, Tensor]) -> Tensor:
+    return OWN[probe.ours](ours, ours_rec, inputs)
 
 
 def _ref_input(probe: Probe, ref_rec: Recorder) -> Tensor:
