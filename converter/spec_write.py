@@ -21,15 +21,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
 from pgconv.converter.custom import check_provenance, is_spec_source, open_spec_checkpoint, provenance
-from pgconv.converter.dtypes import is_widening, parse_dtype, torch_dtype
+from pgconv.converter.dtypes import code_of, is_widening, parse_dtype, torch_dtype
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.manifest import write_manifest
-from pgconv.converter.npz import NpzWriter, from_torch
+from pgconv.converter.npz import BFLOAT16, NpzWriter, from_torch
 from pgconv.converter.plan import plan_conversion
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.sources import SourceTensor, TensorMeta
@@ -43,6 +44,7 @@ from pgconv.model.config import PaliGemmaConfig, to_hf_config
 __all__ = ["native_source", "convert_to_spec"]
 
 _NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_NP_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": BFLOAT16}
 
 
 def native_source(src: str | Path, from_: str | Path | None = None, config: str | Path | None = None, *,
@@ -70,7 +72,7 @@ def _cast(parts: Iterator[torch.Tensor], code: str, lossy: dict[str, float], nam
     """Cast each piece to `code`, recording the largest |change| of a narrowing cast (finite values only)."""
     for p in parts:
         out = p.to(torch_dtype(code))
-        if not is_widening(_code(p.dtype), code):
+        if not is_widening(code_of(p.dtype), code):
             wide, back = p.double(), out.double()
             ok = torch.isfinite(wide) & torch.isfinite(back)
             diff = float((back - wide).abs().masked_fill(~ok, 0).max()) if p.numel() else 0.0
@@ -78,8 +80,10 @@ def _cast(parts: Iterator[torch.Tensor], code: str, lossy: dict[str, float], nam
         yield out
 
 
-def _code(dtype: torch.dtype) -> str:
-    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}[dtype]
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    data = memoryview(data)
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _write_npz(tmp: Path, files: list[FileTensor], codes: dict[str, str], meta: dict[str, str], bar: tqdm,
@@ -93,7 +97,7 @@ def _write_npz(tmp: Path, files: list[FileTensor], codes: dict[str, str], meta: 
                     bar.update(p.numel() * p.element_size())
                     yield from_torch(p)
 
-            w.add(ft.name, ft.shape, from_torch(torch.empty(0, dtype=torch_dtype(codes[ft.name]))).dtype, arrays())
+            w.add(ft.name, ft.shape, _NP_DTYPES[codes[ft.name]], arrays())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
 
@@ -106,14 +110,13 @@ def _write_safetensors(tmp: Path, files: list[FileTensor], codes: dict[str, str]
     rows = []
     fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.write(fd, header)
+        _write_all(fd, header)
         for name in sorted(offsets, key=offsets.get):
             ft, h, size = by_name[name], hashlib.sha256(), 0
             for p in _cast(ft.parts(), codes[name], lossy, name):
                 data = memoryview(p.contiguous().view(torch.uint8).numpy())
                 h.update(data)
-                while data:
-                    data = data[os.write(fd, data):]
+                _write_all(fd, data)
                 size += p.numel() * p.element_size()
                 bar.update(p.numel() * p.element_size())
             expected = TensorMeta(name, ft.shape, codes[name]).nbytes
@@ -134,7 +137,7 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
     """Convert SRC (any layout, or a spec format with `from_`) into the format of spec `to` at DST.
 
     `check` re-reads DST through the spec and, when no dtype changed, compares every native tensor with the
-    source bit for bit (a cut vocabulary compares the kept rows' padding back as zeros, which the cut checked).
+    source bit for bit (with `allow_cut`, rows a vocabulary cut dropped read back as zero padding).
     """
     from pgconv import __version__
     from pgconv.converter.convert import ConvertSummary
