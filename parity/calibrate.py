@@ -8,7 +8,7 @@ For every probe kind the worst `nrmse` / `nmax` over probes, configs and modes i
 logits' KL / top-1 noise. Configs: the tiny presets and two "wide" ones with real hub widths (2 layers each) so the
 reduction lengths that drive rounding (hidden 2048/2304, head dim 256, MLP 16384/9216, 256 patches) are covered.
 
-    python -m pgconv.parity.calibrate            # prints JSON; the numbers are copied into tolerances.json
+    python -m pgconv.parity.calibrate [CONFIG ...] [DTYPE ...]   # prints JSON; numbers go into tolerances.json
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def measure(cfg: PaliGemmaConfig, dtype: torch.dtype) -> dict:
             _worst(out["contributed"], p.kind, segment_metrics(tf, ref, seg))
     for name, other in (("eager_vs_sdpa", logits_s), ("batched_vs_single", logits_b[:1])):
         out["logits"][name] = _logit_noise(other, logits_e)
+        _worst(out[name], "logits", segment_metrics(other, logits_e, masks))
     _set_attention(model, cfg, "eager")
     torch.set_num_threads(1)  # a different split of every reduction across threads
     one, logits_1 = _run(model, single, paths)
@@ -147,6 +148,7 @@ def measure(cfg: PaliGemmaConfig, dtype: torch.dtype) -> dict:
         seg = masks if ref.shape[:2] == masks["image"].shape else None
         _worst(out["threads_1_vs_n"], p.kind, segment_metrics(one.get(p.ref, p.ref_at), ref, seg))
     out["logits"]["threads_1_vs_n"] = _logit_noise(logits_1, logits_e)
+    _worst(out["threads_1_vs_n"], "logits", segment_metrics(logits_1, logits_e, masks))
     return out
 
 
@@ -158,9 +160,13 @@ def _set_attention(model, cfg: PaliGemmaConfig, impl: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    names = (argv if argv is not None else sys.argv[1:]) or list(CONFIGS)
+    """Arguments: config names (default: all) and optionally dtypes (float32 / bfloat16 / float16; default: all)."""
+    args = argv if argv is not None else sys.argv[1:]
+    names = [a for a in args if a in CONFIGS] or list(CONFIGS)
+    dtypes = [getattr(torch, a) for a in args if a in ("float32", "bfloat16", "float16")] or [
+        torch.float32, torch.bfloat16, torch.float16]
     result: dict = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         for name in names:
             key = f"{name}/{str(dtype).removeprefix('torch.')}"
             result[key] = measure(CONFIGS[name], dtype)

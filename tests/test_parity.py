@@ -244,6 +244,7 @@ def test_depth_plot_and_junit_from_a_synthetic_report():
              "contributed_nrmse": 0.0 if i != 2 else "inf", "budget": {"nrmse": 1e-5}} for i in range(4)]
     svg = depth_plot(rows, "text")
     assert svg.startswith("<svg") and svg.count("<circle") >= 8 and 'stroke="#c00"' in svg
+    ET.fromstring(svg)  # well-formed XML
     assert depth_plot(rows, "vision") == ""
     report = {"dtype": "float32", "timing": {"total": 1.0}, "weights": {"passed": True, "mismatched": []},
               "probes": [{**r, "contributed_nrmse": 0.0, "fp64": None} for r in rows],
