@@ -113,6 +113,12 @@ def verify(
     tol = load_tolerances(tolerances)
     path = _resolve(checkpoint)
     cfg = read_config(path)
+    from pgconv.model.processor import Processor
+
+    # Tokenizer and preprocessor files against config.json before any weight is loaded (a directory with only a
+    # sentencepiece tokenizer.model is left to transformers' processor).
+    if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
+        Processor.from_pretrained(path, config=cfg)
     cases = _cases(images, prompts)
     timing: dict[str, float] = {}
     ref = load_reference(path, getattr(torch, dtype), device)
@@ -122,7 +128,10 @@ def verify(
 
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:  # e.g. no preprocessor_config.json (ours defaults it, transformers does not)
+        raise InputError(f"{path}: transformers cannot load the processor ({str(e).strip().splitlines()[0]})") from None
     table = probes_for(cfg, probes)  # type: ignore[arg-type]
     results = []
     for image, prompt in cases:
