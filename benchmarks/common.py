@@ -1,0 +1,177 @@
+"""Shared benchmark helpers: child processes with their own peak RSS, memory readings, the machine description.
+
+Benchmarks measure heavy work in fresh child processes, one at a time, so that each reports its own peak RSS
+(`ru_maxrss` of the child from `os.wait4`; exec starts a new address space, so the parent's pages never count) and
+no model's memory outlives its measurement. This module imports neither torch nor transformers: a parent that
+stays small keeps the machine's memory for the children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "OUT",
+    "ChildError",
+    "run_child",
+    "peak_rss_bytes",
+    "current_rss_bytes",
+    "available_memory_bytes",
+    "machine",
+    "machine_markdown",
+    "fixture_path",
+    "ensure_fixture",
+    "warm_files",
+]
+
+OUT = Path(__file__).resolve().parent / "out"  # git-ignored; fixtures and JSON results live here
+
+
+class ChildError(RuntimeError):
+    """A benchmark child process failed; the message carries the end of its stderr."""
+
+
+def run_child(argv: list[str], env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
+    """Run `argv` to completion; its last stdout line must be a JSON object, returned with `wall_s` and
+    `peak_rss` (bytes, the child's `ru_maxrss`) added."""
+    full_env = {**os.environ, **(env or {})}
+    # Files, not pipes: a chatty child can never block on a full pipe while we sit in wait4.
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out_f, stderr=err_f, text=True, env=full_env)
+        deadline = None if timeout is None else start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        out_f.seek(0), err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        raise ChildError(f"{' '.join(argv[:6])} ... exited with {code}:\n{err[-4000:]}")
+    result = json.loads(lines[-1])
+    result.update(wall_s=wall, peak_rss=usage.ru_maxrss * 1024)  # Linux reports KiB
+    return result
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """Resident set of this process now (from /proc/self/statm)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def available_memory_bytes() -> int:
+    return _meminfo("MemAvailable")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, flags
+    if m := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
+        model = m.group(1).strip()
+    if m := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
+        # The ISA extensions that decide which GEMM/GEMV kernels oneDNN and MKL can use.
+        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "avx512_fp16")
+        have = set(m.group(1).split())
+        flags = [f for f in wanted if f in have]
+    return model, flags
+
+
+def machine(threads: int | None = None) -> dict:
+    """What the numbers were measured on: CPU, cores, memory, versions, thread count and the load at the time."""
+    model, flags = _cpu()
+    return {
+        "cpu": model,
+        "isa": flags,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "memory_gb": round(_meminfo("MemTotal") / 1e9, 1),
+        "available_memory_gb": round(available_memory_bytes() / 1e9, 1),
+        "threads": threads,
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "pgconv": _version("pgconv"),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def machine_markdown(info: dict) -> str:
+    isa = ", ".join(info["isa"]) or "none of note"
+    load = ", ".join(str(x) for x in info["load_avg_1_5_15"])
+    return (
+        f"- CPU: {info['cpu']} ({info['usable_cpus']} usable of {info['logical_cpus']} logical CPUs; ISA: {isa})\n"
+        f"- Memory: {info['memory_gb']} GB ({info['available_memory_gb']} GB available at the start)\n"
+        f"- Threads: {info['threads']} (torch.set_num_threads and OMP_NUM_THREADS in every child)\n"
+        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"pgconv {info['pgconv']}; {info['os']}\n"
+        f"- Load average (1, 5, 15 min) at the start: {load}; measured {info['date']}\n"
+    )
+
+
+def fixture_path(preset: str) -> Path:
+    """Where a preset's random fixture lives by default (shared by all benchmarks)."""
+    return OUT / "fixtures" / preset
+
+
+def ensure_fixture(path: Path, preset: str) -> Path:
+    """Write the random-weight fixture for `preset` at `path` once (bf16 for full-size presets, fp32 for tiny)."""
+    if not (path / "config.json").is_file():
+        print(f"writing the {preset} random fixture to {path} (once) ...", file=sys.stderr, flush=True)
+        # In a child: generating 3B random weights allocates, and the parent should stay small.
+        code = "import sys; from pgconv.converter.fixture import make_fixture; make_fixture(sys.argv[1], sys.argv[2], force=True)"
+        subprocess.run([sys.executable, "-c", code, str(path), preset], check=True)
+    return path
+
+
+def warm_files(directory: Path) -> int:
+    """Read every file under `directory` once, so that each loader starts from the same warm page cache."""
+    total = 0
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    total += len(chunk)
+    return total
