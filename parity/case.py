@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from pgconv.parity.capture import Recorder
 from pgconv.parity.compare import OURS_WORSE, chained, evaluate_probe, failed_row, value
-from pgconv.parity.generation import compare_steps, decisive_top1, first_divergence, ours_greedy, reference_greedy, step_metrics
+from pgconv.parity.generation import (
+    compare_steps,
+    decisive_top1,
+    first_divergence,
+    ours_greedy,
+    reference_greedy,
+    step_metrics,
+)
 from pgconv.parity.metrics import logit_metrics, segment_masks, segment_metrics
 from pgconv.parity.probes import Probe
 from pgconv.parity.replay import OWN_PATHS, own_value
@@ -81,6 +88,50 @@ def _cache_check(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[in
             **d2, "passed": passed}
 
 
+def _probe_rows(probes: list[Probe], ours: nn.Module, ref: nn.Module, ours_rec: Recorder, ref_rec: Recorder,
+                ours_logits: Tensor, ref_logits: Tensor, seq: dict[str, Tensor], masks: dict[str, Tensor],
+                tol: Tolerances, dtype: str) -> list[dict[str, Any]]:
+    rows = []
+    prev: dict[str, tuple[Probe, Tensor, Tensor]] = {}  # last probe of each stack with its two values
+    for p in probes:
+        try:
+            if p.name == "logits":
+                ov, rv = ours_logits, ref_logits
+            else:
+                rv = value(ref_rec, p.ref, p.ref_at, p.kind)
+                ov = (own_value(p, ours, ours_rec, seq) if p.ours_at == "call"
+                      else value(ours_rec, p.ours, p.ours_at, p.kind))
+        except KeyError as e:  # e.g. a block our forward never called
+            rows.append(failed_row(p, tol.probe(p.kind, dtype), str(e).strip("'\"")))
+            continue
+        row = evaluate_probe(p, ours, ref, ours_rec, ref_rec, ov, rv, tol, dtype, masks, seq["input_ids"])
+        if p.stack and p.replay == "call" and p.stack in prev:
+            before, ours_prev, ref_prev = prev[p.stack]
+            if chained(ref_rec, p.ref, ref_prev) and not chained(ours_rec, p.ours, ours_prev):
+                row.update(verdict=OURS_WORSE, passed=False,
+                           error=f"our {p.ours} was not fed the output of {before.ours} (a skipped, repeated or "
+                                 f"reordered block)")
+        if p.stack:
+            prev[p.stack] = (p, ov, rv)
+        rows.append(row)
+    return rows
+
+
+def _generation(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int], ref_steps: Tensor,
+                ours_tokens: list[int], ours_steps: Tensor, ours_logits: Tensor, ref_logits: Tensor,
+                budget: dict[str, float], decode: Callable[[list[int]], str]) -> dict[str, Any]:
+    t, n = inputs["input_ids"].shape[1], len(ref_tokens)
+    generation = compare_steps(ref_tokens, ref_steps, ours_tokens, ours_steps, budget["near_tie_nats"], decode)
+    # Logits at positions t-1 .. t+n-2 of the forward over prompt + reference tokens predict each reference token.
+    a, b = ours_logits[0, t - 1:t - 1 + n], ref_logits[0, t - 1:t - 1 + n]
+    tf = {**step_metrics(a, b), **decisive_top1(a, b, budget["near_tie_nats"])}
+    tf["passed"] = tf["kl_max"] <= budget["teacher_forced_kl_max"] and tf["decisive_top1_agreement"] >= 1.0
+    generation["teacher_forced"] = tf
+    generation["cache"] = _cache_check(ours, inputs, ref_tokens, ours_tokens, ours_steps, ours_logits[0], budget)
+    generation["passed"] = bool(generation["passed"] and tf["passed"] and generation["cache"]["passed"])
+    return generation
+
+
 def run_case(
     ours: nn.Module, ref: nn.Module, inputs: dict[str, Tensor], probes: list[Probe], tol: Tolerances, dtype: str,
     max_new_tokens: int, eos: list[int], pad: int, image_token: int, decode: Callable[[list[int]], str],
@@ -106,60 +157,30 @@ def run_case(
         ours_logits = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"])
     lap("candidate_forward")
 
-    ids = seq["input_ids"]
-    masks = segment_masks(ids, seq["token_type_ids"], image_token)
-    rows = []
+    masks = segment_masks(seq["input_ids"], seq["token_type_ids"], image_token)
     with torch.no_grad():
-        prev: dict[str, tuple[Probe, Tensor, Tensor]] = {}  # last probe of each stack with its two values
-        for p in probes:
-            try:
-                if p.name == "logits":
-                    ov, rv = ours_logits, ref_logits
-                else:
-                    rv = value(ref_rec, p.ref, p.ref_at, p.kind)
-                    ov = own_value(p, ours, ours_rec, seq) if p.ours_at == "call" else value(ours_rec, p.ours, p.ours_at, p.kind)
-            except KeyError as e:  # e.g. a block our forward never called
-                rows.append(failed_row(p, tol.probe(p.kind, dtype), str(e).strip("'\"")))
-                continue
-            row = evaluate_probe(p, ours, ref, ours_rec, ref_rec, ov, rv, tol, dtype, masks, ids)
-            if p.stack and p.replay == "call" and p.stack in prev:
-                before, ours_prev, ref_prev = prev[p.stack]
-                if chained(ref_rec, p, p.ref, ref_prev) and not chained(ours_rec, p, p.ours, ours_prev):
-                    row.update(verdict=OURS_WORSE, passed=False,
-                               error=f"our {p.ours} was not fed the output of {before.ours} (skipped, repeated or "
-                                     f"reordered block)")
-            if p.stack:
-                prev[p.stack] = (p, ov, rv)
-            rows.append(row)
-    lap("probes")
+        rows = _probe_rows(probes, ours, ref, ours_rec, ref_rec, ours_logits, ref_logits, seq, masks, tol, dtype)
     logits = _logits_section(ours_logits, ref_logits, masks, tol.section("logits", dtype))
-    del ref_rec, ours_rec
+    del ref_rec, ours_rec  # captured activations are no longer needed
+    lap("probes")
 
     ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad)
     lap("candidate_generate")
-    gen_budget = tol.section("generation", dtype)
-    t = inputs["input_ids"].shape[1]
-    n = len(ref_tokens)
-    generation = compare_steps(ref_tokens, ref_steps, ours_tokens, ours_steps, gen_budget["near_tie_nats"], decode)
-    tf = step_metrics(ours_logits[0, t - 1:t - 1 + n], ref_logits[0, t - 1:t - 1 + n])
-    tf.update(decisive_top1(ours_logits[0, t - 1:t - 1 + n], ref_logits[0, t - 1:t - 1 + n], gen_budget["near_tie_nats"]))
-    tf["passed"] = tf["kl_max"] <= gen_budget["teacher_forced_kl_max"] and tf["decisive_top1_agreement"] >= 1.0
-    generation["teacher_forced"] = tf
-    generation["cache"] = _cache_check(ours, inputs, ref_tokens, ours_tokens, ours_steps, ours_logits[0], gen_budget)
+    generation = _generation(ours, inputs, ref_tokens, ref_steps, ours_tokens, ours_steps, ours_logits, ref_logits,
+                             tol.section("generation", dtype), decode)
     lap("cache_check")
-    generation["passed"] = bool(generation["passed"] and tf["passed"] and generation["cache"]["passed"])
-
     first = next((r for r in rows if r["verdict"] == OURS_WORSE), None)
     return {
         "passed": all(r["passed"] for r in rows) and logits["passed"] and generation["passed"],
         "first_divergence": _divergence(first),
         "probes": rows, "logits": logits, "generation": generation,
-        "sequence_length": int(ids.shape[1]), "prompt_length": t, "timing": timing,
+        "sequence_length": int(seq["input_ids"].shape[1]), "prompt_length": int(inputs["input_ids"].shape[1]),
+        "timing": timing,
     }
 
 
 def _divergence(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
-    keys = ("name", "kind", "stack", "layer", "nrmse", "max_abs", "contributed_nrmse", "contributed_max_abs", "fp64")
-    return {"probe": row["name"], **{k: row.get(k) for k in keys if k != "name"}}
+    keys = ("kind", "stack", "layer", "nrmse", "max_abs", "contributed_nrmse", "contributed_max_abs", "fp64", "error")
+    return {"probe": row["name"], **{k: row.get(k) for k in keys}}

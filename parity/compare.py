@@ -125,8 +125,9 @@ def failed_row(probe: Probe, budget: dict, error: str) -> dict[str, Any]:
     }
 
 
-def chained(rec: Recorder, probe: Probe, path: str, prev_value: Tensor) -> bool:
+def chained(rec: Recorder, path: str, prev_value: Tensor) -> bool:
     """Whether the module at `path` was fed exactly `prev_value` (the previous probe of its stack): a skipped,
     repeated or reordered block leaves every block correct on its own, so only this structural check sees it."""
     x = primary((*rec.call(path).args, rec.call(path).kwargs))
-    return x is not None and x.shape == prev_value.shape and x.dtype == prev_value.dtype and bool(torch.equal(x, prev_value))
+    return (x is not None and x.shape == prev_value.shape and x.dtype == prev_value.dtype
+            and bool(torch.equal(x, prev_value)))
