@@ -42,8 +42,8 @@ from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 from pgconv.converter.fixture import default_image
 path, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t_load = time.perf_counter()
-model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="eager")
-model.eval()
+model = PaliGemmaForConditionalGeneration.from_pretrained(
+    path, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
 proc = AutoProcessor.from_pretrained(path)
 inputs = proc(images=Image.open(default_image()).convert("RGB"), text="<image>caption en", return_tensors="pt")
 inputs.pop("labels", None)

@@ -24,7 +24,8 @@ __all__ = ["reference_greedy", "ours_greedy", "first_divergence", "decisive_top1
 
 
 @torch.no_grad()
-def reference_greedy(ref: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int], pad: int) -> tuple[list[int], Tensor]:
+def reference_greedy(ref: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int],
+                     pad: int) -> tuple[list[int], Tensor]:
     """(tokens, per-step logits (n, V)) from transformers' greedy `generate` (stops after an EOS)."""
     out = ref.generate(
         **inputs, max_new_tokens=n, do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True,
@@ -35,7 +36,8 @@ def reference_greedy(ref: nn.Module, inputs: dict[str, Tensor], n: int, eos: lis
 
 
 @torch.no_grad()
-def ours_greedy(model: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int], pad: int) -> tuple[list[int], Tensor]:
+def ours_greedy(model: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int],
+                pad: int) -> tuple[list[int], Tensor]:
     """(tokens, per-step cached logits (n, V)) from `pgconv.generate`, the logits read by a forward hook."""
     from pgconv.model.generate import generate
 
@@ -95,8 +97,9 @@ def compare_steps(
     if j is None:
         return summary
     if j >= min(len(ref_tokens), len(ours_tokens)):  # one side stopped (EOS) earlier: not a token choice to weigh
-        summary["first_divergence"] = {"step": j, "reference_token": _at(ref_tokens, j), "candidate_token": _at(ours_tokens, j),
-                                       "near_tie": False, "reason": "lengths differ"}
+        summary["first_divergence"] = {"step": j, "reference_token": _at(ref_tokens, j),
+                                       "candidate_token": _at(ours_tokens, j), "near_tie": False,
+                                       "reason": "lengths differ"}
         summary["passed"] = False
         return summary
     r, o = ref_tokens[j], ours_tokens[j]

@@ -77,7 +77,8 @@ def build_candidate(ref: nn.Module, cfg: PaliGemmaConfig) -> nn.Module:
 
 def nonfinite_counts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
     """{name: {"nan", "inf"}} for the tensors holding NaN/Inf: with such weights both models emit NaN/Inf and every
-    metric is meaningless, so verify names the tensors instead of blaming a probe (issue 8). Chunked: no big temporaries."""
+    metric is meaningless, so verify names the tensors instead of blaming a probe (issue 8).
+    Chunked: no big temporaries."""
     out = {}
     for name, t in state.items():
         if not t.is_floating_point():
@@ -105,8 +106,8 @@ def weight_parity(ours: nn.Module, ref: nn.Module, cfg: PaliGemmaConfig) -> dict
         same_meta = a.shape == b.shape and a.dtype == b.dtype
         shared = same_meta and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
         equal = shared or (same_meta and bool(torch.equal(a, b)))
-        rows.append({"native": native, "reference": theirs, "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
-                     "shared": shared, "bit_identical": equal})
+        rows.append({"native": native, "reference": theirs, "shape": list(a.shape),
+                     "dtype": str(a.dtype).removeprefix("torch."), "shared": shared, "bit_identical": equal})
         if not equal:
             bad.append(native)
     tied = cfg.tie_word_embeddings

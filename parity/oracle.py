@@ -95,7 +95,8 @@ def _logits_errors(ours: Tensor, ref: Tensor, ref_model, rec: Recorder, chunk: i
     return math.sqrt(sq_o) / scale, math.sqrt(sq_r) / scale
 
 
-def arbitrate(probe: Probe, ours: Tensor, ref: Tensor, ref_model, rec: Recorder, input_ids: Tensor) -> tuple[float, float]:
+def arbitrate(probe: Probe, ours: Tensor, ref: Tensor, ref_model, rec: Recorder,
+              input_ids: Tensor) -> tuple[float, float]:
     """(error of ours, error of the reference) against the float64 recompute of `probe`'s step.
 
     `ours` should be our teacher-forced output (same input as the reference), so both are judged on equal terms.

@@ -98,8 +98,13 @@ def terminal(report: dict[str, Any]) -> str:
                 f"top-5 overlap {fmt(lg['top5_overlap'])}, decisive top-1 {fmt(lg['decisive_top1_agreement'])}"]
     tail += _generation_lines(report["generation"])
     fd = report["first_divergence"]
-    tail.append("first divergence: " + ("none" if fd is None else f"{fd['probe']} ({fd['kind']}), contributed nrmse "
-                                        f"{fmt(fd['contributed_nrmse'])}, fp64 {_fp64(fd.get('fp64'))}"))
+    if fd is None:
+        tail.append("first divergence: none")
+    elif fd.get("error"):
+        tail.append(f"first divergence: {fd['probe']} ({fd['kind']}): {fd['error']}")
+    else:
+        tail.append(f"first divergence: {fd['probe']} ({fd['kind']}), contributed nrmse "
+                    f"{fmt(fd['contributed_nrmse'])}, fp64 {_fp64(fd.get('fp64'))}")
     verdict = "PASS" if report["passed"] else "FAIL: " + "; ".join(report["failures"])
     tail.append(f"{verdict}  ({report['timing']['total']:.1f} s)")
     return "\n".join(head + _table(rows) + tail)
@@ -140,15 +145,16 @@ def junit(report: dict[str, Any]) -> str:
     """One test case per probe (plus weights, logits, generation), in one suite."""
     cases = [("weights", report["weights"]["passed"], f"mismatched: {report['weights']['mismatched'][:5]}")]
     for p in report["probes"]:
-        msg = f"{p['verdict']}: nrmse {fmt(p['nrmse'])}, contributed {fmt(p['contributed_nrmse'])}, fp64 {_fp64(p.get('fp64'))}"
+        msg = (f"{p['verdict']}: nrmse {fmt(p['nrmse'])}, contributed {fmt(p['contributed_nrmse'])}, "
+               f"fp64 {_fp64(p.get('fp64'))}" + (f"; {p['error']}" if p.get("error") else ""))
         cases.append((f"probe {p['name']}", p["passed"], msg))
     cases.append(("logits", report["logits"]["passed"], f"KL max {fmt(report['logits']['kl_max'])}"))
     cases.append(("generation", report["generation"]["passed"], "; ".join(_generation_lines(report["generation"]))))
     failures = sum(not ok for _, ok, _ in cases)
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            f'<testsuites tests="{len(cases)}" failures="{failures}">',
-           f'  <testsuite name={quoteattr("pgconv verify " + report["dtype"])} tests="{len(cases)}" failures="{failures}" '
-           f'time="{report["timing"]["total"]}">']
+           f'  <testsuite name={quoteattr("pgconv verify " + report["dtype"])} tests="{len(cases)}" '
+           f'failures="{failures}" time="{report["timing"]["total"]}">']
     for name, ok, msg in cases:
         out.append(f'    <testcase classname="pgconv.verify" name={quoteattr(name)}>')
         if not ok:
@@ -162,7 +168,8 @@ def write_reports(report: dict[str, Any], directory: Path) -> None:
     from pgconv.parity.report_html import html
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "report.json").write_text(json.dumps(finalise(report), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(finalise(report), indent=1, allow_nan=False)
+    (directory / "report.json").write_text(text + "\n", encoding="utf-8")
     (directory / "report.md").write_text(markdown(report), encoding="utf-8")
     (directory / "report.html").write_text(html(report), encoding="utf-8")
     (directory / "junit.xml").write_text(junit(report), encoding="utf-8")

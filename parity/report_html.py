@@ -103,8 +103,9 @@ def html(report: dict[str, Any]) -> str:
     for p in report["probes"]:
         fp = p.get("fp64") or {}
         fp_cell = f"{fmt(fp['ours'])} / {fmt(fp['reference'])}" if fp else "-"
-        body.append(f'<tr class="{"" if p["passed"] else "fail"}"><td>{escape(p["name"])}</td><td>{escape(p["verdict"])}'
-                    f'{" (inherited)" if p.get("inherited") else ""}</td><td>{fmt(p["max_abs"])}</td>'
+        body.append(f'<tr class="{"" if p["passed"] else "fail"}"><td>{escape(p["name"])}</td>'
+                    f'<td>{escape(p["verdict"])}{" (inherited)" if p.get("inherited") else ""}'
+                    f'{"<br>" + escape(p["error"]) if p.get("error") else ""}</td><td>{fmt(p["max_abs"])}</td>'
                     f'<td>{fmt(p["mean_abs"])}</td><td>{fmt(p["nrmse"])}</td><td>{fmt(p["cosine"], 6)}</td>'
                     f'<td>{fmt(p["contributed_max_abs"])}</td><td>{fmt(p["contributed_nrmse"])}</td>'
                     f'<td>{fmt(p["budget"]["nrmse"])}</td><td>{fp_cell}</td></tr>')

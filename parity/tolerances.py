@@ -1,10 +1,10 @@
 """The versioned tolerance table (`tolerances.json` next to this file) and `--tolerances FILE` overrides.
 
-Budgets are per probe kind and dtype: `nrmse` (relative RMSE) and `nmax` (max abs error / max |ref|) that a probe's
-end-to-end and contributed errors must stay within, and `k`, the float64 arbitration multiplier (ours is "rounding
-noise" while its error against float64 is <= k x the reference's + `floor`, by default a tenth of `nrmse`). Logit and generation budgets sit in
-their own sections. Every number carries its reasoning and the noise it was calibrated on (`parity.calibrate`).
-An override file has the same shape and may give any subset; it is deep-merged over the built-in table.
+Budgets are per probe kind and dtype: `nrmse` (relative RMSE) and `nmax` (max abs error / max |ref|) that the error
+a probe's step contributes must stay within (the end-to-end error is checked against them too and reported), and
+`k`, the float64 arbitration multiplier (ours is "rounding noise" while its error against float64 is <= k x the
+reference's + `floor`, by default a tenth of `nrmse`). Logit and generation budgets sit in their own sections.
+Every number carries its reasoning and the noise it was calibrated on (`parity.calibrate`). An override file has the same shape and may give any subset; it is deep-merged over the built-in table.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ def square_checkpoint(tiny_checkpoint, tmp_path_factory):
     cfg = dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, hidden_size=72, intermediate_size=96))
     out = tmp_path_factory.mktemp("ckpt") / "square"
     shutil.copytree(tiny_checkpoint("tiny"), out)
-    hf = PaliGemmaForConditionalGeneration._from_config(HFConfig(**to_hf_config(cfg, dtype="float32")), dtype=torch.float32)
+    hf_cfg = HFConfig(**to_hf_config(cfg, dtype="float32"))
+    hf = PaliGemmaForConditionalGeneration._from_config(hf_cfg, dtype=torch.float32)
     randomize_(hf, seed=1)
     saved = tmp_path_factory.mktemp("hf-save")
     hf.save_pretrained(saved)

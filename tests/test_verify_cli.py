@@ -57,7 +57,8 @@ def test_parity_failure_exits_1_and_reports_it(capsys, tmp_path, monkeypatch):
     assert "FAIL" in out and "first divergence: vision.blocks.0" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is False and report["first_divergence"]["probe"] == "vision.blocks.0"
-    failed = [c.get("name") for c in ET.parse(tmp_path / "junit.xml").getroot().iter("testcase") if c.find("failure") is not None]
+    cases = ET.parse(tmp_path / "junit.xml").getroot().iter("testcase")
+    failed = [c.get("name") for c in cases if c.find("failure") is not None]
     assert "probe vision.blocks.0" in failed
 
 
@@ -91,7 +92,8 @@ def test_tolerance_override_is_applied(tmp_path, monkeypatch):
     monkeypatch.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
     loose = {"nrmse": 1.0, "nmax": 1.0}
     path = tmp_path / "tol.json"
-    path.write_text(json.dumps({"version": "test", "probes": {k: {"float32": loose} for k in ("vision_sub", "vision_block")}}))
+    probes = {k: {"float32": loose} for k in ("vision_sub", "vision_block")}
+    path.write_text(json.dumps({"version": "test", "probes": probes}))
     report = verify(tolerances=path, max_new_tokens=2)
     assert report["tolerances"]["version"] == "test"
     assert report["first_divergence"]["probe"] == "text.blocks.0.mlp"
