@@ -6,16 +6,6 @@ forcing), `oracle` (float64 arbitration), `compare` (one probe's verdict), `gene
 `calibrate` (the noise the tolerances are calibrated on), `report` / `report_html` (writers), `verify` (the API).
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["verify"]
-
-
-def __getattr__(name: str) -> Any:  # lazy: `import pgconv.parity` must not import torch or transformers
-    if name == "verify":
-        from pgconv.parity.verify import verify
-
-        return verify
-    raise AttributeError(f"module 'pgconv.parity' has no attribute {name!r}")
+# The API is `pgconv.verify` (= `pgconv.parity.verify.verify`); this package exports no names itself, so that
+# `pgconv.parity.verify` always means the module and importing the package stays free of torch/transformers.
+__all__: list[str] = []
