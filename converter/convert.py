@@ -25,7 +25,8 @@ from pgconv.converter.manifest import build_manifest, check_output, write_manife
 from pgconv.converter.layouts import LAYOUTS
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.safetensors_io import build_header
-from pgconv.converter.writer import TensorRecord, parse_size, shard_file_names, shard_targets, tensors_equal, write_shard
+from pgconv.converter.writer import (StreamWriter, TensorRecord, parse_size, shard_file_names, shard_targets,
+                                     tensors_equal)
 from pgconv.errors import InputError
 
 __all__ = ["convert", "ConvertSummary", "rewrite_config"]
@@ -112,12 +113,13 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_tree(tmp: Path, ckpt: Checkpoint, plan: Plan, shards: list, names: list[str], quiet: bool,
                untie: bool) -> list[TensorRecord]:
-    records: list[TensorRecord] = []
     steps = {s.target.name: s for s in plan.steps}
     with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
               desc="convert", leave=False) as bar:
-        for name, metas in zip(names, shards):
-            records += write_shard(tmp / name, [steps[m.name] for m in metas], ckpt.tensors, bar.update)
+        with StreamWriter(ckpt.tensors, bar.update) as writer:
+            for name, metas in zip(names, shards):
+                writer.write_shard(tmp / name, [steps[m.name] for m in metas])
+            records = writer.finish()
     if len(names) > 1:
         index = {"metadata": {"total_parameters": sum(r.target.numel for r in records), "total_size": plan.total_bytes},
                  "weight_map": {r.target.name: r.file for r in sorted(records, key=lambda r: r.target.name)}}

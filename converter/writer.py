@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import re
 from collections import deque
@@ -29,11 +30,16 @@ from pgconv.errors import InputError
 if TYPE_CHECKING:  # torch only for casts and transforms: a same-dtype conversion never imports it
     import torch
 
-__all__ = ["TensorRecord", "parse_size", "shard_targets", "shard_file_names", "write_shard", "tensors_equal",
+__all__ = ["TensorRecord", "StreamWriter", "parse_size", "shard_targets", "shard_file_names", "write_shard",
+           "tensors_equal",
            "sha256_of"]
 
 _UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}  # decimal, like huggingface_hub
 _COPY_BYTES = 64 << 20
+_HASH_WINDOW = 64 << 20  # bytes mapped at a time when hashing a raw copy's source
+# Hashing is the CPU cost of a same-dtype conversion (~1.7 GB/s per core with SHA-NI): spread whole tensors over cores.
+_HASH_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_WRITEBACK_BYTES = 256 << 20  # start write-back of this much new data in the background (fsync at the end is short)
 
 
 @dataclass
@@ -88,39 +94,48 @@ def shard_file_names(n: int) -> list[str]:
 
 
 class _Hasher:
-    """SHA-256 updates on one worker thread, in submission order; at most two buffers wait at any time."""
+    """SHA-256 on worker threads. Whole byte ranges (raw copies) are hashed by a pool, one job per tensor;
+    chunk updates of a streamed tensor go in order to one worker, with at most two buffers waiting."""
 
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pgconv-sha256")
+    def __init__(self, range_workers: int | None = None) -> None:
+        workers = range_workers or _HASH_WORKERS
+        self.ranges = ThreadPoolExecutor(workers, thread_name_prefix="pgconv-sha256")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pgconv-sha256-stream")
         self.pending: deque[Future] = deque()
 
     def update(self, h: "hashlib._Hash", data: object) -> None:
         self.pending.append(self.pool.submit(h.update, data))
-        while len(self.pending) > 2:
+        while sum(not f.done() for f in self.pending) > 2:
             self.pending.popleft().result()
 
     def update_from_file(self, h: "hashlib._Hash", path: Path, begin: int, end: int) -> None:
-        self.pending.append(self.pool.submit(_hash_range, h, path, begin, end))
+        self.pending.append(self.ranges.submit(_hash_range, h, path, begin, end))
 
     def drain(self) -> None:
         while self.pending:
             self.pending.popleft().result()
 
     def close(self) -> None:
+        self.ranges.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _hash_range(h: "hashlib._Hash", path: Path, begin: int, end: int) -> None:
-    buf = bytearray(min(CHUNK_BYTES, max(end - begin, 1)))
-    view = memoryview(buf)
+    """Hash a byte range straight from the page cache through a moving read-only mmap window (no copy)."""
     with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size < end:  # mapping past EOF would SIGBUS instead of raising
+            raise InputError(f"{path}: truncated while hashing (file changed during the conversion)")
         pos = begin
         while pos < end:
-            n = os.preadv(f.fileno(), [view[: min(len(buf), end - pos)]], pos)
-            if n <= 0:
-                raise InputError(f"{path}: truncated while hashing")
-            h.update(view[:n])
-            pos += n
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            length = min(end, base + _HASH_WINDOW) - base
+            with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=base) as mm:
+                view = memoryview(mm)
+                try:
+                    h.update(view[pos - base:])
+                finally:
+                    view.release()  # the map cannot close while a view is exported
+            pos = base + length
 
 
 def sha256_of(src: SourceTensor) -> str:
@@ -199,10 +214,14 @@ def _emit(step: Step, sources: Mapping[str, SourceTensor], fd: int, hasher: _Has
 
     target = step.target.dtype
     exact = all(is_widening(sources[s].meta.dtype, target) for s in step.sources)
-    for chunk in _values(step, sources):
-        out = chunk.to(torch_dtype(target))
-        if out.data_ptr() == chunk.data_ptr():  # no cast: the reader reuses its buffer, the hasher must not
-            out = out.clone()
+    # Casts go into rotating preallocated buffers: a fresh allocation per chunk costs page faults on every
+    # chunk. Three suffice because the hasher keeps at most two updates in flight (see _Hasher.update).
+    bufs: list[torch.Tensor] = []
+    for i, chunk in enumerate(_values(step, sources)):
+        if len(bufs) < 3:
+            bufs.append(torch.empty(chunk.numel(), dtype=torch_dtype(target)))  # first chunks are the largest
+        out = bufs[i % 3][: chunk.numel()]
+        out.copy_(chunk)
         if not exact:
             diff, over = _cast_stats(chunk, out, target)
             rec.max_abs_diff = max(rec.max_abs_diff or 0.0, diff)
@@ -216,33 +235,72 @@ def _emit(step: Step, sources: Mapping[str, SourceTensor], fd: int, hasher: _Has
     return h
 
 
-def write_shard(path: Path, steps: list[Step], sources: Mapping[str, SourceTensor],
-                progress: Callable[[int], None]) -> list[TensorRecord]:
-    """Write one safetensors file for `steps` (header, then data in header order) and fsync it."""
-    header, offsets = build_header([s.target for s in steps], {"format": "pt"})
-    by_name = {s.target.name: s for s in steps}
-    records: list[TensorRecord] = []
-    hashes = []
-    hasher = _Hasher()
-    try:
+class StreamWriter:
+    """Writes shards one after another; SHA-256 and disk write-back run on worker threads across shards.
+
+    `write_shard` writes the header and data of one file; the file is fsynced and closed in the background
+    (after periodic `fdatasync`s that start write-back early, so the copy and the disk overlap). `finish` waits
+    for all of it and returns the records with their hashes. Use as a context manager.
+    """
+
+    def __init__(self, sources: Mapping[str, SourceTensor], progress: Callable[[int], None]) -> None:
+        self.sources, self.progress = sources, progress
+        self.hasher = _Hasher()
+        self.flusher = ThreadPoolExecutor(1, thread_name_prefix="pgconv-fsync")
+        self.flushes: list[Future] = []
+        self.hashes: list[tuple[TensorRecord, "hashlib._Hash"]] = []
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hasher.close()
+        self.flusher.shutdown(wait=True)  # never cancel: the queued jobs close the shard files
+
+    def write_shard(self, path: Path, steps: list[Step]) -> None:
+        header, offsets = build_header([s.target for s in steps], {"format": "pt"})
+        by_name = {s.target.name: s for s in steps}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        unsynced = 0
         try:
             _write_all(fd, memoryview(header))
             for name in sorted(offsets, key=offsets.get):
                 step = by_name[name]
                 assert os.lseek(fd, 0, os.SEEK_CUR) == offsets[name], f"writer out of step at {name}"
-                rec = TensorRecord(step.target, path.name, tuple(sources[s].meta for s in step.sources), step.transform)
-                hashes.append((rec, _emit(step, sources, fd, hasher, progress, rec)))
-                records.append(rec)
-            hasher.drain()
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+                rec = TensorRecord(step.target, path.name, tuple(self.sources[s].meta for s in step.sources),
+                                   step.transform)
+                self.hashes.append((rec, _emit(step, self.sources, fd, self.hasher, self.progress, rec)))
+                unsynced += step.target.nbytes
+                if unsynced >= _WRITEBACK_BYTES:
+                    self.flushes.append(self.flusher.submit(os.fdatasync, fd))
+                    unsynced = 0
+        except BaseException:
+            self.flushes.append(self.flusher.submit(os.close, fd))
+            raise
+        self.flushes.append(self.flusher.submit(_fsync_close, fd))
+
+    def finish(self) -> list[TensorRecord]:
+        self.hasher.drain()
+        for f in self.flushes:
+            f.result()
+        for rec, h in self.hashes:
+            rec.sha256 = h.hexdigest()
+        return [rec for rec, _ in self.hashes]
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
     finally:
-        hasher.close()
-    for rec, h in hashes:
-        rec.sha256 = h.hexdigest()
-    return records
+        os.close(fd)
+
+
+def write_shard(path: Path, steps: list[Step], sources: Mapping[str, SourceTensor],
+                progress: Callable[[int], None]) -> list[TensorRecord]:
+    """Write one safetensors file for `steps` (header, then data in header order), fsynced."""
+    with StreamWriter(sources, progress) as w:
+        w.write_shard(path, steps)
+        return w.finish()
 
 
 def tensors_equal(a: SourceTensor, b: SourceTensor) -> bool:
