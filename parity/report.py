@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
+
+from pgconv.errors import InputError
 
 __all__ = ["finalise", "terminal", "markdown", "junit", "write_reports", "fmt"]
 
@@ -167,9 +170,20 @@ def junit(report: dict[str, Any]) -> str:
 def write_reports(report: dict[str, Any], directory: Path) -> None:
     from pgconv.parity.report_html import html
 
-    directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(finalise(report), indent=1, allow_nan=False)
-    (directory / "report.json").write_text(text + "\n", encoding="utf-8")
-    (directory / "report.md").write_text(markdown(report), encoding="utf-8")
-    (directory / "report.html").write_text(html(report), encoding="utf-8")
-    (directory / "junit.xml").write_text(junit(report), encoding="utf-8")
+    texts = {"report.json": json.dumps(finalise(report), indent=1, allow_nan=False) + "\n",
+             "report.md": markdown(report), "report.html": html(report), "junit.xml": junit(report)}
+    # All four written under temporary names first, then renamed: a full disk leaves no half-written report.
+    tmp = {name: directory / f".{name}.pgconv-tmp" for name in texts}
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            tmp[name].write_text(text, encoding="utf-8")
+        for name in texts:
+            os.replace(tmp[name], directory / name)
+    except OSError as e:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise InputError(f"{directory}: cannot write the reports ({e.strerror or e})") from None

@@ -11,6 +11,7 @@ logits and generation checks of `parity.case`; finally the cases are folded into
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,17 @@ def _check_args(dtype: str, device: str, max_new_tokens: int, probes: str) -> No
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InputError(f"device {device!r} is not supported; use cpu or cuda")
+
+
+def _check_report_dir(directory: Path) -> None:
+    """--report DIR must be usable before the run starts: failing after the whole run would lose it (issue 8)."""
+    probe = directory.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{probe}: not a directory (--report {directory})")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{probe}: not writable (--report {directory})")
 
 
 def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[Path, str]]:
@@ -101,6 +113,8 @@ def verify(
     """
     t0 = time.perf_counter()
     _check_args(dtype, device, max_new_tokens, probes)
+    if report_dir is not None:
+        _check_report_dir(Path(report_dir))
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():

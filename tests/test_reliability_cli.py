@@ -370,3 +370,40 @@ def test_debug_flag_shows_the_traceback(tmp_path, capsys):
         main(["--debug", "inspect", str(tmp_path / "missing")])
     res = run_cli(["inspect", tmp_path / "missing"], capsys)
     assert_one_line_error(res, "missing", "no such file")
+
+
+# -- verify --report DIR --------------------------------------------------------------------------------------------
+
+def test_verify_report_dir_problems_fail_before_the_run(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """An unusable --report directory is a one-line error before any model is loaded, not a traceback at the end."""
+    from pgconv.parity import models
+
+    monkeypatch.setattr(models, "load_reference", lambda *a, **k: pytest.fail("loaded a model first"))
+    src = tiny_checkpoint(tmp_path_factory)
+    (tmp_path / "file").write_text("x")
+    res = run_cli(["verify", src, "--report", tmp_path / "file" / "reports"], capsys)
+    assert_one_line_error(res, "file", "not a directory")
+    monkeypatch.setattr(os, "access", lambda p, m, **k: Path(p) != tmp_path)
+    res = run_cli(["verify", src, "--report", tmp_path / "reports"], capsys)
+    assert_one_line_error(res, str(tmp_path), "not writable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_verify_reports_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    """ENOSPC while the reports are written: one line, exit 2, no half-written report files."""
+    from pgconv.parity import report as report_mod
+
+    real = Path.write_text
+    calls = [0]
+
+    def write_text(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    res = run_cli(["verify", "--max-new-tokens", "1", "--probes", "coarse", "--report", tmp_path / "reports"], capsys)
+    assert_one_line_error(res, "reports", "No space left on device")
+    assert not (tmp_path / "reports").exists() or list((tmp_path / "reports").iterdir()) == []
+    assert report_mod  # the writer under test
