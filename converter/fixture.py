@@ -298,9 +298,10 @@ def default_checkpoint() -> Path:
     out = cache_dir() / f"tiny-fixture-v{FIXTURE_FORMAT}-pgconv{__version__}"
     if (out / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         _write_files(tmp, plan_fixture("tiny"), seed=0)
         os.chmod(tmp, 0o755)
         try:
@@ -308,8 +309,12 @@ def default_checkpoint() -> Path:
         except OSError:
             if not (out / "config.json").is_file():  # not a lost race: something else is in the way
                 raise InputError(f"{out}: cannot create the default checkpoint (path exists and is not a fixture)")
+    except OSError as e:  # unwritable or full cache directory: one line, not a traceback (issue 8)
+        raise InputError(f"{out.parent}: cannot create the built-in tiny checkpoint ({e.strerror or e}); "
+                         "set PGCONV_CACHE to a writable directory") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -2,13 +2,16 @@
 
 Commands live in `pgconv/cmd_<name>.py` and are imported only when invoked, so `pgconv verify` does not pay
 for importing the converter or the benchmark code. Every `InputError` becomes one line on stderr and exit 2
-(no traceback unless `--debug`); parity failure is exit 1 (set by the verify command itself).
+(no traceback unless `--debug`); parity failure is exit 1 (set by the verify command itself). Ctrl-C exits 130
+and SIGTERM 143, both after the writers removed their temporary output.
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -50,13 +53,32 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every writer removes its temporary output."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="pgconv", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("pgconv: interrupted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as e:
+        terminated = isinstance(e.__cause__, Terminated)
+        click.echo("pgconv: terminated" if terminated else "pgconv: interrupted", err=True)
+        sys.exit(143 if terminated else 130)
     except click.ClickException as e:
         e.show()
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
@@ -67,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"pgconv: error: {_one_line(str(e))}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("pgconv: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        click.echo("pgconv: terminated" if terminated else "pgconv: interrupted", err=True)
+        sys.exit(143 if terminated else 130)
     sys.exit(0)
 
 

@@ -312,17 +312,20 @@ setattr(owner, name, slow)
 from pgconv.cli import main
 main(sys.argv[4:])
 """
-# (module, function slowed down per call, seconds): enough calls that SIGINT lands mid-write.
+# (module, function slowed down per call, seconds): enough calls that the signal lands mid-write.
 _SLOWED = {
     "convert big-vision": ("pgconv.converter.npz", "NpzWriter.add", 0.05),
     "fixture": ("pgconv.converter.fixture", "_chunks", 0.05),
+    "convert cast": ("pgconv.converter.sources", "SourceTensor.chunks", 0.05),
 }
 
 
-@pytest.mark.parametrize("writer", list(_SLOWED))
-def test_sigint_mid_write(tmp_path_factory, tmp_path, writer):
-    """A real SIGINT while the output is being written (subprocess): exit 130, 'pgconv: interrupted', no DST, no
-    temp directory. (Layout conversions: test_convert_errors.py::test_sigint_during_conversion.)"""
+@pytest.mark.parametrize("writer, sig", [("convert big-vision", signal.SIGINT), ("fixture", signal.SIGINT),
+                                         ("convert cast", signal.SIGTERM)], ids=["npz-SIGINT", "fixture-SIGINT",
+                                                                                "cast-SIGTERM"])
+def test_signal_mid_write(tmp_path_factory, tmp_path, writer, sig):
+    """A real SIGINT (Ctrl-C) or SIGTERM (kill, CI timeout) while the output is being written (subprocess): exit
+    130/143 with one line, no DST, no temporary directory. (Layout SIGINT: test_convert_errors.py.)"""
     src = tiny_checkpoint(tmp_path_factory)
     out = tmp_path / "outputs"
     out.mkdir()
@@ -335,9 +338,10 @@ def test_sigint_mid_write(tmp_path_factory, tmp_path, writer):
         time.sleep(0.02)
     assert proc.poll() is None, "finished before it could be interrupted"
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip() == "pgconv: interrupted", err
+    want = (130, "pgconv: interrupted") if sig == signal.SIGINT else (143, "pgconv: terminated")
+    assert (proc.returncode, err.strip()) == want, err
     assert _outputs(out) == []
 
 
@@ -407,3 +411,12 @@ def test_verify_reports_on_a_full_disk(tmp_path, capsys, monkeypatch):
     assert_one_line_error(res, "reports", "No space left on device")
     assert not (tmp_path / "reports").exists() or list((tmp_path / "reports").iterdir()) == []
     assert report_mod  # the writer under test
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_unusable_cache_for_the_builtin_checkpoint(tmp_path, capsys, monkeypatch, command):
+    """Without a CHECKPOINT the tiny fixture is created in the cache; an unusable cache is one line naming it."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("PGCONV_CACHE", str(tmp_path / "file" / "cache"))
+    res = run_cli([command, "--max-new-tokens", "1"], capsys)
+    assert_one_line_error(res, "file", "PGCONV_CACHE")
