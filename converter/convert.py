@@ -154,6 +154,9 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
     name or config.json) is for sources without a config.json; `allow_vocab_cut` lets a vocabulary cut drop rows
     that are not zero padding.
     """
+    if config is not None and from_ is None and Path(str(src)).suffix != ".npz":  # never silently ignored
+        raise InputError(f"--config {config}: only for sources read through a spec (--from, .npz); {src} is read "
+                         "with its own config.json")
     if to not in LAYOUTS:  # a spec: custom writer (npz members / stacked tensors streamed layer by layer)
         from pgconv.converter.spec_write import convert_to_spec
 

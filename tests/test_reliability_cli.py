@@ -420,3 +420,18 @@ def test_unusable_cache_for_the_builtin_checkpoint(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("PGCONV_CACHE", str(tmp_path / "file" / "cache"))
     res = run_cli([command, "--max-new-tokens", "1"], capsys)
     assert_one_line_error(res, "file", "PGCONV_CACHE")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["fixture", "{out}", "--preset", "paligemma-3b"], ["unknown preset", "paligemma-3b-pt-224"]),
+    (["convert", "{src}", "{out}", "--to", "native", "--config", "nope"], ["--config nope"]),
+    (["convert", "{src}", "{out}", "--to", "nope"], ["nope"]),
+    (["convert", "{src}", "{out}", "--to", "native", "--from", "nope"], ["nope"]),
+])
+def test_unknown_presets_and_formats(tmp_path_factory, tmp_path, capsys, argv, needles):
+    """Unknown preset, layout or spec names are one-line errors; a --config that would be ignored is refused."""
+    src = tiny_checkpoint(tmp_path_factory)
+    argv = [a.format(src=src, out=tmp_path / "out") for a in argv]
+    res = run_cli(argv, capsys)
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "out").exists() and litter(tmp_path) == []
