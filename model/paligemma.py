@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgconv.errors import InputError
-from pgconv.model import ops
+from pgconv.model import cpu_kernels, ops
 from pgconv.model.config import PaliGemmaConfig
 from pgconv.model.gemma import AttnContext, GemmaDecoder
 from pgconv.model.kv_cache import KVCache
@@ -142,10 +142,12 @@ class PaliGemma(nn.Module):
         ctx = self.attn_context(
             input_ids, token_type_ids, attention_mask, input_pos=input_pos, position_ids=position_ids, dtype=x.dtype
         )
-        hidden = self.text(x, ctx)
+        with cpu_kernels.single_row_gemv(x):  # decode steps: weight-streaming GEMV kernels (cpu_kernels.py)
+            hidden = self.text(x, ctx)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.logits(hidden)
+        with cpu_kernels.single_row_gemv(hidden):
+            return self.logits(hidden)
 
     # -- cache ------------------------------------------------------------------------------------------------------
 
