@@ -36,7 +36,7 @@ __all__ = ["TensorRecord", "StreamWriter", "parse_size", "shard_targets", "shard
 
 _UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}  # decimal, like huggingface_hub
 _COPY_BYTES = 64 << 20
-_HASH_WINDOW = 64 << 20  # bytes mapped at a time when hashing a raw copy's source
+_HASH_WINDOW = 16 << 20  # bytes mapped at a time per hash worker (mapped pages count as RSS)
 # Hashing is the CPU cost of a same-dtype conversion (~1.7 GB/s per core with SHA-NI): spread whole tensors over cores.
 _HASH_WORKERS = max(1, min(4, os.cpu_count() or 1))
 _WRITEBACK_BYTES = 256 << 20  # start write-back of this much new data in the background (fsync at the end is short)
