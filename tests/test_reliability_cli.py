@@ -320,6 +320,16 @@ _SLOWED = {
 }
 
 
+def _bytes_under(directory: Path) -> int:
+    total = 0
+    for p in directory.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except FileNotFoundError:  # renamed or removed while we looked
+            pass
+    return total
+
+
 @pytest.mark.parametrize("writer, sig", [("convert big-vision", signal.SIGINT), ("fixture", signal.SIGINT),
                                          ("convert cast", signal.SIGTERM)], ids=["npz-SIGINT", "fixture-SIGINT",
                                                                                 "cast-SIGTERM"])
@@ -333,11 +343,13 @@ def test_signal_mid_write(tmp_path_factory, tmp_path, writer, sig):
     argv = [str(a) for a in _writers(src, out)[writer]]
     proc = subprocess.Popen([sys.executable, "-c", _SLOW, module, attr, str(delay), *argv], stderr=subprocess.PIPE,
                             text=True)
+    # Wait for tensor bytes on disk, not just the temporary name: a signal that lands while torch/numpy are still
+    # being imported (lazily, by the writer) can be swallowed by a bare `except:` in their import code.
     deadline = time.time() + 60
-    while not any(p.name.startswith(".") for p in out.iterdir()) and proc.poll() is None and time.time() < deadline:
+    while _bytes_under(out) < 8192 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "finished before it could be interrupted"
-    time.sleep(0.3)
+    time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     want = (130, "pgconv: interrupted") if sig == signal.SIGINT else (143, "pgconv: terminated")
