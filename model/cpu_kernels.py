@@ -5,7 +5,9 @@ weights from memory. For bf16, torch routes `F.linear` to oneDNN's brgemm, which
 ~11 GB/s per core (AMD EPYC Zen 4, torch 2.13); with oneDNN off, ATen's own vectorised dot-product GEMV streams
 ~22 GB/s and more. Both multiply bf16 exactly into fp32, accumulate in fp32 and round once (<= 0.54 ulp against
 a float64 product, oneDNN 0.50), so parity is unaffected. For more than one row oneDNN's bf16 GEMM is ~9x faster
-than ATen's, so prefill keeps it. Measurements: benchmarks/RESULTS.md.
+than ATen's, so prefill keeps it; so do the attention matmuls (ATen's bf16 `probs @ v` is 12x slower than
+oneDNN's), which is why the switch wraps each weight product (`Linear`) and not a whole decode step.
+Measurements: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["single_row_gemv"]
+__all__ = ["single_row_gemv", "Linear"]
 
 
 @contextmanager
@@ -35,3 +37,11 @@ def single_row_gemv(x: Tensor) -> Iterator[None]:
         yield
     finally:
         torch._C._set_mkldnn_enabled(True)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) whose one-row bf16 products run on ATen's GEMV."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with single_row_gemv(x):
+            return super().forward(x)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from pgconv.model import ops
 from pgconv.model.config import TextConfig
+from pgconv.model.cpu_kernels import Linear  # nn.Linear with a fast one-row (decode) bf16 kernel
 from pgconv.model.kv_cache import KVCache
 
 __all__ = ["AttnContext", "RMSNorm", "Attention", "MLP", "DecoderBlock", "GemmaDecoder"]
@@ -61,10 +62,10 @@ class Attention(nn.Module):
         self.cap = cfg.attn_logit_softcap
         self.sliding = cfg.is_sliding(layer)
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q = nn.Linear(cfg.hidden_size, q_dim, bias=False)
-        self.k = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
-        self.v = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
-        self.o = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q = Linear(cfg.hidden_size, q_dim, bias=False)
+        self.k = Linear(cfg.hidden_size, kv_dim, bias=False)
+        self.v = Linear(cfg.hidden_size, kv_dim, bias=False)
+        self.o = Linear(q_dim, cfg.hidden_size, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
@@ -87,9 +88,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(ops.gelu_tanh(self.gate(x)) * self.up(x))
