@@ -156,8 +156,8 @@ def _child_generate(args) -> dict:
         def run(n: int) -> tuple[float, list[float], list[int]]:
             s = Stamps()
             t0 = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=s,
-                           pad_token_id=0)
+            # No min_new_tokens: its logits processor would add a vocabulary-wide isin to every step.
+            model.generate(**inputs, max_new_tokens=n, do_sample=False, streamer=s, pad_token_id=0)
             return t0, s.stamps, s.tokens
     load_s = time.perf_counter() - start
     rss_loaded = current_rss_bytes()
