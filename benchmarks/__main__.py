@@ -1,7 +1,8 @@
 """`python -m benchmarks [--quick] [--only a,b] [--list] [--update-results]`: run every benchmark in this folder.
 
-Each module `benchmarks/<name>.py` (besides this one, `__init__` and `common`) is a benchmark, run one after the
-other in its own process as `python -m benchmarks.<name>`, inference first. `--quick` runs each one's quick mode:
+Each module `benchmarks/<name>.py` (besides this one, `__init__`, `common` and the `profile_inference` tool) is a
+benchmark, run one after the other in its own process as `python -m benchmarks.<name>`, inference first. `--quick`
+runs each one's quick mode:
 the arguments in its module-level `QUICK_ARGS` list, else `--quick` when its CLI has that flag, else
 `--preset tiny` when it has a `--preset` option; a benchmark without a quick mode is skipped. Exit status 1 when
 any benchmark failed.
@@ -19,7 +20,7 @@ from pathlib import Path
 __all__ = ["discover", "quick_args", "main"]
 
 HERE = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"__init__", "__main__", "common"}
+NOT_BENCHMARKS = {"__init__", "__main__", "common", "profile_inference"}  # helpers and tools
 FIRST = ("inference",)
 
 
