@@ -2,10 +2,9 @@
 
 Each module `benchmarks/<name>.py` (besides this one, `__init__`, `common` and the `profile_inference` tool) is a
 benchmark, run one after the other in its own process as `python -m benchmarks.<name>`, inference first. `--quick`
-runs each one's quick mode:
-the arguments in its module-level `QUICK_ARGS` list, else `--quick` when its CLI has that flag, else
-`--preset tiny` when it has a `--preset` option; a benchmark without a quick mode is skipped. Exit status 1 when
-any benchmark failed.
+runs each one's quick mode: the arguments in its module-level `QUICK_ARGS` list, else `--quick` when its CLI has
+that flag, else `--preset tiny` when it has a `--preset` option; a benchmark without a quick mode is skipped.
+Exit status 1 when any benchmark failed.
 """
 
 from __future__ import annotations
