@@ -121,8 +121,10 @@ class Recorder:
 
 
 def _detach(value: Any) -> Any:
+    """Detached output; of a tuple only the tensors shaped like its first one are kept: RoPE's (cos, sin) stay, HF
+    attention's (out, weights) keeps `out` (eager attention weights are (B, H, T, T) per layer: never compared)."""
     if isinstance(value, Tensor):
         return value.detach()
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_detach(v) for v in value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields") and value and isinstance(value[0], Tensor):
+        return tuple(v.detach() for v in value if isinstance(v, Tensor) and v.shape == value[0].shape)
     return value

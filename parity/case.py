@@ -18,15 +18,8 @@ from torch import Tensor, nn
 
 from pgconv.parity.capture import Recorder
 from pgconv.parity.compare import OURS_WORSE, chained, evaluate_probe, failed_row, value
-from pgconv.parity.generation import (
-    compare_steps,
-    decisive_top1,
-    first_divergence,
-    ours_greedy,
-    reference_greedy,
-    step_metrics,
-)
-from pgconv.parity.metrics import logit_metrics, segment_masks, segment_metrics
+from pgconv.parity.generation import compare_steps, first_divergence, ours_greedy, reference_greedy, step_metrics
+from pgconv.parity.metrics import decisive, logit_metrics, segment_masks, segment_metrics, summarise
 from pgconv.parity.probes import Probe
 from pgconv.parity.replay import OWN_PATHS, own_value
 from pgconv.parity.tolerances import Tolerances
@@ -54,16 +47,18 @@ def _extend(inputs: dict[str, Tensor], tokens: list[int]) -> dict[str, Tensor]:
 
 
 def _logits_section(ours: Tensor, ref: Tensor, masks: dict[str, Tensor], budget: dict[str, float]) -> dict[str, Any]:
-    m = logit_metrics(ours, ref)
-    d = decisive_top1(ours, ref, budget["near_tie_nats"])
+    m = logit_metrics(ours, ref)  # per position, once; segments are summaries of the same lists
+    d = decisive(m, budget["near_tie_nats"])
     seg = {}
     for name, mask in masks.items():
         if bool(mask.any()):
-            s = logit_metrics(ours[mask], ref[mask])
+            s = summarise(m, mask.reshape(-1).tolist())
             seg[name] = {k: s[k] for k in ("kl_mean", "kl_max", "top1_agreement", "top5_overlap")}
     passed = (m["kl_mean"] <= budget["kl_mean"] and m["kl_max"] <= budget["kl_max"]
               and d["decisive_top1_agreement"] >= budget["decisive_top1_min"])
-    return {**m, **d, "segments": seg, "passed": passed, "budget": budget}
+    per_position = {k: m[k] for k in ("kl", "top1", "top5", "margin")}
+    summary = {k: v for k, v in m.items() if k not in ("kl", "top1", "top5", "margin", "dp")}
+    return {**summary, **d, **per_position, "segments": seg, "passed": passed, "budget": budget}
 
 
 def _cache_check(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int], ours_tokens: list[int],
@@ -80,7 +75,7 @@ def _cache_check(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[in
         valid, extra = len(ours_tokens), True
     a, b = steps[:valid], uncached[t - 1:t - 1 + valid].float()
     m = logit_metrics(a, b)
-    d2 = decisive_top1(a, b, budget["near_tie_nats"])
+    d2 = decisive(m, budget["near_tie_nats"])
     diff = segment_metrics(a, b, None)["all"]
     passed = m["kl_max"] <= budget["cache_kl_max"] and d2["decisive_top1_agreement"] >= 1.0
     return {"steps": valid, "extra_forward": extra, "kl_max": m["kl_max"], "kl_mean": m["kl_mean"],
@@ -124,7 +119,7 @@ def _generation(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int
     generation = compare_steps(ref_tokens, ref_steps, ours_tokens, ours_steps, budget["near_tie_nats"], decode)
     # Logits at positions t-1 .. t+n-2 of the forward over prompt + reference tokens predict each reference token.
     a, b = ours_logits[0, t - 1:t - 1 + n], ref_logits[0, t - 1:t - 1 + n]
-    tf = {**step_metrics(a, b), **decisive_top1(a, b, budget["near_tie_nats"])}
+    tf = step_metrics(a, b, budget["near_tie_nats"])
     tf["passed"] = tf["kl_max"] <= budget["teacher_forced_kl_max"] and tf["decisive_top1_agreement"] >= 1.0
     generation["teacher_forced"] = tf
     generation["cache"] = _cache_check(ours, inputs, ref_tokens, ours_tokens, ours_steps, ours_logits[0], budget)

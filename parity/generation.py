@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pgconv.parity.metrics import logit_metrics, top2_margin
+from pgconv.parity.metrics import decisive, logit_metrics, top2_margin
 
 __all__ = ["reference_greedy", "ours_greedy", "first_divergence", "decisive_top1", "compare_steps", "step_metrics"]
 
@@ -61,20 +61,9 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def decisive_top1(ours: Tensor, ref: Tensor, near_tie: float, chunk: int = 32) -> dict[str, Any]:
+def decisive_top1(ours: Tensor, ref: Tensor, near_tie: float) -> dict[str, Any]:
     """Top-1 agreement where the reference's top-1/top-2 margin exceeds `near_tie` nats (others are coin tosses)."""
-    o2, r2 = ours.reshape(-1, ours.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    decisive, agree = [], []
-    for start in range(0, r2.shape[0], chunk):
-        lr = torch.log_softmax(r2[start:start + chunk].double(), -1)
-        top2 = lr.topk(min(2, lr.shape[-1]), -1).values
-        decisive.append(top2[:, 0] - top2[:, -1] > near_tie)
-        agree.append(o2[start:start + chunk].argmax(-1) == lr.argmax(-1))
-    d = torch.cat(decisive) if decisive else torch.zeros(0, dtype=torch.bool)
-    a = torch.cat(agree) if agree else torch.zeros(0, dtype=torch.bool)
-    n = int(d.sum())
-    return {"decisive_positions": n, "near_ties": int((~d).sum()),
-            "decisive_top1_agreement": float(a[d].double().mean()) if n else 1.0}
+    return decisive(logit_metrics(ours, ref), near_tie)
 
 
 def _margins(logits: Tensor, a: int, b: int) -> dict[str, Any]:
@@ -119,6 +108,8 @@ def _at(tokens: list[int], j: int) -> int | None:
     return tokens[j] if j < len(tokens) else None
 
 
-def step_metrics(ours: Tensor, ref: Tensor) -> dict[str, Any]:
+def step_metrics(ours: Tensor, ref: Tensor, near_tie: float) -> dict[str, Any]:
+    """Per-step KL / top-1 / top-5 with the decisive top-1 agreement, for step logits (n, V)."""
     m = logit_metrics(ours, ref)
-    return {k: m[k] for k in ("kl_mean", "kl_max", "top1_agreement", "top5_overlap", "kl", "top1")}
+    keep = ("kl_mean", "kl_max", "top1_agreement", "top5_overlap", "kl", "top1")
+    return {**{k: m[k] for k in keep}, **decisive(m, near_tie)}

@@ -123,6 +123,22 @@ def test_tensor_metrics_known_values():
         tensor_metrics(ref, ref[:2])
 
 
+def test_streaming_metrics_do_not_depend_on_the_chunk_size(monkeypatch):
+    import pgconv.parity.metrics as metrics
+
+    torch.manual_seed(2)
+    ref = torch.randn(1, 9, 50)
+    ours = ref + 1e-3 * torch.randn(1, 9, 50)
+    masks = segment_masks(torch.tensor([[7] * 4 + [1] * 5]), torch.tensor([[0] * 7 + [1] * 2]), image_token_id=7)
+    whole = segment_metrics(ours, ref, masks)
+    monkeypatch.setattr(metrics, "_CHUNK", 7)
+    chunked = segment_metrics(ours, ref, masks)
+    assert whole.keys() == chunked.keys() == {"all", "image", "prompt", "suffix"}
+    for seg in whole:
+        for key in whole[seg]:
+            assert chunked[seg][key] == pytest.approx(whole[seg][key], rel=1e-9, abs=1e-15), (seg, key)
+
+
 def test_segments_split_image_prompt_suffix():
     ids = torch.tensor([[9, 9, 2, 5, 7, 8]])
     tti = torch.tensor([[0, 0, 0, 0, 1, 1]])
