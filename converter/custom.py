@@ -99,6 +99,7 @@ class _Npz:
         m = self.reader.members[name]
         if m.compressed or m.fortran_order:
             return None
+        self.reader.verify(name)  # these bytes are copied raw: check the member's CRC-32 first
         if k is None:
             return m.data_offset, m.data_offset + m.nbytes
         step = m.nbytes // m.shape[0]

@@ -25,6 +25,7 @@ import mmap
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,9 @@ class NpzReader:
             raise InputError(f"{self.path}: {why}; an .npz is a zip of .npy members") from None
         self.comment = self._zip.comment
         self.members: dict[str, NpzMember] = {}
+        # Stored members: (offset of the .npy bytes, their length, zip CRC-32), checked once before first use.
+        self._stored: dict[str, tuple[int, int, int]] = {}
+        self._verified: set[str] = set()
         for info in self._zip.infolist():
             if info.is_dir():
                 continue
@@ -99,11 +103,17 @@ class NpzReader:
         name = info.filename[: -len(".npy")]
         where = f"{self.path}: member {name!r}"
         if info.compress_type == zipfile.ZIP_STORED:
+            if not 0 <= info.header_offset < self._size:  # zipfile derives it from a damaged central directory
+                raise InputError(f"{where}: corrupt zip entry (offset {info.header_offset} is outside the file)")
             raw = os.pread(self._file.fileno(), _LOCAL_HEADER.size, info.header_offset)
             if len(raw) < _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
                 raise InputError(f"{where}: truncated or corrupt zip entry")
             *_, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
+            local_name = os.pread(self._file.fileno(), name_len, info.header_offset + _LOCAL_HEADER.size)
+            if local_name not in (info.orig_filename.encode("utf-8"), info.orig_filename.encode("cp437", "replace")):
+                raise InputError(f"{where}: corrupt zip entry (its local header names {local_name[:80]!r})")
             start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+            self._stored[name] = (start, info.file_size, info.CRC)
             self._file.seek(start)
             shape, fortran, dtype = _read_npy_header(self._file, where)
             header_len = self._file.tell() - start
@@ -112,14 +122,34 @@ class NpzReader:
                 raise InputError(f"{where}: truncated ({member.nbytes} data bytes expected at offset "
                                  f"{start + header_len}, the file has {self._size} bytes)")
         else:
-            with self._zip.open(info) as fp:
-                shape, fortran, dtype = _read_npy_header(fp, where)
-                header_len = fp.tell()
+            try:
+                with self._zip.open(info) as fp:
+                    shape, fortran, dtype = _read_npy_header(fp, where)
+                    header_len = fp.tell()
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+                raise InputError(f"{where}: corrupt zip entry ({e})") from None
             member = NpzMember(name, dtype, shape, fortran, True, None)
         if info.file_size != header_len + member.nbytes:
             raise InputError(f"{where}: the zip entry holds {info.file_size - header_len} data bytes but the .npy "
                              f"header says {member.shape} {member.raw_dtype.str} ({member.nbytes} bytes)")
         return member
+
+    def verify(self, name: str) -> None:
+        """Check a stored member's zip CRC-32 (once): pgconv maps or copies its bytes directly, so without this a
+        corrupted member would be converted silently where numpy (and big_vision) refuse it. Compressed members are
+        checked by zipfile as they are inflated."""
+        if name in self._verified or name not in self._stored:
+            return
+        start, size, want = self._stored[name]
+        crc, pos = 0, start
+        while pos < start + size:
+            chunk = os.pread(self._file.fileno(), min(16 << 20, start + size - pos), pos)
+            if not chunk:
+                raise InputError(f"{self.path}: member {name!r} is truncated")
+            crc, pos = zlib.crc32(chunk, crc), pos + len(chunk)
+        if crc != want:
+            raise InputError(f"{self.path}: member {name!r} is corrupt (CRC-32 {crc:08x}, the zip says {want:08x})")
+        self._verified.add(name)
 
     def member(self, name: str) -> NpzMember:
         """The member `name`, checked to be a float tensor (float32, float16, or bfloat16 stored as void V2)."""
@@ -149,11 +179,15 @@ class NpzReader:
         if m.compressed:
             if self._cache is None or self._cache[0] != name:
                 self._cache = None  # free the previous one before inflating the next
-                with self._zip.open(name + ".npy") as fp:
-                    arr = np.lib.format.read_array(fp, allow_pickle=False)
+                try:
+                    with self._zip.open(name + ".npy") as fp:
+                        arr = np.lib.format.read_array(fp, allow_pickle=False)
+                except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:  # bad CRC, broken deflate stream
+                    raise InputError(f"{self.path}: member {name!r} is corrupt ({e})") from None
                 self._cache = (name, arr.view(m.dtype))
             arr = self._cache[1]
             return arr if index is None else arr[index]
+        self.verify(name)
         if m.fortran_order:
             # np.save of a transposed array: the bytes are the C-order array of the reversed shape. Map it whole
             # (an axis-0 slice is strided) and transpose the view back.
@@ -197,8 +231,8 @@ def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(fp)
         raise ValueError(f"unsupported .npy format version {version}")
-    except ValueError as e:
-        raise InputError(f"{where}: bad .npy header ({e})") from None
+    except Exception as e:  # untrusted header text: numpy raises ValueError, SyntaxError, tokenize.TokenError, ...
+        raise InputError(f"{where}: bad .npy header ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

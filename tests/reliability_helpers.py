@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Result", "run_cli", "tiny_checkpoint", "sharded_checkpoint", "fresh_copy", "read_header", "write_raw",
+__all__ = ["Result", "run_cli", "tiny_checkpoint", "sharded_checkpoint", "npz_checkpoint", "fresh_copy", "read_header", "write_raw",
            "edit_header", "tree_digest", "litter", "assert_one_line_error"]
 
 
@@ -75,6 +75,18 @@ def sharded_checkpoint(factory: pytest.TempPathFactory) -> Path:
 
         out = factory.getbasetemp() / "reliability-tiny-sharded"
         convert(tiny_checkpoint(factory), out, to="hf-legacy", shard_size="300KB", quiet=True)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def npz_checkpoint(factory: pytest.TempPathFactory) -> Path:
+    """The tiny fixture exported to a big_vision `.npz` (vocabulary cut allowed: the fixture's pad rows are random)."""
+    key = (str(factory.getbasetemp()), "npz")
+    if key not in _CACHE:
+        from pgconv.converter.convert import convert
+
+        out = factory.getbasetemp() / "reliability-tiny.npz"
+        convert(tiny_checkpoint(factory), out, to="big-vision", allow_vocab_cut=True, quiet=True)
         _CACHE[key] = out
     return _CACHE[key]
 

@@ -11,11 +11,13 @@ under a deadline. Allowed outcomes only:
 * exit 2 with one `pgconv: error:` line, no output directory, no temporary litter, the source untouched.
 
 Never a traceback, a hang, or a silently wrong result. The reader-only fuzz is test_safetensors_io.py.
+`PGCONV_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py` hunts longer with random (not derandomized) examples.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import struct
@@ -30,15 +32,21 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from reliability_helpers import litter, run_cli, sharded_checkpoint, tiny_checkpoint, tree_digest
+from reliability_helpers import litter, npz_checkpoint, run_cli, sharded_checkpoint, tiny_checkpoint, tree_digest
 from pgconv.converter.layouts import LAYOUTS, key_map
 from pgconv.model.config import from_hf_config
 
 INDEX = "model.safetensors.index.json"
 JSON_BYTES = b'0123456789"{}[],:.-eE tfn'  # replacement bytes that often keep JSON valid but change its meaning
 DEADLINE_S = 60
-FUZZ = settings(deadline=None, max_examples=60, derandomize=True, print_blob=True,
+# CI runs a fixed, fast sample; PGCONV_FUZZ_EXAMPLES=N runs N random examples per test (a longer local hunt).
+_HUNT = int(os.environ.get("PGCONV_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(deadline=None, max_examples=_HUNT or 60, derandomize=not _HUNT, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def examples(n: int) -> settings:
+    return settings(FUZZ, max_examples=_HUNT or n)
 
 
 @contextmanager
@@ -215,7 +223,7 @@ def test_fuzzed_checkpoints_inspect_truthfully_or_fail_cleanly(tmp_path_factory,
 
 # -- verify (slow per example: fewer of them) -----------------------------------------------------------------------
 
-@settings(FUZZ, max_examples=4)
+@examples(4)
 @given(data=st.data())
 def test_fuzzed_checkpoints_verify_or_fail_cleanly(tmp_path_factory, tmp_path, capsys, data):
     base = _checkpoint(tmp_path_factory, True)
@@ -235,6 +243,48 @@ def test_fuzzed_checkpoints_verify_or_fail_cleanly(tmp_path_factory, tmp_path, c
     assert verdict.startswith("PASS" if res.code == 0 else "FAIL"), (description, verdict)
     _reference_tensors(src)  # verify accepted it: so must the safetensors library
     assert tree_digest(src) == before
+
+
+# -- big_vision .npz -------------------------------------------------------------------------------------------------
+
+@examples(25)
+@given(data=st.data())
+def test_fuzzed_npz_converts_faithfully_or_fails_cleanly(tmp_path_factory, tmp_path, capsys, data):
+    """Mutated bytes of a big_vision .npz (zip structure, .npy headers, array data): `convert --to hf-legacy`
+    fails with one line, or succeeds and converting back gives exactly what numpy reads from the mutated file."""
+    base = npz_checkpoint(tmp_path_factory)
+    raw = bytearray(base.read_bytes())
+    kind = data.draw(st.sampled_from(["overwrite"] * 4 + ["truncate", "delete"]))
+    if kind == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 3))):
+            pos = data.draw(st.integers(0, len(raw) - 1))
+            if kind == "overwrite":
+                raw[pos] = data.draw(st.integers(0, 255))
+            else:
+                del raw[pos]
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    src = work / "src.npz"
+    src.write_bytes(bytes(raw))
+    with no_hang():
+        res = run_cli(["convert", src, work / "hf", "--to", "hf-legacy", "--config", "tiny", "--quiet"], capsys)
+    event(f"exit {res.code}")
+    if res.code != 0:
+        assert res.code == 2 and res.err.count("\n") == 1 and res.err.startswith("pgconv: error: "), res.err[-3000:]
+        assert not (work / "hf").exists() and litter(work) == [] and src.read_bytes() == bytes(raw)
+        return
+    with no_hang():
+        back = run_cli(["convert", work / "hf", work / "back.npz", "--to", "big-vision", "--quiet"], capsys)
+    assert back.code == 0, back.err
+    import numpy as np
+
+    with np.load(src) as want, np.load(work / "back.npz") as got:  # numpy as the independent reader
+        assert sorted(got.files) == sorted(want.files)
+        for k in want.files:
+            a, b = want[k], got[k]
+            assert a.shape == b.shape and a.dtype.itemsize == b.dtype.itemsize, k
+            assert np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)), k
 
 
 # -- the oracle is not vacuous ----------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reliability_helpers import assert_one_line_error, fresh_copy, litter, run_cli, tiny_checkpoint, tree_digest
+from reliability_helpers import (assert_one_line_error, fresh_copy, litter, npz_checkpoint, run_cli, tiny_checkpoint,
+                                 tree_digest)
 
 EMBED = "language_model.model.embed_tokens.weight"
 DOWN = "language_model.model.layers.1.mlp.down_proj.weight"
@@ -53,14 +54,9 @@ def test_nan_inf_weights_are_converted_faithfully_and_reported(tmp_path_factory,
 
 # -- big_vision .npz -----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def npz_source(tmp_path_factory) -> Path:
-    """The tiny checkpoint exported to big_vision (vocabulary cut allowed: the fixture's pad rows are random)."""
-    out = tmp_path_factory.mktemp("bv") / "tiny.npz"
-    from pgconv.converter.convert import convert
-
-    convert(tiny_checkpoint(tmp_path_factory), out, to="big-vision", allow_vocab_cut=True, quiet=True)
-    return out
+    return npz_checkpoint(tmp_path_factory)
 
 
 def _rewrite(src: Path, dst: Path, edit) -> None:
@@ -88,7 +84,34 @@ def _npz_cases() -> dict:
             lambda p, q: _rewrite(p, q, lambda a: a.update({NORM: np.zeros(72, dtype="V4")})),
             ["llm/final_norm/scale", "V4"]),
         "member missing": (lambda p, q: _rewrite(p, q, lambda a: a.pop(NORM)), ["llm/final_norm/scale"]),
+        "data byte flipped (zip CRC)": (_flip_data_byte, ["img/head/bias", "corrupt", "CRC-32"]),
+        "local header name differs": (_rename_local_header, ["corrupt zip entry"]),
+        "compressed member corrupt": (_corrupt_compressed, ["corrupt"]),
     }
+
+
+def _flip_data_byte(p: Path, q: Path) -> None:
+    from pgconv.converter.npz import NpzReader
+
+    with NpzReader(p) as r:
+        offset = r.members[HEAD_BIAS].data_offset
+    raw = bytearray(p.read_bytes())
+    raw[offset + 3] ^= 0x40  # still a valid float: only the zip CRC can tell
+    q.write_bytes(bytes(raw))
+
+
+def _rename_local_header(p: Path, q: Path) -> None:
+    raw = bytearray(p.read_bytes())
+    raw[30] ^= 0x01  # first byte of the first member's name in its local header (the central directory keeps it)
+    q.write_bytes(bytes(raw))
+
+
+def _corrupt_compressed(p: Path, q: Path) -> None:
+    with np.load(p) as z:
+        np.savez_compressed(q, **{k: z[k] for k in z.files})
+    raw = bytearray(q.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    q.write_bytes(bytes(raw))
 
 
 @pytest.mark.parametrize("case", list(_npz_cases()))
