@@ -1,13 +1,14 @@
-"""Kernel choice for one-token (decode) steps on CPU: the only performance switch in the model.
+"""Which CPU kernel runs a weight product: the model's only performance switch (same math, fp32 accumulation).
 
-A decode step multiplies one row (1, d) by every weight matrix, so it is bound by how fast a kernel streams the
-weights from memory. For bf16, torch routes `F.linear` to oneDNN's brgemm, which streams a one-row product at
-~11 GB/s per core (AMD EPYC Zen 4, torch 2.13); with oneDNN off, ATen's own vectorised dot-product GEMV streams
-~22 GB/s and more. Both multiply bf16 exactly into fp32, accumulate in fp32 and round once (<= 0.54 ulp against
-a float64 product, oneDNN 0.50), so parity is unaffected. For more than one row oneDNN's bf16 GEMM is ~9x faster
-than ATen's, so prefill keeps it; so do the attention matmuls (ATen's bf16 `probs @ v` is 12x slower than
-oneDNN's), which is why the switch wraps each weight product (`Linear`) and not a whole decode step.
-Measurements: benchmarks/RESULTS.md.
+torch picks a kernel by dtype, and on this CPU (AMD EPYC Zen 4, AVX-512 + bf16, torch 2.13) two of its picks
+leave much speed unused (measurements: benchmarks/RESULTS.md):
+- One bf16 row (a decode step): `F.linear` goes to oneDNN's brgemm, which streams weights at ~11 GB/s per core;
+  with oneDNN off, ATen's vectorised dot-product GEMV streams ~22 GB/s. For more rows oneDNN's bf16 GEMM is ~9x
+  faster than ATen's, so prefill keeps it; so do the attention matmuls (ATen's bf16 `probs @ v` is 12x slower).
+- Several fp32 rows (prefill): `F.linear` goes to MKL's SGEMM (85-95 GFLOPS per core); oneDNN's AVX-512 GEMM
+  (`mkldnn::_linear_pointwise`, what inductor uses on CPU) gives 100-106.
+Every path multiplies exactly (bf16 x bf16 is exact in fp32), accumulates in fp32 and rounds once, so results
+differ from `F.linear` only in summation order (fp32 noise; <= 0.54 bf16 ulp against float64 for one bf16 row).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["single_row_gemv", "Linear"]
+__all__ = ["single_row_gemv", "linear", "Linear"]
+
+# Private op, present in CPU builds with oneDNN; without it fp32 products stay on F.linear.
+_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
 @contextmanager
@@ -39,9 +44,20 @@ def single_row_gemv(x: Tensor) -> Iterator[None]:
         torch._C._set_mkldnn_enabled(True)
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)` on the fastest CPU kernel for its shape and dtype (see the module docstring)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    fp32_gemm = x.dtype == torch.float32 and rows > 1 and x.device.type == "cpu" and _ONEDNN_LINEAR is not None
+    # The oneDNN op has no autograd formula: only when no gradient can flow through it.
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if fp32_gemm and weight.dtype == torch.float32 and not needs_grad:
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    with single_row_gemv(x):
+        return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and state dict) whose one-row bf16 products run on ATen's GEMV."""
+    """`nn.Linear` (same parameters and state dict) whose product runs on `linear`'s kernel choice."""
 
     def forward(self, x: Tensor) -> Tensor:
-        with single_row_gemv(x):
-            return super().forward(x)
+        return linear(x, self.weight, self.bias)

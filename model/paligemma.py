@@ -19,7 +19,6 @@ Shapes: B batch, T tokens, N image tokens, S cache length.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgconv.errors import InputError
@@ -37,7 +36,7 @@ class PaliGemma(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = SiglipVision(cfg.vision)
-        self.projector = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.projector = cpu_kernels.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.text = GemmaDecoder(cfg.text)
         # Tied by default: logits use text.embed.weight (hub checkpoints carry no lm_head tensor).
         self.lm_head: nn.Linear | None = None
@@ -111,7 +110,7 @@ class PaliGemma(nn.Module):
         weight = self.text.embed.weight if self.lm_head is None else self.lm_head.weight
         # As a 2-D GEMM: a 3-D slice like hidden[:, -1:] fails matmul's fold check (its batch stride is not
         # T * d) and goes through bmm, which copies the whole transposed (d, V) weight: 27 s for 3B in bf16.
-        logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1)
+        logits = cpu_kernels.linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1)
         if self.cfg.text.final_logit_softcap is not None:
             logits = ops.softcap(logits, self.cfg.text.final_logit_softcap)
         return logits
@@ -145,8 +144,7 @@ class PaliGemma(nn.Module):
         hidden = self.text(x, ctx)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        with cpu_kernels.single_row_gemv(hidden):  # one row: the head streams 0.5 GB (bf16) on ATen's GEMV
-            return self.logits(hidden)
+        return self.logits(hidden)
 
     # -- cache ------------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from pgconv.model import ops
 from pgconv.model.config import VisionConfig
+from pgconv.model.cpu_kernels import Linear  # nn.Linear on the fastest CPU kernel for its shape
 
 __all__ = ["SiglipVision", "VisionBlock", "VisionAttention", "VisionMLP"]
 
@@ -22,7 +23,7 @@ class VisionAttention(nn.Module):
         c = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.scale = self.head_dim**-0.5
-        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+        self.q, self.k, self.v, self.o = (Linear(c, c) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -37,8 +38,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(ops.gelu_tanh(self.fc1(x)))

@@ -76,3 +76,18 @@ def test_head_of_a_sliced_hidden_state_equals_the_full_head():
     last = ours.logits(hidden[:, -1:])  # a strided slice: the head runs it as one 2-D GEMM
     assert last.shape == (2, 1, cfg.text.vocab_size)
     assert torch.allclose(last, ours.logits(hidden)[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_gemm_rows_agree_with_f_linear_to_fp32_noise_and_keep_autograd():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 33, 512, generator=g), torch.randn(768, 512, generator=g), torch.randn(768, generator=g)
+    exact = F.linear(x.double(), w.double(), b.double())
+    got = cpu_kernels.linear(x, w, b)
+    assert got.shape == (2, 33, 768) and got.dtype == torch.float32
+    scale = exact.abs().max()
+    assert (got.double() - exact).abs().max() / scale < 1e-6  # fp32 rounding noise, like MKL's
+    assert (F.linear(x, w, b).double() - exact).abs().max() / scale < 1e-6
+    # Gradients: a parameter that needs one takes F.linear (the oneDNN op has no backward).
+    wg = w.clone().requires_grad_()
+    cpu_kernels.linear(x, wg, b).sum().backward()
+    assert torch.allclose(wg.grad, x.sum(0).sum(0).expand(768, 512), rtol=1e-5, atol=1e-4)
