@@ -8,7 +8,7 @@
    - `pgconv convert out back.npz --to big-vision` (export), unless `--skip-export`;
    - with `--baseline`: `dict(np.load(pt.npz))` with every array touched (what big_vision's `npload` and the HF
      conversion scripts do), for comparison;
-   - `pgconv convert --help` (the interpreter + torch floor).
+   - the imports `pgconv convert` needs before it reads a tensor (the interpreter + torch floor).
 Peak RSS is the child's `ru_maxrss` from `os.wait4`: it counts file-backed pages a process maps (torch's shared
 libraries, and any memory-mapped tensor data). The parent imports nothing heavy (the generator runs in its own
 process too), because a forked child starts with the parent's resident pages. Target (issue 6): import peak RSS
@@ -36,6 +36,9 @@ OUT = Path(__file__).resolve().parent / "out"
 PRESET = "paligemma-3b-pt-224"
 PGCONV = [sys.executable, "-c", "from pgconv.cli import main; main()"]
 CHUNK = 16 << 20
+
+# What the convert command imports before touching a tensor (torch, transformers' config classes, pgconv).
+FLOOR = "import pgconv.converter.convert, pgconv.converter.spec_write, pgconv.cmd_convert"
 
 NAIVE_LOAD = """
 import sys, numpy as np
@@ -121,7 +124,7 @@ def main() -> None:
         gen = _run([sys.executable, __file__, "--generate", str(src), "--dtype", args.dtype, "--preset", args.preset])
         results["npz_bytes"], results["generate_s"] = src.stat().st_size, gen["wall_s"]
         print(f"wrote {src} ({src.stat().st_size / 1e9:.2f} GB) in {results['generate_s']} s", flush=True)
-        results["floor"] = _run(PGCONV + ["convert", "--help"])
+        results["floor"] = _run([sys.executable, "-c", FLOOR])
         os.sync()
         _warm(src)
         results["import"] = _run(PGCONV + ["convert", str(src), str(hf), "--to", "hf-legacy", "--quiet"])
