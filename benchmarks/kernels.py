@@ -1,0 +1,112 @@
+"""Kernel benchmark: the evidence behind `pgconv.model.cpu_kernels` at the 3B decoder's shapes.
+
+For each weight shape of the PaliGemma-3B decoder (and SigLIP's), the throughput of every kernel torch offers for
+`F.linear`: one row (decode: GB/s of weights streamed) and a prompt's worth of rows (prefill: GFLOPS):
+- bf16 one row: oneDNN brgemm (torch's default) vs ATen's GEMV (oneDNN off) vs ours (`cpu_kernels.linear`);
+- fp32 rows: MKL SGEMM/SGEMV (torch's default) vs oneDNN (`mkldnn::_linear_pointwise`) vs ours;
+plus the read bandwidth of a large `sum`, the roofline's denominator. Best of several repetitions.
+
+    python -m benchmarks.kernels [--quick] [--threads 2] [--rows 262]
+
+Writes benchmarks/out/kernels{,-quick}.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from benchmarks.common import OUT, machine, machine_markdown
+
+__all__ = ["main"]
+
+QUICK_ARGS = ["--quick"]
+# (name, out_features, in_features): Gemma-2B decoder, its tied head, SigLIP So400m.
+SHAPES = [("gate/up", 16384, 2048), ("down", 2048, 16384), ("q/o", 2048, 2048), ("k/v", 256, 2048),
+          ("head", 257216, 2048), ("siglip fc1", 4304, 1152), ("siglip fc2", 1152, 4304)]
+QUICK_SHAPES = [("gate/up", 1024, 256), ("down", 256, 1024)]
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _without_onednn(fn):
+    import torch
+
+    def run():
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return fn()
+        finally:
+            torch._C._set_mkldnn_enabled(True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (seconds; for CI)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=262, help="prefill rows (the benchmark prompt: 256 image + 6 text)")
+    args = ap.parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+
+    from pgconv.model import cpu_kernels
+
+    torch.set_num_threads(args.threads)
+    reps = 3 if args.quick else 10
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    onednn = torch.ops.mkldnn._linear_pointwise
+    lines = ["## CPU kernels for `F.linear` at the model's shapes", "", machine_markdown(machine(args.threads))]
+    x = torch.ones((16 << 20) if args.quick else (512 << 20))  # fp32: 64 MiB / 2 GiB, far beyond the caches
+    read, gib = x.numel() * 4 / _best(lambda: x.sum(), 3 if args.quick else 5), x.numel() * 4 / 2**30
+    del x
+    lines += [f"Read bandwidth (`sum` over {gib:.2f} GiB): **{read / 1e9:.1f} GB/s**.", "",
+              "One row (decode), GB/s of weights streamed:", "",
+              "| weight | bf16 oneDNN (torch default) | bf16 ATen GEMV | bf16 ours | fp32 MKL (torch default) | "
+              "fp32 oneDNN | fp32 ours |", "|---|---:|---:|---:|---:|---:|---:|"]
+    prefill = ["", f"{args.rows} rows (prefill), GFLOPS:", "",
+               "| weight | bf16 oneDNN (torch default) | bf16 ours | fp32 MKL (torch default) | fp32 oneDNN | fp32 ours |",
+               "|---|---:|---:|---:|---:|---:|"]
+    with torch.inference_mode():
+        for name, n, k in shapes:
+            cells, gemm = [], []
+            for dtype in (torch.bfloat16, torch.float32):
+                w = torch.randn(n, k).to(dtype)
+                row, rows = torch.randn(1, k).to(dtype), torch.randn(args.rows, k).to(dtype)
+                nbytes, flops = w.numel() * w.element_size(), 2 * args.rows * n * k
+                if dtype == torch.bfloat16:
+                    kinds = [lambda: F.linear(row, w), _without_onednn(lambda: F.linear(row, w))]
+                else:
+                    kinds = [lambda: F.linear(row, w), lambda: onednn(row, w, None, "none", [], "")]
+                kinds.append(lambda: cpu_kernels.linear(row, w))
+                cells += [f"{nbytes / _best(f, reps) / 1e9:.1f}" for f in kinds]
+                if name == "head":  # a prompt's worth of head rows never runs (logits for the last position only)
+                    gemm += ["-"] * (2 if dtype == torch.bfloat16 else 3)
+                    continue
+                kinds = [lambda: F.linear(rows, w)]
+                if dtype == torch.float32:
+                    kinds.append(lambda: onednn(rows, w, None, "none", [], ""))
+                kinds.append(lambda: cpu_kernels.linear(rows, w))
+                gemm += [f"{flops / _best(f, max(2, reps // 3)) / 1e9:.0f}" for f in kinds]
+                del w
+            lines.append(f"| {name} ({n}x{k}) | " + " | ".join(cells) + " |")
+            prefill.append(f"| {name} ({n}x{k}) | " + " | ".join(gemm) + " |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    md = "\n".join(lines + prefill) + "\n"
+    print(md)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / ("kernels-quick.md" if args.quick else "kernels.md")).write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
