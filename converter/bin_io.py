@@ -7,8 +7,7 @@ materialises them one at a time instead of copying a byte range).
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import warnings
 from pathlib import Path
 
 from pgconv.converter.dtypes import DTYPES, code_of
@@ -23,9 +22,10 @@ def read_bin(path: Path) -> tuple[dict[str, str], dict[str, SourceTensor]]:
     import torch
 
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError,
-            AttributeError, TypeError) as e:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: our error line says it all
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # damaged input makes torch.load raise almost anything (KeyError, IndexError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: cannot load as a torch weights-only checkpoint ({first})") from None
     if not isinstance(sd, dict):

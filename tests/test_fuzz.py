@@ -287,6 +287,50 @@ def test_fuzzed_npz_converts_faithfully_or_fails_cleanly(tmp_path_factory, tmp_p
             assert np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)), k
 
 
+# -- torch .bin ------------------------------------------------------------------------------------------------------
+
+@examples(30)
+@given(data=st.data(), command=st.sampled_from(["convert", "inspect"]))
+def test_fuzzed_bin_loads_faithfully_or_fails_cleanly(tmp_path_factory, tmp_path, capsys, data, command):
+    """Mutated bytes of a `pytorch_model.bin` (zip records, pickle, storages) through the weights-only loader: a
+    one-line exit 2, or exactly what torch.load(weights_only=True) reads from the mutated file."""
+    base = tmp_path_factory.getbasetemp() / "reliability-tiny-bin"
+    if not base.exists():
+        from safetensors.torch import load_file
+
+        tmp = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+        shutil.copytree(tiny_checkpoint(tmp_path_factory), tmp / "ck")
+        torch.save(load_file(tmp / "ck" / "model.safetensors"), tmp / "ck" / "pytorch_model.bin")
+        (tmp / "ck" / "model.safetensors").unlink()
+        (tmp / "ck").rename(base)
+    raw = bytearray((base / "pytorch_model.bin").read_bytes())
+    for _ in range(data.draw(st.integers(1, 3))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    src = _damaged_copy(base, tmp_path, "pytorch_model.bin", bytes(raw))
+    before = tree_digest(src)
+    dst = src.parent / "dst"
+    argv = ["convert", src, dst, "--to", "hf-legacy", "--quiet"] if command == "convert" else ["inspect", src, "--json"]
+    with no_hang():
+        res = run_cli(argv, capsys)
+    event(f"{command} exit {res.code}")
+    if res.code == 2:
+        _assert_bad_input(res, src, before, src.parent, "bin")
+        assert not dst.exists()
+        return
+    assert res.code in ((0,) if command == "convert" else (0, 1)) and not res.err.strip(), res.err[-3000:]
+    want = torch.load(src / "pytorch_model.bin", weights_only=True)  # the independent reader accepts it too
+    if command == "inspect":
+        assert json.loads(res.out)["tensors"] == len(want)
+        return
+    written = _reference_tensors(dst)
+    assert written.keys() == want.keys()
+    for k, t in want.items():
+        assert written[k].dtype == t.dtype and torch.equal(_bits(written[k]), _bits(t.contiguous())), k
+
+
 # -- the oracle is not vacuous ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["data byte", "missing tensor", "config"])
