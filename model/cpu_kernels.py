@@ -46,14 +46,18 @@ def single_row_gemv(x: Tensor) -> Iterator[None]:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)` on the fastest CPU kernel for its shape and dtype (see the module docstring)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    fp32_gemm = x.dtype == torch.float32 and rows > 1 and x.device.type == "cpu" and _ONEDNN_LINEAR is not None
+    # Always as a 2-D product: a strided 3-D slice such as hidden[:, -1:] fails matmul's fold check and goes
+    # through bmm, which copies the whole transposed weight (27 s for the 3B head in bf16).
+    x2 = x.reshape(-1, x.shape[-1])
+    fp32_gemm = x.dtype == torch.float32 and x2.shape[0] > 1 and x.device.type == "cpu" and _ONEDNN_LINEAR is not None
     # The oneDNN op has no autograd formula: only when no gradient can flow through it.
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if fp32_gemm and weight.dtype == torch.float32 and not needs_grad:
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    with single_row_gemv(x):
-        return F.linear(x, weight, bias)
+        out = _ONEDNN_LINEAR(x2, weight, bias, "none", [], "")
+    else:
+        with single_row_gemv(x2):
+            out = F.linear(x2, weight, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class Linear(nn.Linear):

@@ -34,6 +34,8 @@ class AttnContext:
     mask: additive mask (B or 1, 1, T, S) for full-attention layers (0 = attend, dtype min = masked).
     sliding_mask: the same for sliding-window layers (Gemma 2), None when no layer slides.
     input_pos: (T,) cache positions to write k/v at, or None to attend only within the given tokens (no cache).
+    keep: the last block computes queries, attention output and MLP only for the last `keep` tokens (a prefill
+      whose other positions nobody reads: 1/num_layers of the decoder's FLOPs); it still writes all k/v.
     """
 
     cos: Tensor
@@ -41,6 +43,7 @@ class AttnContext:
     mask: Tensor
     sliding_mask: Tensor | None = None
     input_pos: Tensor | None = None
+    keep: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -68,19 +71,23 @@ class Attention(nn.Module):
         self.o = Linear(q_dim, cfg.hidden_size, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnContext, keep: int | None = None) -> Tensor:
+        """(B, T, d) -> (B, T, d); with `keep`, keys and values for all T but queries (and output) for the last
+        `keep` tokens only (the last block of a prefill whose other positions nobody reads)."""
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        tq = t if keep is None else min(keep, t)
+        cos_q, sin_q = ctx.cos[:, t - tq:], ctx.sin[:, t - tq:]
+        q = self.q(x[:, t - tq:]).view(b, tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, D)
         k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = ops.apply_rope(q, ctx.cos, ctx.sin), ops.apply_rope(k, ctx.cos, ctx.sin)
+        q, k = ops.apply_rope(q, cos_q, sin_q), ops.apply_rope(k, ctx.cos, ctx.sin)
         if ctx.input_pos is not None:
             if self.cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call PaliGemma.setup_cache first")
             k, v = self.cache.update(ctx.input_pos, k, v)  # (B, K, S_max, D)
         mask = ctx.sliding_mask if self.sliding else ctx.mask
-        out = ops.attention(q, k, v, mask, self.scale, self.cap)
-        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+        out = ops.attention(q, k, v, mask[:, :, t - tq:], self.scale, self.cap)
+        return self.o(out.transpose(1, 2).reshape(b, tq, -1))
 
 
 class MLP(nn.Module):
@@ -109,11 +116,12 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.post_mlp_norm = RMSNorm(d, eps) if cfg.has_post_norms else None
 
-    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
-        h = self.attn(self.attn_norm(x), ctx)
+    def forward(self, x: Tensor, ctx: AttnContext, keep: int | None = None) -> Tensor:
+        """(B, T, d) -> (B, T, d), or (B, keep, d) for the last `keep` tokens (see `Attention.forward`)."""
+        h = self.attn(self.attn_norm(x), ctx, keep)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h
+        x = x[:, x.shape[1] - h.shape[1]:] + h
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
@@ -156,7 +164,7 @@ class GemmaDecoder(nn.Module):
         return AttnContext(cos, sin, mask, sliding, cache_pos)
 
     def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
-        """Embedded inputs (B, T, d) -> final-normed hidden states (B, T, d)."""
-        for block in self.blocks:
-            x = block(x, ctx)
+        """Embedded inputs (B, T, d) -> final-normed hidden states (B, T, d), or (B, ctx.keep, d)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, ctx.keep if i == len(self.blocks) - 1 else None)
         return self.norm(x)

@@ -108,9 +108,7 @@ class PaliGemma(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states -> vocabulary logits (tied head; Gemma 2 final soft-cap)."""
         weight = self.text.embed.weight if self.lm_head is None else self.lm_head.weight
-        # As a 2-D GEMM: a 3-D slice like hidden[:, -1:] fails matmul's fold check (its batch stride is not
-        # T * d) and goes through bmm, which copies the whole transposed (d, V) weight: 27 s for 3B in bf16.
-        logits = cpu_kernels.linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1)
+        logits = cpu_kernels.linear(hidden, weight)
         if self.cfg.text.final_logit_softcap is not None:
             logits = ops.softcap(logits, self.cfg.text.final_logit_softcap)
         return logits
@@ -141,6 +139,7 @@ class PaliGemma(nn.Module):
         ctx = self.attn_context(
             input_ids, token_type_ids, attention_mask, input_pos=input_pos, position_ids=position_ids, dtype=x.dtype
         )
+        ctx.keep = logits_to_keep or None  # the last block skips the positions whose logits are not kept
         hidden = self.text(x, ctx)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

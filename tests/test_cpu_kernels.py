@@ -91,3 +91,23 @@ def test_fp32_gemm_rows_agree_with_f_linear_to_fp32_noise_and_keep_autograd():
     wg = w.clone().requires_grad_()
     cpu_kernels.linear(x, wg, b).sum().backward()
     assert torch.allclose(wg.grad, x.sum(0).sum(0).expand(768, 512), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pg2"])
+def test_prefill_with_logits_to_keep_skips_only_unread_work(name):
+    """keep=1: the last block computes one query row; logits and every cache entry equal the full prefill's."""
+    cfg = CONFIGS[name]
+    _, ours = pair(cfg, seed=3)
+    inp = make_inputs(cfg, [4, 7], suffix_len=2, seed=5)
+    t = inp["input_ids"].shape[1]
+    args = (inp["input_ids"], inp["pixel_values"], inp["token_type_ids"], inp["attention_mask"])
+    with torch.no_grad():
+        ours.setup_cache(2, t + 3)
+        last = ours(*args, input_pos=torch.arange(t), logits_to_keep=1)
+        kept = [(b.attn.cache.k.clone(), b.attn.cache.v.clone()) for b in ours.text.blocks]
+        ours.reset_cache()
+        full = ours(*args, input_pos=torch.arange(t))
+    assert last.shape == (2, 1, cfg.text.vocab_size)
+    assert torch.allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    for (k, v), b in zip(kept, ours.text.blocks):
+        assert torch.equal(k, b.attn.cache.k) and torch.equal(v, b.attn.cache.v)
