@@ -10,11 +10,11 @@ Shapes: B batch, T positions, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm
 
 __all__ = [
     "SEGMENTS",
@@ -36,45 +36,70 @@ _EMPTY = {"n": 0, "max_abs": 0.0, "mean_abs": 0.0, "max_rel": 0.0, "rmse": 0.0, 
 _CHUNK = 1 << 20  # elements per float64 chunk: 3B logits (273 x 257216) never get a full float64 copy
 
 
-def _stats(pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> dict[str, float]:
-    """Two streaming passes over (ours, ref) chunks: the reference's scale first (max_rel's floor needs it)."""
-    n, sq_e, max_e, finite = 0, 0.0, 0.0, True
-    for a, e in pairs():
-        e = e.double()
-        ok = torch.isfinite(e)
-        finite = finite and bool(ok.all()) and bool(torch.isfinite(a).all())
-        n += e.numel()
-        sq_e += float(e[ok].pow(2).sum())
-        max_e = max(max_e, float(e[ok].abs().max()) if bool(ok.any()) else 0.0)
-    if n == 0:
+def _row_stats(a2: Tensor, e2: Tensor) -> dict[str, Tensor]:
+    """Per-row sums of (R, F) tensors, a chunk of rows at a time, in one pass (segments are sets of rows).
+
+    Arithmetic in float64, or float32 when both inputs are 16-bit (their difference is exact in float32 and the
+    budgets are ~1e-2; it halves the memory traffic); totals over rows are float64. Bit-identical rows skip the
+    difference altogether; reductions run without temporaries (vector norms, aminmax) and the dot product comes from
+    the polarisation identity `a.e = (|a|^2 + |e|^2 - |a-e|^2) / 2`: on a memory-bound CPU every pass over 3B
+    logits costs about a second.
+    """
+    wide = torch.float32 if a2.element_size() <= 2 and e2.element_size() <= 2 else torch.float64
+    step = max(1, _CHUNK // max(a2.shape[1], 1))
+    keys = ("sq_e", "max_e", "sum_abs", "sum_sq", "max_abs", "sq_a", "max_rel")
+    parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+    for r in range(0, a2.shape[0], step):
+        e = e2[r:r + step].to(wide)
+        elo, ehi = torch.aminmax(e, dim=-1)
+        sq_e = vector_norm(e, dim=-1).double().pow(2)
+        stats = {"sq_e": sq_e, "max_e": torch.maximum(-elo, ehi)}
+        if torch.equal(a2[r:r + step], e2[r:r + step]):  # bit-identical rows (the usual case): nothing to subtract
+            zero = torch.zeros_like(sq_e)
+            stats.update(sum_abs=zero, sum_sq=zero, max_abs=zero, sq_a=sq_e, max_rel=zero)
+        else:
+            a = a2[r:r + step].to(wide)
+            d = a - e
+            lo, hi = torch.aminmax(d, dim=-1)
+            # max |d| / max(|e|, floor): the floor (1e-3 x the row's RMS) keeps elements far below the row's scale
+            # (zeros, near-zero logits) from dominating max_rel with noise.
+            floor = (sq_e / e.shape[-1]).sqrt().mul(1e-3).clamp_min(1e-300).to(wide)
+            stats.update(sum_abs=vector_norm(d, 1, dim=-1), sum_sq=vector_norm(d, dim=-1).double().pow(2),
+                         max_abs=torch.maximum(-lo, hi), sq_a=vector_norm(a, dim=-1).double().pow(2),
+                         max_rel=d.abs_().div_(torch.maximum(e.abs_(), floor[:, None])).amax(-1))
+        for key, v in stats.items():
+            parts[key].append(v.double())
+    st = {k: torch.cat(v) for k, v in parts.items()}
+    # A NaN or Inf anywhere in a row makes its sums of squares non-finite (values beyond 1e154 count as Inf too).
+    st["finite"] = torch.isfinite(st["sq_e"]) & torch.isfinite(st["sq_a"])
+    return st
+
+
+def _summary(st: dict[str, Tensor], rows: Tensor, width: int) -> dict[str, float]:
+    if rows.numel() == 0:
         return dict(_EMPTY)
+    n = rows.numel() * width
+    pick = {k: v[rows] for k, v in st.items()}
+    ok = pick["finite"]
+    sq_e = float(pick["sq_e"][ok].sum())
     ref_rms = math.sqrt(sq_e / n)
-    if not finite:
+    max_e = float(pick["max_e"][ok].max()) if bool(ok.any()) else 0.0
+    if not bool(ok.all()):
         inf = math.inf
         return {"n": n, "max_abs": inf, "mean_abs": inf, "max_rel": inf, "rmse": inf, "cosine": -1.0,
                 "ref_rms": ref_rms, "ref_max": max_e, "nrmse": inf, "nmax": inf}
-    # Relative error with the denominator floored at 1e-3 of the tensor's RMS: elements far below the tensor's
-    # scale (exact zeros after a ReLU-like op, near-zero logits) would otherwise dominate max_rel with noise.
-    floor = max(ref_rms * 1e-3, 1e-300)
-    sum_abs = sum_sq = max_abs = max_rel = dot = sq_a = 0.0
-    for a, e in pairs():
-        a, e = a.double(), e.double()
-        d = (a - e).abs()
-        sum_abs += float(d.sum())
-        sum_sq += float(d.pow(2).sum())
-        max_abs = max(max_abs, float(d.max()))
-        max_rel = max(max_rel, float((d / e.abs().clamp_min(floor)).max()))
-        dot += float((a * e).sum())
-        sq_a += float(a.pow(2).sum())
+    sum_sq, sq_a = float(pick["sum_sq"].sum()), float(pick["sq_a"].sum())
     rmse = math.sqrt(sum_sq / n)
+    max_abs = float(pick["max_abs"].max())
     na, ne = math.sqrt(sq_a), math.sqrt(sq_e)
+    cosine = (sq_a + sq_e - sum_sq) / (2 * na * ne) if na > 0 and ne > 0 else (1.0 if na == ne else 0.0)
     return {
         "n": n,
         "max_abs": max_abs,
-        "mean_abs": sum_abs / n,
-        "max_rel": max_rel,
+        "mean_abs": float(pick["sum_abs"].sum()) / n,
+        "max_rel": float(pick["max_rel"].max()),
         "rmse": rmse,
-        "cosine": dot / (na * ne) if na > 0 and ne > 0 else (1.0 if na == ne else 0.0),
+        "cosine": min(1.0, max(-1.0, cosine)),
         "ref_rms": ref_rms,
         "ref_max": max_e,
         "nrmse": rmse / ref_rms if ref_rms > 0 else (0.0 if rmse == 0 else math.inf),
@@ -82,12 +107,21 @@ def _stats(pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> dict[str, fl
     }
 
 
+def _as_rows(t: Tensor, positions: bool) -> Tensor:
+    t = t.detach()
+    if positions:
+        return t.reshape(t.shape[0] * t.shape[1], -1)  # (B*T, rest): one row per position
+    return t.reshape(1, -1) if t.ndim < 2 else t.reshape(-1, t.shape[-1])
+
+
 def tensor_metrics(ours: Tensor, ref: Tensor) -> dict[str, float]:
     """Error statistics of `ours` against `ref` (same shape); non-finite values make every error infinite."""
     if ours.shape != ref.shape:
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
-    a, e = ours.detach().reshape(-1), ref.detach().reshape(-1)
-    return _stats(lambda: zip(a.split(_CHUNK), e.split(_CHUNK)))
+    if ref.numel() == 0:
+        return dict(_EMPTY)
+    a2, e2 = _as_rows(ours, False), _as_rows(ref, False)
+    return _summary(_row_stats(a2, e2), torch.arange(a2.shape[0], device=a2.device), a2.shape[1])
 
 
 def segment_masks(input_ids: Tensor, token_type_ids: Tensor, image_token_id: int) -> dict[str, Tensor]:
@@ -97,18 +131,21 @@ def segment_masks(input_ids: Tensor, token_type_ids: Tensor, image_token_id: int
 
 
 def segment_metrics(ours: Tensor, ref: Tensor, masks: dict[str, Tensor] | None) -> dict[str, dict[str, float]]:
-    """`tensor_metrics` over all elements and per non-empty segment of positions (dim 1 of a (B, T, ...) tensor)."""
-    out = {"all": tensor_metrics(ours, ref)}
-    if masks is None:
-        return out
-    a2, e2 = ours.detach().flatten(0, 1).flatten(1), ref.detach().flatten(0, 1).flatten(1)  # (B*T, rest)
-    step = max(1, _CHUNK // max(a2.shape[1], 1))
+    """`tensor_metrics` over all elements and per non-empty segment of positions (dim 1 of a (B, T, ...) tensor);
+    one pass of per-position sums serves every segment."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
+    usable = masks is not None and ours.ndim >= 2 and ours.numel() > 0
+    usable = usable and all(m.shape == ours.shape[:2] for m in masks.values())
+    if not usable:
+        return {"all": tensor_metrics(ours, ref)}
+    a2, e2 = _as_rows(ours, True), _as_rows(ref, True)
+    st = _row_stats(a2, e2)
+    out = {"all": _summary(st, torch.arange(a2.shape[0], device=a2.device), a2.shape[1])}
     for name in SEGMENTS:
-        m = masks[name]
-        if m.shape != ours.shape[:2] or not bool(m.any()):
-            continue
-        rows = m.reshape(-1).nonzero().squeeze(1).to(a2.device)
-        out[name] = _stats(lambda: ((a2[r], e2[r]) for r in rows.split(step)))
+        rows = masks[name].reshape(-1).to(a2.device).nonzero().squeeze(1)
+        if rows.numel():
+            out[name] = _summary(st, rows, a2.shape[1])
     return out
 
 
@@ -140,22 +177,33 @@ def logit_metrics(ours: Tensor, ref: Tensor, chunk: int = 8) -> dict[str, Any]:
     """Per-position KL(ref || ours) in nats, top-1 agreement, top-5 overlap and the reference's top-1/top-2
     log-prob margin for logits (..., V), plus their summary (`summarise`).
 
-    Float64 over `chunk` positions at a time: a (T, 257216) float64 copy of 3B logits would not fit next to the model.
+    `chunk` positions at a time, in float64 (float32 for 16-bit logits, whose KL budgets are ~1e-3): a (T, 257216)
+    float64 copy of 3B logits would not fit next to the model. Bit-identical positions only need the reference's
+    margin (log-softmax shifts a row, so it is the logits' top-1/top-2 gap).
     """
     o2, r2 = ours.detach().reshape(-1, ours.shape[-1]), ref.detach().reshape(-1, ref.shape[-1])
-    kls, top1s, overlaps, dps, margins = [], [], [], [], []
+    wide = torch.float32 if o2.element_size() <= 2 and r2.element_size() <= 2 else torch.float64
+    per: dict[str, list] = {"kl": [], "top1": [], "top5": [], "margin": [], "dp": []}
     k = min(5, o2.shape[-1])
     for start in range(0, o2.shape[0], chunk):
-        lo = torch.log_softmax(o2[start:start + chunk].double(), -1)
-        lr = torch.log_softmax(r2[start:start + chunk].double(), -1)
-        kls.append((lr.exp() * (lr - lo)).sum(-1).clamp_min(0.0))  # clamp: float64 cancellation gives -1e-17
-        top1s.append(lo.argmax(-1) == lr.argmax(-1))
+        o, r = o2[start:start + chunk], r2[start:start + chunk]
+        if torch.equal(o, r):
+            top2 = r.to(wide).topk(min(2, k), -1).values
+            n = r.shape[0]
+            per["kl"] += [0.0] * n
+            per["top1"] += [True] * n
+            per["top5"] += [1.0] * n
+            per["dp"] += [0.0] * n
+            per["margin"] += (top2[:, 0] - top2[:, -1]).double().tolist()
+            continue
+        lo, lr = torch.log_softmax(o.to(wide), -1), torch.log_softmax(r.to(wide), -1)
+        pr = lr.exp()
+        per["kl"] += (pr * (lr - lo)).sum(-1, dtype=torch.float64).clamp_min(0.0).tolist()  # clamp: -1e-17 noise
+        per["top1"] += (lo.argmax(-1) == lr.argmax(-1)).tolist()
         to, tr = lo.topk(k, -1), lr.topk(k, -1)
-        overlaps.append((to.indices[:, :, None] == tr.indices[:, None, :]).any(-1).double().mean(-1))
-        margins.append(tr.values[:, 0] - tr.values[:, min(1, k - 1)])
-        dps.append((lo.exp() - lr.exp()).abs().amax(-1))
-    cat = (lambda xs: torch.cat(xs).tolist()) if kls else (lambda xs: [])
-    per = {"kl": cat(kls), "top1": cat(top1s), "top5": cat(overlaps), "margin": cat(margins), "dp": cat(dps)}
+        per["top5"] += (to.indices[:, :, None] == tr.indices[:, None, :]).any(-1).double().mean(-1).tolist()
+        per["margin"] += (tr.values[:, 0] - tr.values[:, min(1, k - 1)]).double().tolist()
+        per["dp"] += (lo.exp() - pr).abs().amax(-1).double().tolist()
     return {**summarise(per), **per}
 
 
