@@ -34,6 +34,11 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
         plan = plan_conversion(ckpt.metas(), cfg, "native")
     except InputError as e:
         raise type(e)(f"{src}: {e}") from None
+    if "pgconv.format" in (ckpt.metadata or {}):
+        # Written by a pgconv spec (maybe with norm offsets): reading it as a plain layout could miss an offset.
+        from pgconv.converter.custom import check_provenance
+
+        check_provenance(ckpt.metadata, plan.src_layout, False, str(src))
     for d in plan.drops:
         if not tensors_equal(ckpt.tensors[d.source], ckpt.tensors[d.equals]):
             raise InputError(f"{ckpt.tensors[d.source].file}: tensor {d.source!r} differs from {d.equals!r} although "

@@ -286,6 +286,11 @@ def test_user_spec_with_offsets_on_disk(tmp_path, offset_spec):
         open_spec_checkpoint(tmp_path / "out", "hf-legacy")
     with pytest.raises(InputError, match=r"format 'plus-one'.*reading it as 'hf-legacy'"):
         convert_to_spec(tmp_path / "out", tmp_path / "again", offset_spec, quiet=True)
+    # pgconv.load (and so verify) reads layouts too: it must refuse the same way instead of skipping the offset.
+    from pgconv.converter.load import load_state_dict
+
+    with pytest.raises(InputError, match=r"format 'plus-one'.*reading it as 'hf-legacy'"):
+        load_state_dict(tmp_path / "out")
 
 
 USER_SPEC = '''
