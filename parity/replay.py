@@ -4,10 +4,10 @@ The difference between this output and the reference's output is the error the s
 end-to-end difference is *inherited* from upstream (kekzl/imp #1275 did this by hand; Polygraphy's golden-input
 advice is the same idea). Recipes, named in the probe table's `replay` column:
 - `call`: call our module again with the reference's input tensor in place of its first tensor argument, keeping our
-  other arguments (the AttnContext our block really got); skipped, with contributed = end-to-end, when our input
-  already equals the reference's bit for bit (the replay would repeat the very same computation);
+  other arguments (the AttnContext our block really got);
 - `merge`: our `embed(input_ids, image_features)` with the reference's projector output;
 - `logits`: our `logits(hidden)` on the reference's final-norm output.
+Every recipe is skipped, with contributed = end-to-end, when our input already equals the reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ OWN = {
     "vision.embed()": lambda model, rec, inputs: model.vision.embed(inputs["pixel_values"]),
     "embed()": lambda model, rec, inputs: model.embed(inputs["input_ids"], rec.get("projector", "output")),
 }
-OWN_PATHS = ("projector",)  # modules of ours the OWN recipes read
+OWN_PATHS = ("projector", "text.norm")  # modules of ours the OWN and replay recipes read
 
 
 @torch.no_grad()
@@ -58,12 +58,20 @@ def _swap_first_tensor(call: Call, x: Tensor) -> tuple[tuple, dict[str, Any]]:
     raise ValueError("call has no tensor argument to replace")
 
 
+# The inputs each recipe feeds our side: (our capture, the reference's capture) of the same tensor.
+_RECIPE_INPUTS = {"merge": ("projector", "model.multi_modal_projector"), "logits": ("text.norm", T + "norm")}
+
+
 def same_input(probe: Probe, ours_rec: Recorder, ref_rec: Recorder) -> bool:
-    """True when our module's input is bitwise the reference's (the replay would change nothing)."""
-    if probe.replay != "call":
+    """True when our step's input is bitwise the reference's (the replay would repeat the very same computation)."""
+    if probe.replay == "call":
+        ours_in = primary((*ours_rec.call(probe.ours).args, ours_rec.call(probe.ours).kwargs))
+        ref_in = _ref_input(probe, ref_rec)
+    elif probe.replay in _RECIPE_INPUTS:
+        ours_path, ref_path = _RECIPE_INPUTS[probe.replay]
+        ours_in, ref_in = ours_rec.get(ours_path, "output"), ref_rec.get(ref_path, "output")
+    else:
         return False
-    ours_in = primary((*ours_rec.call(probe.ours).args, ours_rec.call(probe.ours).kwargs))
-    ref_in = _ref_input(probe, ref_rec)
     return (ours_in is not None and ref_in is not None and ours_in.shape == ref_in.shape
             and ours_in.dtype == ref_in.dtype and bool(torch.equal(ours_in, ref_in)))
 
