@@ -8,15 +8,17 @@ Each measurement runs in its own fresh process (`benchmarks.common.run_child`: p
 `ru_maxrss`), one at a time, after the fixture's files were read once (same warm page cache for both).
 
     python -m benchmarks.verify_3b [--preset P] [--dtypes float32,bfloat16] [--max-new-tokens 8] [--probes all]
+                                   [--checkpoint-dtype bfloat16|float32]
 
 The fixture (bf16 safetensors, ~5.9 GB for 3B) is written once under benchmarks/out/fixtures/. Results are printed
-and saved to benchmarks/out/verify_3b.json. `--preset tiny` is the quick mode (CI: the code path runs).
+and saved to benchmarks/out/verify_3b[-CHECKPOINT_DTYPE-PROBES].json. `--preset tiny` is the quick mode (CI: the code path runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 
 from benchmarks.common import OUT, available_memory_bytes, ensure_fixture, fixture_path, machine, run_child, warm_files
@@ -62,8 +64,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--probes", default="all", choices=["all", "coarse"])
+    ap.add_argument("--checkpoint-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="dtype of the fixture on disk (bf16 like the hub; float32 shows verify's own overhead when "
+                         "transformers loads fp32 without converting)")
     args = ap.parse_args(argv)
-    path = ensure_fixture(fixture_path(args.preset), args.preset)
+    if args.checkpoint_dtype == "bfloat16" or args.preset == "tiny":
+        path = ensure_fixture(fixture_path(args.preset), args.preset)
+    else:
+        path = fixture_path(args.preset).with_name(f"{args.preset}-{args.checkpoint_dtype}")
+        if not (path / "config.json").is_file():
+            code = ("import sys; from pgconv.converter.fixture import make_fixture; "
+                    "make_fixture(sys.argv[1], sys.argv[2], dtype=sys.argv[3], force=True)")
+            subprocess.run([sys.executable, "-c", code, str(path), args.preset, args.checkpoint_dtype], check=True)
     info = machine()
     results = {}
     for dtype in args.dtypes.split(","):
@@ -84,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
               f"vs {g['work_s']:.1f} s = {r['work_ratio']:.2f}x; target <= 2.5x); {v['tokens']} tokens; verify "
               f"{'passed' if v['passed'] else 'FAILED: ' + '; '.join(v['failures'])}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "verify_3b.json").write_text(json.dumps(
-        {"preset": args.preset, "max_new_tokens": args.max_new_tokens, "probes": args.probes, "machine": info,
+    tag = "" if (args.checkpoint_dtype, args.probes) == ("bfloat16", "all") else f"-{args.checkpoint_dtype}-{args.probes}"
+    (OUT / f"verify_3b{tag}.json").write_text(json.dumps(
+        {"preset": args.preset, "checkpoint": str(path), "max_new_tokens": args.max_new_tokens, "probes": args.probes,
+         "machine": info,
          "available_memory_bytes_at_end": available_memory_bytes(), "results": results}, indent=1) + "\n")
 
 
