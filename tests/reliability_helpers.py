@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Result", "run_cli", "tiny_checkpoint", "sharded_checkpoint", "npz_checkpoint", "fresh_copy", "read_header", "write_raw",
-           "edit_header", "tree_digest", "litter", "assert_one_line_error"]
+__all__ = ["Result", "run_cli", "tiny_checkpoint", "sharded_checkpoint", "npz_checkpoint", "fresh_copy",
+           "read_header", "write_raw", "edit_header", "tree_digest", "litter", "assert_one_line_error"]
 
 
 @dataclass

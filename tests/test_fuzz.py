@@ -119,7 +119,9 @@ def _reference_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory through the safetensors library (raises on anything it rejects)."""
     out: dict[str, torch.Tensor] = {}
     index = directory / INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     for f in files:
         with safe_open(directory / f, "pt") as s:
             for k in s.keys():
