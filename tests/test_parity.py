@@ -274,3 +274,16 @@ def test_depth_plot_and_junit_from_a_synthetic_report():
                              "cache": {"kl_max": 0.0, "max_abs": 0.0, "steps": 1, "passed": True}}}
     root = ET.fromstring(junit(report))
     assert root.get("tests") == "7" and root.get("failures") == "2"
+
+
+def test_calibration_measures_real_noise_below_the_budgets():
+    """The tolerance table's premise: two correct transformers runs differ (so budgets of 0 would false-alarm) by
+    less than the fp32 budgets (so the budgets are not the noise itself)."""
+    from pgconv.parity.calibrate import measure
+
+    noise = measure(PRESETS["tiny"], torch.float32)
+    tol = load_tolerances()
+    block = noise["eager_vs_sdpa"]["text_block"]
+    assert 0 < block["nrmse"] < tol.probe("text_block", "float32")["nrmse"] / 3
+    assert 0 < noise["contributed"]["vision_block"]["nmax"] < tol.probe("vision_block", "float32")["nmax"] / 3
+    assert noise["logits"]["eager_vs_sdpa"]["kl_max"] < tol.section("logits", "float32")["kl_max"]
