@@ -134,6 +134,11 @@ def verify(
     if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
         Processor.from_pretrained(path, config=cfg)
     cases = _cases(images, prompts)
+    for image, prompt in cases:  # before the (possibly minutes-long) load, not after it
+        if not Path(image).is_file():
+            raise InputError(f"{image}: image not found")
+        if "<image>" in prompt:
+            raise InputError(f"prompt {prompt!r}: do not put <image> in the prompt; pass images with --image")
     timing: dict[str, float] = {}
     ref = load_reference(path, getattr(torch, dtype), device)
     ours = build_candidate(ref, cfg)
