@@ -28,13 +28,16 @@ SHAPES = [("gate/up", 16384, 2048), ("down", 2048, 16384), ("q/o", 2048, 2048), 
 QUICK_SHAPES = [("gate/up", 1024, 256), ("down", 256, 1024)]
 
 
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+def _best(fns: list, reps: int) -> list[float]:
+    """Best time of each function, the functions interleaved so that a busy spell on the machine hits all alike."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     onednn = torch.ops.mkldnn._linear_pointwise
     lines = ["## CPU kernels for `F.linear` at the model's shapes", "", machine_markdown(machine(args.threads))]
     x = torch.ones((16 << 20) if args.quick else (512 << 20))  # fp32: 64 MiB / 2 GiB, far beyond the caches
-    read, gib = x.numel() * 4 / _best(lambda: x.sum(), 3 if args.quick else 5), x.numel() * 4 / 2**30
+    read, gib = x.numel() * 4 / _best([lambda: x.sum()], 3 if args.quick else 5)[0], x.numel() * 4 / 2**30
     del x
     lines += [f"Read bandwidth (`sum` over {gib:.2f} GiB): **{read / 1e9:.1f} GB/s**.", "",
               "One row (decode), GB/s of weights streamed:", "",
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     kinds = [lambda: F.linear(row, w), lambda: onednn(row, w, None, "none", [], "")]
                 kinds.append(lambda: cpu_kernels.linear(row, w))
-                cells += [f"{nbytes / _best(f, reps) / 1e9:.1f}" for f in kinds]
+                cells += [f"{nbytes / t / 1e9:.1f}" for t in _best(kinds, reps)]
                 if name == "head":  # a prompt's worth of head rows never runs (logits for the last position only)
                     gemm += ["-"] * (2 if dtype == torch.bfloat16 else 3)
                     continue
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 if dtype == torch.float32:
                     kinds.append(lambda: onednn(rows, w, None, "none", [], ""))
                 kinds.append(lambda: cpu_kernels.linear(rows, w))
-                gemm += [f"{flops / _best(f, max(2, reps // 3)) / 1e9:.0f}" for f in kinds]
+                gemm += [f"{flops / t / 1e9:.0f}" for t in _best(kinds, max(2, reps // 3))]
                 del w
             lines.append(f"| {name} ({n}x{k}) | " + " | ".join(cells) + " |")
             prefill.append(f"| {name} ({n}x{k}) | " + " | ".join(gemm) + " |")
