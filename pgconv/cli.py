@@ -74,13 +74,22 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="pgconv", standalone_mode=False)
+        # With standalone_mode=False click returns a command's `ctx.exit(code)` instead of exiting.
+        rv = cli.main(args=argv, prog_name="pgconv", standalone_mode=False)
     except click.exceptions.Abort as e:
         terminated = isinstance(e.__cause__, Terminated)
         click.echo("pgconv: terminated" if terminated else "pgconv: interrupted", err=True)
         sys.exit(143 if terminated else 130)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.format_message())  # bare `pgconv`: the help text, not an error
+        sys.exit(0)
+    except click.UsageError as e:
+        # Bad options are bad input too: one line, exit 2 (click's own format spans several lines).
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"pgconv: error: {_one_line(e.format_message())}{where}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"pgconv: error: {_one_line(e.format_message())}", err=True)
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -93,7 +102,7 @@ def _main(argv: list[str] | None) -> None:
         terminated = isinstance(e, Terminated)
         click.echo("pgconv: terminated" if terminated else "pgconv: interrupted", err=True)
         sys.exit(143 if terminated else 130)
-    sys.exit(0)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _one_line(msg: str) -> str:
