@@ -8,11 +8,12 @@ For each dtype (bf16, fp32) one run measures, each in a fresh child process, one
 Every generation is greedy over 1 image + a short prompt ("caption en", built by our processor, identical for
 all), EOS disabled so every run decodes the same number of tokens. A short warm-up generation comes first. Time
 to first token = call to first token (vision tower + prefill + first head); decode = seconds per token between
-the first and the last token, both medians over the runs. Peak RSS is each child's own `ru_maxrss`.
+the first and the last token, each the best of the runs (a busy spell elsewhere on the machine only ever slows a
+run down; every run is kept in the JSON). Peak RSS is each child's own `ru_maxrss`.
 Decode roofline = bytes of weights a decode step reads (decoder blocks, final norm, head) / measured bandwidth.
 
     python -m benchmarks.inference [--quick] [--fixture DIR] [--dtypes bfloat16,float32] [--threads 2]
-                                   [--new-tokens 32] [--runs 2] [--impls ours,eager,sdpa] [--update-results]
+                                   [--new-tokens 32] [--runs 3] [--impls ours,eager,sdpa] [--update-results]
 
 Full size writes the `paligemma-3b-pt-224` random fixture once (benchmarks/out/fixtures/); `--quick` runs on the
 tiny preset (seconds; for CI, times not asserted). Results go to benchmarks/out/inference{,-quick}.{json,md} (or --out);
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -93,6 +93,9 @@ def _child_bandwidth(args) -> dict:
 
     x = torch.ones(args.bw_bytes // 4)  # ones, not empty: every page is touched before timing
     read = x.numel() * 4 / best(lambda: x.sum(), 5)
+    torch.set_num_threads(1)  # for reference: one core alone streams about half of what two do
+    read_one = x.numel() * 4 / best(lambda: x.sum(), 3)
+    torch.set_num_threads(args.threads)
     del x
     dtype = getattr(torch, args.dtype)
     gemv = {}
@@ -101,7 +104,8 @@ def _child_bandwidth(args) -> dict:
             w, v = torch.randn(shape).to(dtype), torch.randn(1, shape[1]).to(dtype)
             gemv[name] = w.numel() * w.element_size() / best(lambda: F.linear(v, w), 5)
             del w
-    return {"read_bytes_per_s": read, "gemv_bytes_per_s": gemv, "bytes": args.bw_bytes, "threads": torch.get_num_threads()}
+    return {"read_bytes_per_s": read, "read_bytes_per_s_1_thread": read_one, "gemv_bytes_per_s": gemv,
+            "bytes": args.bw_bytes, "threads": torch.get_num_threads()}
 
 
 def _inputs(fixture: Path):
@@ -172,8 +176,8 @@ def _child_generate(args) -> dict:
     return {
         "impl": args.child, "dtype": args.dtype, "threads": torch.get_num_threads(), "load_s": load_s,
         "rss_after_load": rss_loaded, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-        "ttft_s": statistics.median(r["ttft_s"] for r in runs),
-        "decode_s": statistics.median(r["decode_s"] for r in runs), "runs": runs, "tokens": tokens,
+        "ttft_s": min(r["ttft_s"] for r in runs), "decode_s": min(r["decode_s"] for r in runs),
+        "runs": runs, "tokens": tokens,
     }
 
 
@@ -207,7 +211,7 @@ def _ok(value: float, target: float, higher_is_better: bool = False) -> str:
 
 def markdown(result: dict) -> str:
     lines = [f"Preset `{result['preset']}` (random weights), prompt {result['prompt_tokens']} tokens (1 image + "
-             f"\"{PROMPT}\"), greedy, {result['new_tokens']} decoded tokens, median of {result['runs']} run(s) after "
+             f"\"{PROMPT}\"), greedy, {result['new_tokens']} decoded tokens, best of {result['runs']} run(s) after "
              "a warm-up; each implementation in its own process.", "", machine_markdown(result["machine"])]
     for dtype, d in result["dtypes"].items():
         bw, s = d["bandwidth"], d["summary"]
@@ -220,9 +224,12 @@ def markdown(result: dict) -> str:
         for name, missing in d.get("skipped", {}).items():
             lines.append(f"| transformers {name} | skipped: {missing} | | | | | |")
         gemv = ", ".join(f"{k} {v / 1e9:.3g} GB/s" for k, v in bw["gemv_bytes_per_s"].items())
-        lines += ["", f"Roofline: read bandwidth {bw['read_bytes_per_s'] / 1e9:.3g} GB/s (sum over "
-                  f"{bw['bytes'] / 2**30:.1f} GiB) x {s['step_bytes'] / 1e9:.3g} GB of weights per decode step = "
-                  f"**{s['roofline_s']:.3g} s/token**. torch's one-token GEMV (`F.linear`) alone reaches: {gemv}.", ""]
+        one = bw.get("read_bytes_per_s_1_thread")
+        one = f"; 1 thread: {one / 1e9:.3g} GB/s" if one else ""
+        lines += ["", f"Roofline: {s['step_bytes'] / 1e9:.3g} GB of weights per decode step / read bandwidth "
+                  f"{bw['read_bytes_per_s'] / 1e9:.3g} GB/s (`sum` over {bw['bytes'] / 2**30:.1f} GiB on "
+                  f"{bw['threads']} threads{one}) = **{s['roofline_s']:.3g} s/token**. torch's default one-row "
+                  f"kernel (`F.linear`, what transformers runs) streams: {gemv}.", ""]
         if s["vs"]:
             lines += ["| ours / transformers | first token (target <= 0.90) | decode (<= 0.80) | peak RSS (<= 1.00) | "
                       "same greedy tokens |", "|---|---:|---:|---:|---:|"]
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", default=",".join(IMPLS), help="subset of ours,eager,sdpa")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens after the first (default 32; 4 quick)")
-    ap.add_argument("--runs", type=int, default=None, help="timed runs per implementation (default 2; 1 quick)")
+    ap.add_argument("--runs", type=int, default=None, help="timed runs per implementation (default 3; 1 quick)")
     ap.add_argument("--update-results", action="store_true", help="rewrite the generated part of RESULTS.md")
     ap.add_argument("--out", type=Path, default=OUT, help="where the JSON and markdown results go")
     ap.add_argument("--child", choices=("bandwidth", *IMPLS), help="internal: measure one thing and print JSON")
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-rows", type=int, default=257216, help="internal (child)")
     args = ap.parse_args(argv)
     args.new_tokens = args.new_tokens or (4 if args.quick else 32)
-    args.runs = args.runs or (1 if args.quick else 2)
+    args.runs = args.runs or (1 if args.quick else 3)
     if args.child:
         result = _child_bandwidth(args) if args.child == "bandwidth" else _child_generate(args)
         print(json.dumps(result), flush=True)

@@ -2,11 +2,13 @@
 
 torch picks a kernel by dtype, and on this CPU (AMD EPYC Zen 4, AVX-512 + bf16, torch 2.13) two of its picks
 leave much speed unused (measurements: benchmarks/RESULTS.md):
-- One bf16 row (a decode step): `F.linear` goes to oneDNN's brgemm, which streams weights at ~11 GB/s per core;
-  with oneDNN off, ATen's vectorised dot-product GEMV streams ~22 GB/s. For more rows oneDNN's bf16 GEMM is ~9x
-  faster than ATen's, so prefill keeps it; so do the attention matmuls (ATen's bf16 `probs @ v` is 12x slower).
-- Several fp32 rows (prefill): `F.linear` goes to MKL's SGEMM (85-95 GFLOPS per core); oneDNN's AVX-512 GEMM
-  (`mkldnn::_linear_pointwise`, what inductor uses on CPU) gives 100-106.
+- One bf16 row (a decode step): `F.linear` goes to oneDNN's brgemm, which streams weights at 15-17 GB/s on 2
+  threads; with oneDNN off, ATen's vectorised dot-product GEMV streams 17-29 GB/s (the 3B head and MLP: 29). For
+  more rows oneDNN's bf16 GEMM is ~9x faster than ATen's, so prefill keeps it; so do the attention matmuls
+  (ATen's bf16 `probs @ v` is 12x slower).
+- fp32: `F.linear` goes to MKL, whose one-row SGEMV streams 17-18 GB/s on 2 threads and whose SGEMM runs
+  91-149 GFLOPS; oneDNN's AVX-512 kernels (`mkldnn::_linear_pointwise`, what inductor uses on CPU) stream
+  26-33 GB/s and run 101-203 GFLOPS at the same shapes.
 Every path multiplies exactly (bf16 x bf16 is exact in fp32), accumulates in fp32 and rounds once, so results
 differ from `F.linear` only in summation order (fp32 noise; <= 0.54 bf16 ulp against float64 for one bf16 row).
 """
@@ -49,10 +51,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     # Always as a 2-D product: a strided 3-D slice such as hidden[:, -1:] fails matmul's fold check and goes
     # through bmm, which copies the whole transposed weight (27 s for the 3B head in bf16).
     x2 = x.reshape(-1, x.shape[-1])
-    fp32_gemm = x.dtype == torch.float32 and x2.shape[0] > 1 and x.device.type == "cpu" and _ONEDNN_LINEAR is not None
+    fp32 = x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN_LINEAR is not None
     # The oneDNN op has no autograd formula: only when no gradient can flow through it.
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if fp32_gemm and weight.dtype == torch.float32 and not needs_grad:
+    if fp32 and not needs_grad:
         out = _ONEDNN_LINEAR(x2, weight, bias, "none", [], "")
     else:
         with single_row_gemv(x2):

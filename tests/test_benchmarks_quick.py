@@ -63,7 +63,7 @@ def _row(ttft, decode, rss, tokens):
 
 def test_summary_ratios_roofline_and_token_agreement():
     rows = {"ours": _row(0.8, 0.2, 90, [5, 6, 7, 8]), "eager": _row(1.0, 0.4, 100, [5, 6, 9, 8])}
-    bw = {"read_bytes_per_s": 10.0, "gemv_bytes_per_s": {"mlp": 5.0}, "bytes": 1 << 30}
+    bw = {"read_bytes_per_s": 10.0, "gemv_bytes_per_s": {"mlp": 5.0}, "bytes": 1 << 30, "threads": 2}
     s = inference.summarize(rows, bw, step_bytes=1)
     assert s["roofline_s"] == pytest.approx(0.1)
     assert s["roofline_fraction"] == pytest.approx({"ours": 0.5, "eager": 0.25})
