@@ -3,8 +3,8 @@
     python -m benchmarks.profile_inference [--impl ours|eager|sdpa] [--dtype bfloat16] [--threads 2]
                                            [--fixture DIR] [--steps 8] [--rows 20]
 
-Profiles `generate` with 1 new token (vision + prefill + head = time to first token) and with 1 + steps tokens;
-the decode table is the difference of the two, per operator and input shapes, divided by the steps. Operators are
+Profiles one `generate` of 1 + steps tokens; a profiler marker emitted when the first token arrives splits the
+operators into the first token (vision + prefill + head) and the decode steps (divided by the steps). Operators are
 grouped into weight products (mm/addmm/linear: GEMM at prefill, GEMV at decode), attention (bmm, softmax),
 element-wise / norms and the rest. A tool, not a benchmark: `python -m benchmarks` does not run it. Writes
 benchmarks/out/profile-<impl>-<dtype>.md. The profiler adds a few microseconds per operator, which inflates the
@@ -37,18 +37,33 @@ def category(op: str) -> str:
     return "element-wise, norms, copies, other"
 
 
+MARKER = "pgconv::first_token"
+
+
 def _profile(fn):
+    """(first-token wall s, decode wall s, {phase: {(operator, shapes): self seconds}}) of `fn(on_first)`."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
+
+    stamps: list[float] = []
+
+    def on_first() -> None:
+        stamps.append(time.perf_counter())
+        with torch.profiler.record_function(MARKER):
+            pass
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
-        fn()
-        wall = time.perf_counter() - start
-    # Self time per (operator, input shapes), in seconds.
-    times: dict[tuple[str, str], float] = defaultdict(float)
-    for evt in prof.key_averages(group_by_input_shape=True):
-        times[(evt.key, str(evt.input_shapes))] += evt.self_cpu_time_total / 1e6
-    return wall, times
+        fn(on_first)
+        end = time.perf_counter()
+    events = list(prof.events())
+    boundary = next(e.time_range.start for e in events if e.name == MARKER)
+    times: dict[str, dict] = {"first": defaultdict(float), "decode": defaultdict(float)}
+    for evt in events:
+        if evt.name != MARKER:
+            phase = "first" if evt.time_range.start < boundary else "decode"
+            times[phase][(evt.name, str(evt.input_shapes))] += evt.self_cpu_time_total / 1e6
+    return stamps[0] - start, end - stamps[0], times
 
 
 def _table(title: str, wall: float, times: dict, rows: int, threads: int) -> list[str]:
@@ -87,27 +102,42 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load(args.fixture, dtype=dtype)
 
-        def run(n: int) -> None:
+        def run(n: int, on_first=lambda: None) -> None:
+            seen: list[int] = []
+
+            def on_token(_) -> None:
+                if not seen:
+                    on_first()
+                seen.append(1)
             generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["token_type_ids"],
-                     inputs["attention_mask"], max_new_tokens=n, eos_token_ids=[])
+                     inputs["attention_mask"], max_new_tokens=n, eos_token_ids=[], on_token=on_token)
     else:
         from transformers import PaliGemmaForConditionalGeneration
 
         model = PaliGemmaForConditionalGeneration.from_pretrained(args.fixture, dtype=dtype, attn_implementation=args.impl)
         model.eval().generation_config.eos_token_id = None
 
-        def run(n: int) -> None:
-            model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        class Streamer:  # put() gets the prompt, then each new token
+            def __init__(self, on_first) -> None:
+                self.calls, self.on_first = 0, on_first
+
+            def put(self, _) -> None:
+                self.calls += 1
+                if self.calls == 2:
+                    self.on_first()
+
+            def end(self) -> None:
+                pass
+
+        def run(n: int, on_first=lambda: None) -> None:
+            model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0, streamer=Streamer(on_first))
     run(2)  # warm-up
-    first_wall, first = _profile(lambda: run(1))
-    both_wall, both = _profile(lambda: run(1 + args.steps))
-    decode = {k: (both.get(k, 0.0) - first.get(k, 0.0)) / args.steps for k in set(both) | set(first)}
-    decode = {k: v for k, v in decode.items() if v > 0}
+    first_wall, decode_wall, times = _profile(lambda on_first: run(1 + args.steps, on_first))
+    decode = {k: v / args.steps for k, v in times["decode"].items()}
     label = "ours" if args.impl == "ours" else f"transformers {args.impl}"
     md = [f"### Profile: {label}, {args.dtype}, {args.threads} threads, prompt {inputs['input_ids'].shape[1]} tokens", ""]
-    md += _table("First token (vision + prefill + head)", first_wall, first, args.rows, args.threads)
-    md += _table("One decode step (difference of two runs / steps)", (both_wall - first_wall) / args.steps, decode,
-                 args.rows, args.threads)
+    md += _table("First token (vision + prefill + head)", first_wall, times["first"], args.rows, args.threads)
+    md += _table(f"One decode step (mean of {args.steps})", decode_wall / args.steps, decode, args.rows, args.threads)
     text = "\n".join(md)
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
