@@ -161,7 +161,8 @@ def ensure_fixture(path: Path, preset: str) -> Path:
     if not (path / "config.json").is_file():
         print(f"writing the {preset} random fixture to {path} (once) ...", file=sys.stderr, flush=True)
         # In a child: generating 3B random weights allocates, and the parent should stay small.
-        code = "import sys; from pgconv.converter.fixture import make_fixture; make_fixture(sys.argv[1], sys.argv[2], force=True)"
+        code = ("import sys; from pgconv.converter.fixture import make_fixture; "
+                "make_fixture(sys.argv[1], sys.argv[2], force=True)")
         subprocess.run([sys.executable, "-c", code, str(path), preset], check=True)
     return path
 

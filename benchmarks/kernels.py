@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
               "| weight | bf16 oneDNN (torch default) | bf16 ATen GEMV | bf16 ours | fp32 MKL (torch default) | "
               "fp32 oneDNN | fp32 ours |", "|---|---:|---:|---:|---:|---:|---:|"]
     prefill = ["", f"{args.rows} rows (prefill), GFLOPS:", "",
-               "| weight | bf16 oneDNN (torch default) | bf16 ours | fp32 MKL (torch default) | fp32 oneDNN | fp32 ours |",
+               "| weight | bf16 oneDNN (torch default) | bf16 ours | fp32 MKL (torch default) | fp32 oneDNN | "
+               "fp32 ours |",
                "|---|---:|---:|---:|---:|---:|"]
     with torch.inference_mode():
         for name, n, k in shapes:

@@ -25,7 +25,8 @@ __all__ = ["main", "category"]
 
 GROUPS = {
     "weight products": ("aten::mm", "aten::addmm", "aten::addmv", "aten::mv", "mkldnn::_linear_pointwise"),
-    "attention": ("aten::bmm", "aten::_softmax", "aten::_safe_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    "attention": ("aten::bmm", "aten::_softmax", "aten::_safe_softmax",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu"),
     "convolution": ("aten::mkldnn_convolution", "aten::convolution"),
 }
 
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from transformers import PaliGemmaForConditionalGeneration
 
-        model = PaliGemmaForConditionalGeneration.from_pretrained(args.fixture, dtype=dtype, attn_implementation=args.impl)
+        model = PaliGemmaForConditionalGeneration.from_pretrained(args.fixture, dtype=dtype,
+                                                                  attn_implementation=args.impl)
         model.eval().generation_config.eos_token_id = None
 
         class Streamer:  # put() gets the prompt, then each new token
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     first_wall, decode_wall, times = _profile(lambda on_first: run(1 + args.steps, on_first))
     decode = {k: v / args.steps for k, v in times["decode"].items()}
     label = "ours" if args.impl == "ours" else f"transformers {args.impl}"
-    md = [f"### Profile: {label}, {args.dtype}, {args.threads} threads, prompt {inputs['input_ids'].shape[1]} tokens", ""]
+    prompt = inputs["input_ids"].shape[1]
+    md = [f"### Profile: {label}, {args.dtype}, {args.threads} threads, prompt {prompt} tokens", ""]
     md += _table("First token (vision + prefill + head)", first_wall, times["first"], args.rows, args.threads)
     md += _table(f"One decode step (mean of {args.steps})", decode_wall / args.steps, decode, args.rows, args.threads)
     text = "\n".join(md)

@@ -27,7 +27,8 @@ def test_discover_runs_inference_first_and_finds_every_sibling():
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ('QUICK_ARGS = ["--preset", "tiny", "--runs", "1"]\nap.add_argument("--quick")', ["--preset", "tiny", "--runs", "1"]),
+        ('QUICK_ARGS = ["--preset", "tiny", "--runs", "1"]\nap.add_argument("--quick")',
+         ["--preset", "tiny", "--runs", "1"]),
         ('ap.add_argument("--quick", action="store_true")', ["--quick"]),
         ('ap.add_argument("--preset", default="x")', ["--preset", "tiny"]),
         ('ap.add_argument("--fixture")', None),
@@ -80,7 +81,8 @@ def test_summary_ratios_roofline_and_token_agreement():
 
 def test_update_results_rewrites_only_the_generated_section(tmp_path, monkeypatch):
     path = tmp_path / "RESULTS.md"
-    path.write_text(f"# Results\n\nhand-written notes\n\n{inference.BEGIN}\nold table\n{inference.END}\n\n## Profile\nkept\n")
+    path.write_text(f"# Results\n\nhand-written notes\n\n{inference.BEGIN}\nold table\n{inference.END}\n"
+                    "\n## Profile\nkept\n")
     monkeypatch.setattr(inference, "RESULTS_MD", path)
     inference._update_results("new table\n")
     text = path.read_text()
