@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from statistics import NormalDist
 import numpy as np
 
 from pgconv.converter.layouts import key_map, native_shapes
+from pgconv.converter.safetensors_io import build_header
+from pgconv.converter.sources import TensorMeta
 from pgconv.converter.tokenizer_fixture import write_tokenizer
 from pgconv.errors import InputError
 from pgconv.model.config import PRESETS, PaliGemmaConfig, to_hf_config
@@ -186,17 +187,12 @@ def _chunks(t: Tensor, seed: int, dtype: str):
 
 
 def _write_shard(path: Path, shard: Shard, seed: int, dtype: str) -> None:
-    code, _, itemsize = _DTYPES[dtype]
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    pos = 0
-    for t in shard.tensors:  # sorted by name: the order safetensors' own writer uses for one dtype
-        header[t.name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [pos, pos + t.numel * itemsize]}
-        pos += t.numel * itemsize
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data buffer starts 8-byte aligned, as safetensors pads it
+    code = _DTYPES[dtype][0]
+    metas = [TensorMeta(t.name, t.shape, code) for t in shard.tensors]
+    prefix, offsets = build_header(metas, {"format": "pt"})  # the converter's writer: byte-identical to safetensors
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for t in shard.tensors:
+        f.write(prefix)
+        for t in sorted(shard.tensors, key=lambda t: offsets[t.name]):
             for chunk in _chunks(t, seed, dtype):
                 f.write(memoryview(chunk))  # no bytes copy
 
