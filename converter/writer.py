@@ -1,10 +1,16 @@
-"""Streaming safetensors writer: header first, then tensor data one tensor (or chunk) at a time.
+"""Streaming safetensors writer: every tensor is produced, hashed and written by a small pool of workers.
 
-Memory stays flat whatever the model size: a same-dtype rename is a kernel-side byte-range copy
-(`os.copy_file_range`, falling back to chunked pread/write), a cast reads, converts and writes
-`CHUNK_BYTES` at a time, and only a non-byte-preserving transform materialises one tensor. SHA-256 of every
-tensor runs on a worker thread (hashlib releases the GIL) so hashing overlaps the copy. torch is imported
-only for casts and transforms.
+Memory stays flat whatever the model size: each worker owns one page-aligned staging buffer; a same-dtype rename
+reads source bytes straight into it (`preadv`), a cast reads `CHUNK_BYTES` of source at a time and converts into
+it, and only a non-byte-preserving transform materialises one tensor. The tensor's SHA-256 is taken from the
+staging buffer (one pass, in order, on the worker that owns the tensor), then the buffer goes to disk.
+
+Output offsets are all known from the header, so tensors are independent jobs written with `pwrite`. Whole
+4096-byte blocks go through an `O_DIRECT` descriptor: no page-cache copy (on this kind of VM the buffered write
+path costs about one CPU-second per GB), no dirty pages for a final `fsync` to wait for, and the source stays
+in the page cache instead of being evicted by gigabytes of output. The few partial blocks at tensor boundaries
+(and the header) go through an ordinary descriptor of the same file. Filesystems without `O_DIRECT` (tmpfs,
+some FUSE) get buffered writes for everything. torch is imported only for casts and transforms.
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ import hashlib
 import mmap
 import os
 import re
-from collections import deque
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pgconv.converter.dtypes import is_widening, torch_dtype
+from pgconv.converter.dtypes import is_widening, itemsize, torch_dtype
 from pgconv.converter.plan import TRANSFORMS, Step
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.sources import CHUNK_BYTES, SourceTensor, TensorMeta
@@ -31,15 +37,15 @@ if TYPE_CHECKING:  # torch only for casts and transforms: a same-dtype conversio
     import torch
 
 __all__ = ["TensorRecord", "StreamWriter", "parse_size", "shard_targets", "shard_file_names", "write_shard",
-           "tensors_equal",
-           "sha256_of"]
+           "tensors_equal", "sha256_of"]
 
 _UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}  # decimal, like huggingface_hub
-_COPY_BYTES = 64 << 20
-_HASH_WINDOW = 16 << 20  # bytes mapped at a time per hash worker (mapped pages count as RSS)
-# Hashing is the CPU cost of a same-dtype conversion (~1.7 GB/s per core with SHA-NI): spread whole tensors over cores.
-_HASH_WORKERS = max(1, min(4, os.cpu_count() or 1))
-_WRITEBACK_BYTES = 256 << 20  # start write-back of this much new data in the background (fsync at the end is short)
+_BLOCK = 4096  # O_DIRECT: memory address, file offset and length in multiples of the logical block size (<= 4096)
+_STAGE_BYTES = 32 << 20  # per worker; a multiple of _BLOCK (large enough that each direct write streams)
+# Three workers on two cores: while one waits for its direct write, the others read, cast and hash (SHA-256 at
+# ~1.5 GB/s per core is the CPU cost of a conversion; a tensor's hash is sequential, so parallelism is per tensor).
+_WORKERS = max(2, min(4, (os.cpu_count() or 1) + 1))
+USE_DIRECT_IO = hasattr(os, "O_DIRECT")  # tests switch it off to cover the buffered path
 
 
 @dataclass
@@ -93,51 +99,6 @@ def shard_file_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-class _Hasher:
-    """SHA-256 on worker threads. Whole byte ranges (raw copies) are hashed by a pool, one job per tensor;
-    chunk updates of a streamed tensor go in order to one worker, with at most two buffers waiting."""
-
-    def __init__(self, range_workers: int | None = None) -> None:
-        workers = range_workers or _HASH_WORKERS
-        self.ranges = ThreadPoolExecutor(workers, thread_name_prefix="pgconv-sha256")
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pgconv-sha256-stream")
-        self.pending: deque[Future] = deque()
-
-    def update(self, h: "hashlib._Hash", data: object) -> None:
-        self.pending.append(self.pool.submit(h.update, data))
-        while sum(not f.done() for f in self.pending) > 2:
-            self.pending.popleft().result()
-
-    def update_from_file(self, h: "hashlib._Hash", path: Path, begin: int, end: int) -> None:
-        self.pending.append(self.ranges.submit(_hash_range, h, path, begin, end))
-
-    def drain(self) -> None:
-        while self.pending:
-            self.pending.popleft().result()
-
-    def close(self) -> None:
-        self.ranges.shutdown(wait=True, cancel_futures=True)
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _hash_range(h: "hashlib._Hash", path: Path, begin: int, end: int) -> None:
-    """Hash a byte range straight from the page cache through a moving read-only mmap window (no copy)."""
-    with open(path, "rb", buffering=0) as f:
-        if os.fstat(f.fileno()).st_size < end:  # mapping past EOF would SIGBUS instead of raising
-            raise InputError(f"{path}: truncated while hashing (file changed during the conversion)")
-        pos = begin
-        while pos < end:
-            base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            length = min(end, base + _HASH_WINDOW) - base
-            with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=base) as mm:
-                view = memoryview(mm)
-                try:
-                    h.update(view[pos - base:])
-                finally:
-                    view.release()  # the map cannot close while a view is exported
-            pos = base + length
-
-
 def sha256_of(src: SourceTensor) -> str:
     h = hashlib.sha256()
     for piece in src.raw_chunks():
@@ -145,47 +106,165 @@ def sha256_of(src: SourceTensor) -> str:
     return h.hexdigest()
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def tensors_equal(a: SourceTensor, b: SourceTensor) -> bool:
+    """Bit-identical contents (same dtype and shape), compared chunk by chunk."""
+    if a.meta.dtype != b.meta.dtype or a.meta.shape != b.meta.shape:
+        return False
+    return all(x == y for x, y in zip(a.raw_chunks(), b.raw_chunks()))
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
-        n = os.write(fd, data)
-        data = data[n:]
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
-def _copy_range(src: SourceTensor, out_fd: int, progress: Callable[[int], None]) -> None:
-    """Copy `src`'s byte span to the current position of `out_fd` without passing it through Python."""
-    begin, end = src.span
-    with open(src.file, "rb", buffering=0) as f:
-        pos, kernel = begin, hasattr(os, "copy_file_range")
-        while pos < end:
-            want = min(_COPY_BYTES, end - pos)
-            n = 0
-            if kernel:
-                try:
-                    n = os.copy_file_range(f.fileno(), out_fd, want, pos)
-                except OSError as e:  # other filesystem or kernel without support: copy through a buffer
-                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                        raise
-                    kernel = False
-            if not kernel:
-                buf = bytearray(min(want, CHUNK_BYTES))
-                n = os.preadv(f.fileno(), [buf], pos)
-                _write_all(out_fd, memoryview(buf)[:n])
-            if n <= 0:
-                raise InputError(f"{src.file}: tensor {src.name!r} is truncated (file shorter than its header says)")
-            pos += n
-            progress(n)
+class _OutFile:
+    """One output file: whole aligned blocks through an O_DIRECT descriptor, everything else buffered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.direct: int | None = None
+        if USE_DIRECT_IO:
+            try:
+                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # EINVAL on tmpfs and other filesystems without direct I/O
+                self.direct = None
+        self.lock = threading.Lock()
+
+    def write_blocks(self, data: memoryview, offset: int) -> None:
+        """`data` starts on an aligned address and `offset` and `len(data)` are multiples of `_BLOCK`."""
+        fd = self.direct
+        if fd is not None:
+            try:
+                _pwrite_all(fd, data, offset)
+                return
+            except OSError as e:  # a device whose direct-I/O alignment is stricter than 4096 B: buffered from here
+                if e.errno != errno.EINVAL:
+                    raise
+                with self.lock:
+                    if self.direct is not None:
+                        os.close(self.direct)
+                        self.direct = None
+        _pwrite_all(self.fd, data, offset)
+
+    def write_bytes(self, data: memoryview, offset: int) -> None:
+        _pwrite_all(self.fd, data, offset)
+
+    def close(self, sync: bool) -> None:
+        try:
+            if sync:
+                os.fsync(self.fd)  # also the direct writes' metadata and the device's write cache
+        finally:
+            if self.direct is not None:
+                os.close(self.direct)
+            os.close(self.fd)
 
 
-def _values(step: Step, sources: Mapping[str, SourceTensor]) -> Iterator["torch.Tensor"]:
-    """The target tensor's values in C order, as flat chunks in the source dtype."""
-    srcs = [sources[s] for s in step.sources]
-    if step.transform == "identity":
-        yield from srcs[0].chunks()
-        return
-    out = TRANSFORMS[step.transform].apply([s.load() for s in srcs], step.args).contiguous().reshape(-1)
-    per = max(1, CHUNK_BYTES // out.element_size())
-    for i in range(0, out.numel(), per):
-        yield out[i:i + per]
+class _Stage(threading.local):
+    """Each worker thread's page-aligned staging buffer (anonymous mmap: aligned for O_DIRECT)."""
+
+    view: memoryview | None = None
+
+    def get(self) -> memoryview:
+        if self.view is None:
+            self.view = memoryview(mmap.mmap(-1, _STAGE_BYTES))
+        return self.view
+
+
+class _Raw:
+    """Source bytes as they are: read straight into the caller's buffer."""
+
+    def __init__(self, src: SourceTensor) -> None:
+        assert src.span is not None
+        self.src, self.pos = src, src.span[0]
+        self.f = open(src.file, "rb", buffering=0)
+
+    def into(self, view: memoryview) -> int:
+        end = self.src.span[1]  # type: ignore[index]
+        n = os.preadv(self.f.fileno(), [view[: end - self.pos]], self.pos) if self.pos < end else 0
+        if n <= 0:
+            raise InputError(f"{self.src.file}: tensor {self.src.name!r} is truncated (file shorter than its header "
+                             "says)")
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _Values:
+    """A step's values cast to the target dtype, element by element into the caller's buffer.
+
+    Source spans are read `CHUNK_BYTES` at a time into a reusable buffer; other sources (loaders, transforms)
+    are materialised once. An element that does not fit at the end of a buffer is finished in the next one.
+    """
+
+    def __init__(self, step: Step, sources: Mapping[str, SourceTensor], rec: TensorRecord) -> None:
+        import torch
+
+        self.torch, self.rec = torch, rec
+        self.dtype, self.size = torch_dtype(step.target.dtype), itemsize(step.target.dtype)
+        srcs = [sources[s] for s in step.sources]
+        self.exact = all(is_widening(s.meta.dtype, step.target.dtype) for s in srcs)
+        self.code = step.target.dtype
+        self.left = step.target.numel  # elements still to produce
+        self.spill = b""  # bytes of an element split across two buffers
+        self.raw: _Raw | None = None
+        self.flat: torch.Tensor | None = None
+        self.done = 0
+        if step.transform == "identity" and srcs[0].span is not None:
+            self.raw, self.src_dtype = _Raw(srcs[0]), torch_dtype(srcs[0].meta.dtype)
+            self.src_size = itemsize(srcs[0].meta.dtype)
+            self.buf = torch.empty(max(1, min(self.left, CHUNK_BYTES // self.src_size)), dtype=self.src_dtype)
+        else:
+            values = (srcs[0].load() if step.transform == "identity"
+                      else TRANSFORMS[step.transform].apply([s.load() for s in srcs], step.args))
+            self.flat = values.contiguous().reshape(-1)
+
+    def _next(self, k: int) -> "torch.Tensor":
+        """The next `k` source elements (a view valid until the next call)."""
+        if self.flat is not None:
+            out = self.flat[self.done:self.done + k]
+        else:
+            out = self.buf[:k]
+            mv = memoryview(out.view(self.torch.uint8).numpy())
+            got = 0
+            while got < len(mv):
+                got += self.raw.into(mv[got:])  # type: ignore[union-attr]
+        self.done += k
+        self.left -= k
+        return out
+
+    def into(self, view: memoryview) -> int:
+        if not self.spill and self.left <= 0:
+            raise InputError(f"{self.rec.file}: {self.rec.target.name!r} produced fewer values than its shape says")
+        if self.spill:
+            n = min(len(view), len(self.spill))
+            view[:n], self.spill = self.spill[:n], self.spill[n:]
+            return n
+        k = min(len(view) // self.size, self.left, CHUNK_BYTES // max(1, getattr(self, "src_size", self.size)))
+        if k == 0:  # less room than one element: cast one into `spill`, hand over its first bytes
+            one = self._cast(self._next(1), self.torch.empty(1, dtype=self.dtype))
+            self.spill = one.view(self.torch.uint8).numpy().tobytes()
+            return self.into(view)
+        self._cast(self._next(k), self.torch.frombuffer(view[: k * self.size], dtype=self.dtype))
+        return k * self.size
+
+    def _cast(self, x: "torch.Tensor", out: "torch.Tensor") -> "torch.Tensor":
+        out.copy_(x)
+        if not self.exact:
+            diff, over = _cast_stats(x, out, self.code)
+            self.rec.max_abs_diff = max(self.rec.max_abs_diff or 0.0, diff)
+            self.rec.fp16_overflow += over
+        return out
+
+    def close(self) -> None:
+        if not self.exact and self.rec.max_abs_diff is None:
+            self.rec.max_abs_diff = 0.0
+        if self.raw is not None:
+            self.raw.close()
 
 
 def _cast_stats(x: "torch.Tensor", y: "torch.Tensor", target: str) -> tuple[float, int]:
@@ -201,98 +280,120 @@ def _cast_stats(x: "torch.Tensor", y: "torch.Tensor", target: str) -> tuple[floa
     return diff, overflow
 
 
-def _emit(step: Step, sources: Mapping[str, SourceTensor], fd: int, hasher: _Hasher,
-          progress: Callable[[int], None], rec: TensorRecord) -> "hashlib._Hash":
-    h = hashlib.sha256()
-    src = sources[step.sources[0]]
-    if step.is_raw_copy and src.meta.dtype == step.target.dtype and src.span is not None:
-        hasher.update_from_file(h, src.file, *src.span)
-        _copy_range(src, fd, progress)
-        rec.copied = True
-        return h
-    import torch
-
-    target = step.target.dtype
-    exact = all(is_widening(sources[s].meta.dtype, target) for s in step.sources)
-    # Casts go into rotating preallocated buffers: a fresh allocation per chunk costs page faults on every
-    # chunk. Three suffice because the hasher keeps at most two updates in flight (see _Hasher.update).
-    bufs: list[torch.Tensor] = []
-    for i, chunk in enumerate(_values(step, sources)):
-        if len(bufs) < 3:
-            bufs.append(torch.empty(chunk.numel(), dtype=torch_dtype(target)))  # first chunks are the largest
-        out = bufs[i % 3][: chunk.numel()]
-        out.copy_(chunk)
-        if not exact:
-            diff, over = _cast_stats(chunk, out, target)
-            rec.max_abs_diff = max(rec.max_abs_diff or 0.0, diff)
-            rec.fp16_overflow += over
-        data = memoryview(out.contiguous().view(torch.uint8).numpy())
-        hasher.update(h, data)
-        _write_all(fd, data)
-        progress(len(data))
-    if not exact and rec.max_abs_diff is None:
-        rec.max_abs_diff = 0.0
-    return h
+def _write_span(out: _OutFile, begin: int, end: int, fill: Callable[[memoryview], int], h: "hashlib._Hash | None",
+                stage: memoryview, progress: Callable[[int], None], cancelled: threading.Event) -> None:
+    """Produce bytes [begin, end) of `out` through `stage`: fill, hash in order, write aligned blocks direct."""
+    pos = begin
+    while pos < end:
+        if cancelled.is_set():
+            return
+        base = pos - pos % _BLOCK  # the stage maps file bytes [base, base + len(stage)): addresses stay aligned
+        lead = pos - base
+        limit = min(len(stage), lead + end - pos)
+        n = lead
+        while n < limit:
+            n += fill(stage[n:limit])
+        if h is not None:
+            h.update(stage[lead:n])
+        first = -(-lead // _BLOCK) * _BLOCK  # whole blocks [first, last) go direct, the partial ends buffered
+        last = n - n % _BLOCK
+        if first < last:
+            if lead < first:
+                out.write_bytes(stage[lead:first], base + lead)
+            out.write_blocks(stage[first:last], base + first)
+            if last < n:
+                out.write_bytes(stage[last:n], base + last)
+        else:
+            out.write_bytes(stage[lead:n], base + lead)
+        progress(n - lead)
+        pos = base + n
 
 
 class StreamWriter:
-    """Writes shards one after another; SHA-256 and disk write-back run on worker threads across shards.
+    """Writes shards through a worker pool; use as a context manager.
 
-    `write_shard` writes the header and data of one file; the file is fsynced and closed in the background
-    (after periodic `fdatasync`s that start write-back early, so the copy and the disk overlap). `finish` waits
-    for all of it and returns the records with their hashes. Use as a context manager.
+    `write_shard` opens one file, writes its header and queues its tensors; `finish` runs every queued tensor
+    (largest first, across files), fsyncs and closes the files and returns the records (in file order) with
+    their hashes. An error in any job
+    stops the others and is raised by `finish` (or by `__exit__` after Ctrl-C).
     """
 
     def __init__(self, sources: Mapping[str, SourceTensor], progress: Callable[[int], None]) -> None:
-        self.sources, self.progress = sources, progress
-        self.hasher = _Hasher()
-        self.flusher = ThreadPoolExecutor(1, thread_name_prefix="pgconv-fsync")
-        self.flushes: list[Future] = []
+        self.sources = sources
+        self._progress, self._lock = progress, threading.Lock()
+        self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="pgconv-write")
+        self.stage = _Stage()
+        self.cancelled = threading.Event()
+        self.files: list[_OutFile] = []
+        self.queued: list[tuple] = []  # jobs of every shard, started by `finish`
+        self.jobs: list[Future] = []
         self.hashes: list[tuple[TensorRecord, "hashlib._Hash"]] = []
 
     def __enter__(self) -> "StreamWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.hasher.close()
-        self.flusher.shutdown(wait=True)  # never cancel: the queued jobs close the shard files
+        self.cancelled.set()  # no-op after finish(); otherwise stop queued and running jobs at the next buffer
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for f in self.files:
+            f.close(sync=False)
+        self.files.clear()
+
+    def progress(self, n: int) -> None:
+        with self._lock:
+            self._progress(n)
 
     def write_shard(self, path: Path, steps: list[Step]) -> None:
         header, offsets = build_header([s.target for s in steps], {"format": "pt"})
+        out = _OutFile(path)
+        self.files.append(out)
+        out.write_bytes(memoryview(header), 0)
         by_name = {s.target.name: s for s in steps}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        unsynced = 0
+        for name in sorted(offsets, key=offsets.get):
+            step = by_name[name]
+            rec = TensorRecord(step.target, path.name, tuple(self.sources[s].meta for s in step.sources),
+                               step.transform)
+            h = hashlib.sha256()
+            self.hashes.append((rec, h))
+            start = offsets[name]
+            self.queued.append((out, step, rec, h, start, start + step.target.nbytes))
+
+    def _job(self, out: _OutFile, step: Step, rec: TensorRecord, h: "hashlib._Hash", begin: int, end: int) -> None:
+        if self.cancelled.is_set():
+            return
         try:
-            _write_all(fd, memoryview(header))
-            for name in sorted(offsets, key=offsets.get):
-                step = by_name[name]
-                assert os.lseek(fd, 0, os.SEEK_CUR) == offsets[name], f"writer out of step at {name}"
-                rec = TensorRecord(step.target, path.name, tuple(self.sources[s].meta for s in step.sources),
-                                   step.transform)
-                self.hashes.append((rec, _emit(step, self.sources, fd, self.hasher, self.progress, rec)))
-                unsynced += step.target.nbytes
-                if unsynced >= _WRITEBACK_BYTES:
-                    self.flushes.append(self.flusher.submit(os.fdatasync, fd))
-                    unsynced = 0
+            src = self.sources[step.sources[0]]
+            if step.is_raw_copy and src.meta.dtype == step.target.dtype and src.span is not None:
+                producer: _Raw | _Values = _Raw(src)
+                rec.copied = True
+            else:
+                producer = _Values(step, self.sources, rec)
+            try:
+                _write_span(out, begin, end, producer.into, h, self.stage.get(), self.progress, self.cancelled)
+            finally:
+                producer.close()
         except BaseException:
-            self.flushes.append(self.flusher.submit(os.close, fd))
+            self.cancelled.set()
             raise
-        self.flushes.append(self.flusher.submit(_fsync_close, fd))
 
     def finish(self) -> list[TensorRecord]:
-        self.hasher.drain()
-        for f in self.flushes:
-            f.result()
+        # Largest first: the run ends when the last worker does, so the 1 GB embedding must not start last.
+        for args in sorted(self.queued, key=lambda a: a[5] - a[4], reverse=True):
+            self.jobs.append(self.pool.submit(self._job, *args))
+        self.queued.clear()
+        for job in self.jobs:
+            job.result()  # the first failure raises (the others stop at their next buffer)
+        files, self.files = self.files, []
+        try:
+            for f in files:
+                f.close(sync=True)
+        except BaseException:
+            for f in files[files.index(f) + 1:]:
+                f.close(sync=False)
+            raise
         for rec, h in self.hashes:
             rec.sha256 = h.hexdigest()
         return [rec for rec, _ in self.hashes]
-
-
-def _fsync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(path: Path, steps: list[Step], sources: Mapping[str, SourceTensor],
@@ -301,10 +402,3 @@ def write_shard(path: Path, steps: list[Step], sources: Mapping[str, SourceTenso
     with StreamWriter(sources, progress) as w:
         w.write_shard(path, steps)
         return w.finish()
-
-
-def tensors_equal(a: SourceTensor, b: SourceTensor) -> bool:
-    """Bit-identical contents (same dtype and shape), compared chunk by chunk."""
-    if a.meta.dtype != b.meta.dtype or a.meta.shape != b.meta.shape:
-        return False
-    return all(x == y for x, y in zip(a.raw_chunks(), b.raw_chunks()))

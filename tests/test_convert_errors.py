@@ -130,8 +130,8 @@ def test_write_failure_leaves_no_destination(tmp_path, src, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(*args, **kwargs)
 
-    original = writer._copy_range
-    monkeypatch.setattr(writer, "_copy_range", fail)
+    original = writer._write_span
+    monkeypatch.setattr(writer, "_write_span", fail)
     with pytest.raises(InputError, match="No space left"):
         convert(src, tmp_path / "dst", to="native", quiet=True)
     assert not (tmp_path / "dst").exists() and not _litter(tmp_path)
@@ -147,7 +147,7 @@ def test_keyboard_interrupt_cleans_up(tmp_path, src, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer, "_copy_range", interrupt)
+    monkeypatch.setattr(writer, "_write_span", interrupt)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "dst", to="native", quiet=True)
     assert not (tmp_path / "dst").exists() and not _litter(tmp_path)
@@ -170,11 +170,11 @@ def test_cli_rejects_bad_options(tmp_path, src, capsys):
 _SLOW_CONVERT = """
 import sys, time
 from pgconv.converter import writer
-original = writer._copy_range
+original = writer._write_span
 def slow(*a, **k):
     time.sleep(0.1)
     return original(*a, **k)
-writer._copy_range = slow
+writer._write_span = slow
 from pgconv.cli import main
 main(sys.argv[1:])
 """

@@ -2,7 +2,7 @@
 for every writer (layout convert, spec/.npz convert, fixture), plus exit codes end to end.
 
 Already covered elsewhere (not repeated here): convert's existing DST / --force and overlapping DST, an injected
-ENOSPC in `_copy_range`, KeyboardInterrupt in-process, the free-space check, and a real SIGINT mid-conversion
+ENOSPC in `_write_span`, KeyboardInterrupt in-process, the free-space check, and a real SIGINT mid-conversion
 (test_convert_errors.py); an unknown fixture preset (test_cli_generate.py); unknown layouts and shard sizes
 (test_convert_errors.py `test_cli_rejects_bad_options`); fixture refusing a non-empty directory and a failed
 write (test_fixture.py).
@@ -149,14 +149,14 @@ def _fd_under(fd: int, directory: Path) -> bool:
 @pytest.mark.parametrize("after", [0, 200_000])
 @pytest.mark.parametrize("writer", ["convert layout", "convert cast"])
 def test_enospc_in_the_write_syscalls(tmp_path_factory, tmp_path, capsys, monkeypatch, writer, after):
-    """os.write / os.copy_file_range into the output fail with ENOSPC after `after` bytes (the syscalls the
-    layout writer uses for raw copies and casts): exit 2 naming DST and the error, no DST, no temp directory."""
+    """os.write / os.pwrite / os.copy_file_range into the output fail with ENOSPC after `after` bytes (the
+    layout writer pwrites both direct and buffered): exit 2 naming DST and the error, no DST, no temp directory."""
     src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
     before = tree_digest(src)
     out = tmp_path / "outputs"
     out.mkdir()
     written = [0]
-    real_write, real_copy = os.write, os.copy_file_range
+    real_write, real_pwrite, real_copy = os.write, os.pwrite, os.copy_file_range
 
     def charge(fd: int, n: int) -> None:
         if _fd_under(fd, out):
@@ -168,11 +168,16 @@ def test_enospc_in_the_write_syscalls(tmp_path_factory, tmp_path, capsys, monkey
         charge(fd, len(data))
         return real_write(fd, data)
 
+    def pwrite(fd, data, offset):
+        charge(fd, len(data))
+        return real_pwrite(fd, data, offset)
+
     def copy(src_fd, dst_fd, count, *a, **k):
         charge(dst_fd, count)
         return real_copy(src_fd, dst_fd, count, *a, **k)
 
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     monkeypatch.setattr(os, "copy_file_range", copy)
     res = run_cli(_writers(src, out)[writer], capsys)
     monkeypatch.undo()
@@ -282,6 +287,9 @@ def test_exception_mid_write_leaves_nothing(tmp_path_factory, tmp_path, monkeypa
 
     for name in ("chunks", "load"):
         monkeypatch.setattr(sources.SourceTensor, name, failing(getattr(sources.SourceTensor, name)))
+    from pgconv.converter import writer as layout_writer  # the layout writer's workers read spans themselves
+
+    monkeypatch.setattr(layout_writer._Values, "__init__", failing(layout_writer._Values.__init__))
     argv = _writers(src, out)[writer]
     dst = Path(argv[2])
     kwargs = dict(to=argv[4], quiet=True, force=True)
@@ -316,7 +324,7 @@ main(sys.argv[4:])
 _SLOWED = {
     "convert big-vision": ("pgconv.converter.npz", "NpzWriter.add", 0.05),
     "fixture": ("pgconv.converter.fixture", "_chunks", 0.05),
-    "convert cast": ("pgconv.converter.sources", "SourceTensor.chunks", 0.05),
+    "convert cast": ("pgconv.converter.writer", "_Values.into", 0.05),
 }
 
 

@@ -1,0 +1,125 @@
+"""The streaming writer against safetensors' own writer (the oracle): byte-identical files and per-tensor SHA-256,
+for raw copies and casts, with direct I/O and without, with staging buffers small enough that tensors straddle
+buffer and block boundaries at every alignment (including an element split across two buffers)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from pgconv.converter import writer
+from pgconv.converter.dtypes import code_of
+from pgconv.converter.plan import Step
+from pgconv.converter.safetensors_io import read_safetensors
+from pgconv.converter.sources import TensorMeta
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64]
+FLOATS = ("F32", "BF16", "F16")
+
+
+def _tensor(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return (torch.randn(numel, generator=g) * 300).to(dtype)  # * 300: float16 casts of float32 stay finite
+    return torch.randint(0, 100, (numel,), generator=g).to(dtype)
+
+
+def _write(tmp: Path, tensors: dict[str, torch.Tensor], cast: str | None) -> tuple[Path, list, dict]:
+    """Source file by safetensors; our output (cast to `cast` where a float) and the expected tensors."""
+    src_file = tmp / "src.safetensors"
+    save_file(tensors, src_file)
+    _, sources = read_safetensors(src_file)
+    steps, expected = [], {}
+    for name, t in tensors.items():
+        code = code_of(t.dtype)
+        target = cast if cast and code in FLOATS else code
+        steps.append(Step(TensorMeta(name, tuple(t.shape), target), (name,)))
+        expected[name] = t.to(getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[target])) \
+            if target != code else t
+    out = tmp / "out.safetensors"
+    records = writer.write_shard(out, steps, sources, lambda n: None)
+    return out, records, expected
+
+
+@pytest.fixture(params=[True, False], ids=["direct", "buffered"])
+def io_mode(request, monkeypatch):
+    monkeypatch.setattr(writer, "USE_DIRECT_IO", request.param)
+    return request.param
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.tuples(st.integers(0, 9000), st.sampled_from(range(len(DTYPES)))), min_size=1, max_size=6),
+       cast=st.sampled_from([None, "F32", "BF16", "F16"]), stage_blocks=st.integers(1, 3), seed=st.integers(0, 99))
+def test_output_equals_safetensors_writer(tmp_path_factory, io_mode, monkeypatch, sizes, cast, stage_blocks, seed):
+    # A stage of 1-3 blocks: most tensors span several buffers; odd element counts put boundaries mid-element.
+    monkeypatch.setattr(writer, "_STAGE_BYTES", stage_blocks * writer._BLOCK)
+    tmp = tmp_path_factory.mktemp("w")
+    tensors = {f"t{i}": _tensor(n, DTYPES[d], seed + i) for i, (n, d) in enumerate(sizes)}
+    out, records, expected = _write(tmp, tensors, cast)
+    save_file(expected, tmp / "oracle.safetensors", metadata={"format": "pt"})
+    assert out.read_bytes() == (tmp / "oracle.safetensors").read_bytes()
+    for rec in records:
+        t = expected[rec.target.name]
+        assert rec.sha256 == hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        assert rec.copied == (rec.sources[0].dtype == rec.target.dtype)
+
+
+def test_lossy_cast_reports_max_delta_and_overflow(tmp_path, io_mode):
+    t = torch.tensor([1.0, 1e-3 + 1e-7, 70000.0, -1e6, float("inf")], dtype=torch.float32)
+    _, records, _ = _write(tmp_path, {"w": t}, "F16")
+    (rec,) = records
+    assert rec.fp16_overflow == 2  # 70000 and -1e6; the source inf is not an overflow
+    expected = (t[:2].to(torch.float16).to(torch.float32) - t[:2]).abs().max().item()
+    assert rec.max_abs_diff == pytest.approx(expected, rel=0, abs=0)
+
+
+def test_direct_io_falls_back_when_the_device_refuses(tmp_path, monkeypatch):
+    """A direct write refused with EINVAL (stricter alignment than 4096 B) is redone buffered; the file is right."""
+    import errno
+    import os
+
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, offset):
+        if fd not in refused and os.O_DIRECT & _flags(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * writer._BLOCK)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    tensors = {"a": _tensor(10000, torch.float32, 1), "b": _tensor(3001, torch.bfloat16, 2)}
+    out, _, expected = _write(tmp_path, tensors, None)
+    monkeypatch.undo()
+    save_file(expected, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
+    assert out.read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
+    assert refused, "no direct write was attempted (O_DIRECT unsupported here?)"
+
+
+def _flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def test_a_failing_job_stops_the_others_and_raises(tmp_path, monkeypatch):
+    calls = []
+    real = writer._write_span
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "_write_span", failing)
+    with pytest.raises(OSError, match="No space"):
+        _write(tmp_path, {f"t{i}": _tensor(5000, torch.float32, i) for i in range(12)}, None)
+    assert len(calls) < 12  # the queued jobs were cancelled
