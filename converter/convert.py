@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pgconv.converter.manifest import build_manifest, check_output, write_manife
 from pgconv.converter.layouts import LAYOUTS
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.safetensors_io import build_header
+from pgconv.converter.staging import reap_stale, temp_sibling
 from pgconv.converter.writer import (StreamWriter, TensorRecord, parse_size, shard_file_names, shard_targets,
                                      tensors_equal)
 from pgconv.errors import InputError
@@ -195,8 +195,8 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
     free = shutil.disk_usage(dst.parent).free
     if free < need:
         raise InputError(f"{dst.parent}: not enough free space ({free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed)")
-    tmp = dst.parent / f".{dst.name}.pgconv-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    old = dst.parent / f".{dst.name}.pgconv-old-{os.getpid()}-{secrets.token_hex(4)}"
+    reap_stale(dst)  # what a kill -9'd earlier run towards DST left (only dead processes' on this host)
+    tmp, old = temp_sibling(dst, "tmp"), temp_sibling(dst, "old")
     try:
         tmp.mkdir()
     except OSError as e:  # EACCES/EROFS that os.access did not predict (root, ACLs, a race)

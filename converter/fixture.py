@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -32,6 +31,7 @@ import numpy as np
 from pgconv.converter.layouts import key_map, native_shapes
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.sources import TensorMeta
+from pgconv.converter.staging import reap_stale, temp_sibling
 from pgconv.converter.tokenizer_fixture import write_tokenizer
 from pgconv.errors import InputError
 from pgconv.model.config import PRESETS, PaliGemmaConfig, to_hf_config
@@ -245,12 +245,13 @@ def make_fixture(directory: str | os.PathLike, preset: str = "tiny", seed: int =
         need = plan.total_size + 300 * plan.config.text.vocab_size + (1 << 20)
         if (free := shutil.disk_usage(out.parent).free) < need:
             raise InputError(f"{out.parent}: not enough free space ({free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        reap_stale(out)
+        tmp = temp_sibling(out, "tmp")
+        tmp.mkdir()
     except OSError as e:  # parent is a file, permissions, read-only filesystem
         raise InputError(f"{out.parent}: cannot create the fixture there ({e.strerror or e})") from None
     try:
         _write_files(tmp, plan, seed)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -262,7 +263,8 @@ def make_fixture(directory: str | os.PathLike, preset: str = "tiny", seed: int =
 
 def _replace_dir(tmp: Path, out: Path) -> None:
     if out.is_dir():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = temp_sibling(out, "old")
+        old.mkdir()
         os.rename(out, old / "x")
         try:
             os.rename(tmp, out)
@@ -297,7 +299,9 @@ def default_checkpoint() -> Path:
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        reap_stale(out)
+        tmp = temp_sibling(out, "tmp")
+        tmp.mkdir()
         _write_files(tmp, plan_fixture("tiny"), seed=0)
         os.chmod(tmp, 0o755)
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from pgconv.converter.sources import SourceTensor, TensorMeta
 from pgconv.converter.spec import builtin_names, load_spec
 from pgconv.converter.spec_bind import FileTensor, bind
 from pgconv.converter.spec_ops import SpecError
+from pgconv.converter.staging import reap_stale, temp_sibling
 from pgconv.converter.writer import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, to_hf_config
@@ -177,7 +177,8 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
     if free < need:
         raise InputError(f"{dst.parent}: not enough free space ({free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed)")
     meta = {**provenance(bound), "pgconv.source_format": src_format}
-    tmp = dst.parent / f".{dst.name}.pgconv-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    reap_stale(dst)
+    tmp = temp_sibling(dst, "tmp")
     lossy: dict[str, float] = {}
     try:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet, desc="convert",
@@ -196,7 +197,7 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
                                      "target_layout": spec.name, "spec_digest": spec.digest,
                                      "source_files": [p.name for p in ck.files], "tensors": rows})
         if dst.is_dir() and not dst.is_symlink():  # a --force'd directory: move it aside, rename, then delete it
-            old = dst.parent / f".{dst.name}.pgconv-old-{os.getpid()}-{secrets.token_hex(4)}"
+            old = temp_sibling(dst, "old")
             dst.rename(old)
             os.replace(tmp, dst)
             shutil.rmtree(old, ignore_errors=True)

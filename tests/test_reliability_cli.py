@@ -455,3 +455,37 @@ def test_unknown_presets_and_formats(tmp_path_factory, tmp_path, capsys, argv, n
     res = run_cli(argv, capsys)
     assert_one_line_error(res, *needles)
     assert not (tmp_path / "out").exists() and litter(tmp_path) == []
+
+
+# -- kill -9: leftovers of a process that could not clean up --------------------------------------------------------
+
+@pytest.mark.parametrize("writer", ["convert layout", "convert big-vision", "fixture"])
+def test_kill_9_leftovers_are_removed_by_the_next_run(tmp_path_factory, tmp_path, capsys, writer):
+    """SIGKILL mid-write leaves the hidden temporary sibling (nothing can run on SIGKILL); the next run towards the
+    same destination removes it and succeeds. A live process's sibling and another host's are kept."""
+    from pgconv.converter.staging import temp_sibling
+
+    src = tiny_checkpoint(tmp_path_factory)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    module, attr, delay = _SLOWED.get(writer, ("pgconv.converter.writer", "_write_span", 0.05))
+    argv = [str(a) for a in _writers(src, out)[writer]]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW, module, attr, str(delay), *argv], stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while _bytes_under(out) < 8192 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = litter(out)
+    assert left and all("pgconv-tmp" in n for n in left), left
+    dst = Path(argv[2] if writer != "fixture" else argv[1])
+    live = temp_sibling(dst)  # ours: this test process is alive
+    live.mkdir()
+    other_host = out / left[0].replace(left[0].split("-tmp-")[1].split("-")[0], "otherhost", 1)
+    other_host.mkdir()
+    res = run_cli(argv, capsys)
+    assert res.code == 0, res.err
+    assert dst.exists()
+    assert litter(out) == sorted([live.name, other_host.name])
