@@ -281,8 +281,10 @@ def _cast_stats(x: "torch.Tensor", y: "torch.Tensor", target: str) -> tuple[floa
 
 
 def _write_span(out: _OutFile, begin: int, end: int, fill: Callable[[memoryview], int], h: "hashlib._Hash | None",
-                stage: memoryview, progress: Callable[[int], None], cancelled: threading.Event) -> None:
-    """Produce bytes [begin, end) of `out` through `stage`: fill, hash in order, write aligned blocks direct."""
+                stage: memoryview, progress: Callable[[int], None], cancelled: threading.Event,
+                io: ThreadPoolExecutor | None = None) -> None:
+    """Produce bytes [begin, end) of `out` through `stage`: fill, then hash (in order) while the same bytes are
+    being written (both only read the stage); whole aligned blocks go direct, the partial ends buffered."""
     pos = begin
     while pos < end:
         if cancelled.is_set():
@@ -293,20 +295,29 @@ def _write_span(out: _OutFile, begin: int, end: int, fill: Callable[[memoryview]
         n = lead
         while n < limit:
             n += fill(stage[n:limit])
+        pending = io.submit(_write_stage, out, stage, base, lead, n) if io is not None else None
         if h is not None:
             h.update(stage[lead:n])
-        first = -(-lead // _BLOCK) * _BLOCK  # whole blocks [first, last) go direct, the partial ends buffered
-        last = n - n % _BLOCK
-        if first < last:
-            if lead < first:
-                out.write_bytes(stage[lead:first], base + lead)
-            out.write_blocks(stage[first:last], base + first)
-            if last < n:
-                out.write_bytes(stage[last:n], base + last)
+        if pending is not None:
+            pending.result()
         else:
-            out.write_bytes(stage[lead:n], base + lead)
+            _write_stage(out, stage, base, lead, n)
         progress(n - lead)
         pos = base + n
+
+
+def _write_stage(out: _OutFile, stage: memoryview, base: int, lead: int, n: int) -> None:
+    """Write stage[lead:n] at file offset base + lead: whole blocks [first, last) direct, the partial ends buffered."""
+    first = -(-lead // _BLOCK) * _BLOCK
+    last = n - n % _BLOCK
+    if first < last:
+        if lead < first:
+            out.write_bytes(stage[lead:first], base + lead)
+        out.write_blocks(stage[first:last], base + first)
+        if last < n:
+            out.write_bytes(stage[last:n], base + last)
+    else:
+        out.write_bytes(stage[lead:n], base + lead)
 
 
 class StreamWriter:
@@ -322,6 +333,7 @@ class StreamWriter:
         self.sources = sources
         self._progress, self._lock = progress, threading.Lock()
         self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="pgconv-write")
+        self.io = ThreadPoolExecutor(_WORKERS, thread_name_prefix="pgconv-io")  # one write in flight per worker
         self.stage = _Stage()
         self.cancelled = threading.Event()
         self.files: list[_OutFile] = []
@@ -335,6 +347,7 @@ class StreamWriter:
     def __exit__(self, *exc: object) -> None:
         self.cancelled.set()  # no-op after finish(); otherwise stop queued and running jobs at the next buffer
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.io.shutdown(wait=True)
         for f in self.files:
             f.close(sync=False)
         self.files.clear()
@@ -369,7 +382,8 @@ class StreamWriter:
             else:
                 producer = _Values(step, self.sources, rec)
             try:
-                _write_span(out, begin, end, producer.into, h, self.stage.get(), self.progress, self.cancelled)
+                _write_span(out, begin, end, producer.into, h, self.stage.get(), self.progress, self.cancelled,
+                            self.io)
             finally:
                 producer.close()
         except BaseException:
