@@ -195,10 +195,11 @@ class _Raw:
 
 
 class _Values:
-    """A step's values cast to the target dtype, element by element into the caller's buffer.
+    """A step's values cast to the target dtype, written element by element into the caller's buffers.
 
-    Source spans are read `CHUNK_BYTES` at a time into a reusable buffer; other sources (loaders, transforms)
-    are materialised once. An element that does not fit at the end of a buffer is finished in the next one.
+    Identity steps stream the source's own `chunks()` (`CHUNK_BYTES` at a time; readers such as the vocabulary
+    pad/cut of big_vision embeddings stream there too); a transform materialises its one target tensor. An
+    element that does not fit at the end of a buffer is finished in the next one.
     """
 
     def __init__(self, step: Step, sources: Mapping[str, SourceTensor], rec: TensorRecord) -> None:
@@ -211,46 +212,42 @@ class _Values:
         self.code = step.target.dtype
         self.left = step.target.numel  # elements still to produce
         self.spill = b""  # bytes of an element split across two buffers
-        self.raw: _Raw | None = None
-        self.flat: torch.Tensor | None = None
-        self.done = 0
-        if step.transform == "identity" and srcs[0].span is not None:
-            self.raw, self.src_dtype = _Raw(srcs[0]), torch_dtype(srcs[0].meta.dtype)
-            self.src_size = itemsize(srcs[0].meta.dtype)
-            self.buf = torch.empty(max(1, min(self.left, CHUNK_BYTES // self.src_size)), dtype=self.src_dtype)
+        if step.transform == "identity":
+            self.chunks: Iterator[torch.Tensor] = srcs[0].chunks()
         else:
-            values = (srcs[0].load() if step.transform == "identity"
-                      else TRANSFORMS[step.transform].apply([s.load() for s in srcs], step.args))
-            self.flat = values.contiguous().reshape(-1)
+            out = TRANSFORMS[step.transform].apply([s.load() for s in srcs], step.args).contiguous().reshape(-1)
+            self.chunks = iter([out])
+        self.cur: torch.Tensor | None = None
+        self.pos = 0
 
-    def _next(self, k: int) -> "torch.Tensor":
-        """The next `k` source elements (a view valid until the next call)."""
-        if self.flat is not None:
-            out = self.flat[self.done:self.done + k]
-        else:
-            out = self.buf[:k]
-            mv = memoryview(out.view(self.torch.uint8).numpy())
-            got = 0
-            while got < len(mv):
-                got += self.raw.into(mv[got:])  # type: ignore[union-attr]
-        self.done += k
-        self.left -= k
+    def _take(self, k: int) -> "torch.Tensor":
+        """Up to `k` (at least one) next source elements; valid until the next call (chunks share a buffer)."""
+        while self.cur is None or self.pos >= self.cur.numel():
+            try:
+                self.cur, self.pos = next(self.chunks).reshape(-1), 0
+            except StopIteration:
+                raise InputError(f"{self.rec.sources[0].name!r}: source produced fewer values than its shape "
+                                 "says") from None
+        out = self.cur[self.pos:self.pos + k]
+        self.pos += out.numel()
+        self.left -= out.numel()
         return out
 
     def into(self, view: memoryview) -> int:
-        if not self.spill and self.left <= 0:
-            raise InputError(f"{self.rec.file}: {self.rec.target.name!r} produced fewer values than its shape says")
         if self.spill:
             n = min(len(view), len(self.spill))
             view[:n], self.spill = self.spill[:n], self.spill[n:]
             return n
-        k = min(len(view) // self.size, self.left, CHUNK_BYTES // max(1, getattr(self, "src_size", self.size)))
+        if self.left <= 0:
+            raise InputError(f"{self.rec.file}: {self.rec.target.name!r} produced fewer values than its shape says")
+        k = min(len(view) // self.size, self.left)
         if k == 0:  # less room than one element: cast one into `spill`, hand over its first bytes
-            one = self._cast(self._next(1), self.torch.empty(1, dtype=self.dtype))
+            one = self._cast(self._take(1), self.torch.empty(1, dtype=self.dtype))
             self.spill = one.view(self.torch.uint8).numpy().tobytes()
             return self.into(view)
-        self._cast(self._next(k), self.torch.frombuffer(view[: k * self.size], dtype=self.dtype))
-        return k * self.size
+        x = self._take(k)
+        self._cast(x, self.torch.frombuffer(view[: x.numel() * self.size], dtype=self.dtype))
+        return x.numel() * self.size
 
     def _cast(self, x: "torch.Tensor", out: "torch.Tensor") -> "torch.Tensor":
         out.copy_(x)
@@ -263,8 +260,9 @@ class _Values:
     def close(self) -> None:
         if not self.exact and self.rec.max_abs_diff is None:
             self.rec.max_abs_diff = 0.0
-        if self.raw is not None:
-            self.raw.close()
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _cast_stats(x: "torch.Tensor", y: "torch.Tensor", target: str) -> tuple[float, int]:
