@@ -123,3 +123,29 @@ def test_a_failing_job_stops_the_others_and_raises(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         _write(tmp_path, {f"t{i}": _tensor(5000, torch.float32, i) for i in range(12)}, None)
     assert len(calls) < 12  # the queued jobs were cancelled
+
+
+def test_streamed_sources_are_never_loaded_whole(tmp_path, io_mode, monkeypatch):
+    """A source without a byte span (e.g. big_vision's padded embedding) is cast from its chunks(), never load()ed:
+    the 1 GB embedding must not be materialised."""
+    import dataclasses
+
+    from pgconv.converter.sources import SourceTensor
+
+    t = _tensor(50_000, torch.bfloat16, 3)
+
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class Streamed(SourceTensor):
+        def chunks(self, max_bytes: int = 0):
+            yield from t.split(7001)  # uneven pieces
+
+        def load(self):
+            raise AssertionError("loaded whole")
+
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 4 * writer._BLOCK)
+    src = Streamed(TensorMeta("e", (50_000,), "BF16"), tmp_path / "none")
+    records = writer.write_shard(tmp_path / "o.safetensors", [Step(TensorMeta("e", (50_000,), "F32"), ("e",))],
+                                 {"e": src}, lambda n: None)
+    save_file({"e": t.float()}, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
+    assert records[0].sha256 == hashlib.sha256(t.float().numpy().tobytes()).hexdigest()
