@@ -101,8 +101,20 @@ def _scan(ck: Checkpoint) -> dict[str, dict[str, int]]:
     return out
 
 
-def inspect(path: str | Path, scan: bool = False) -> InspectReport:
-    """Describe the checkpoint at `path` (directory, weight file or hub id)."""
+def inspect(path: str | Path, scan: bool = False, from_: str | Path | None = None,
+            config: str | Path | None = None) -> InspectReport:
+    """Describe the checkpoint at `path` (directory, weight file or hub id).
+
+    A big_vision `.npz`, or any source read through a spec (`from_`: a built-in spec name or a .toml/.json file),
+    is described through that spec: its tensors appear under pgconv's native names, the layout is the spec's name
+    and the config is `config` (preset name or config.json), a config.json beside it, or the preset its shapes
+    match. A file that does not fit the spec is unreadable input (InputError), like a malformed header.
+    """
+    if config is not None and from_ is None and Path(str(path)).suffix != ".npz":
+        raise InputError(f"--config {config}: only for sources read through a spec (--from, .npz); {path} is read "
+                         "with its own config.json")
+    if from_ is not None or Path(str(path)).suffix == ".npz":
+        return _inspect_spec(Path(path), from_ or "big-vision", config, scan)
     src, trusted = resolve_source(path)
     ck = open_checkpoint(src, trusted_root=trusted)
     shapes = {n: t.meta.shape for n, t in ck.tensors.items()}
@@ -145,3 +157,37 @@ def inspect(path: str | Path, scan: bool = False) -> InspectReport:
         problems += [f"tensor {n}: {v['nan']} NaN, {v['inf']} Inf" for n, v in report.nonfinite.items()]
     report.problems = problems
     return report
+
+
+def _inspect_spec(path: Path, spec: str | Path, config: str | Path | None, scan: bool) -> InspectReport:
+    from pgconv.converter.custom import open_spec_checkpoint
+
+    ck = open_spec_checkpoint(path, spec, config, allow_cut=True)  # a vocabulary cut is reported, not refused
+    cfg = ck.pg_config()
+    shapes = {n: t.meta.shape for n, t in ck.tensors.items()}
+    dtypes = Counter(t.meta.dtype for t in ck.tensors.values())
+    dtype_bytes: Counter = Counter()
+    for t in ck.tensors.values():
+        dtype_bytes[t.meta.dtype] += t.meta.nbytes
+    name = ck.spec.name if ck.spec is not None else str(spec)
+    fmt = f"{ck.files[0].suffix.lstrip('.') or 'directory'} read through spec {name}"
+    report = InspectReport(str(path), fmt, [p.name for p in ck.files], name, matching_presets(shapes, "native"),
+                           _config_origin(path, config), len(ck.tensors),
+                           dict(sorted(dtypes.items())), dict(sorted(dtype_bytes.items())), sum(dtype_bytes.values()),
+                           "unknown")
+    problems: list[str] = []
+    report.tied, problem = _tied_status(ck, cfg, "native")
+    problems += [problem] if problem else []
+    if scan:
+        report.nonfinite = _scan(ck)
+        problems += [f"tensor {n}: {v['nan']} NaN, {v['inf']} Inf" for n, v in report.nonfinite.items()]
+    report.problems = problems
+    return report
+
+
+def _config_origin(path: Path, config: str | Path | None) -> str:
+    """How open_spec_checkpoint found the config (custom.resolve_config's order)."""
+    if config is not None:
+        return f"ok (--config {config})"
+    beside = (path if path.is_dir() else path.parent) / "config.json"
+    return f"ok ({beside})" if beside.is_file() else "absent (preset inferred from the tensor shapes)"

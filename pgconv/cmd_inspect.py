@@ -17,11 +17,15 @@ __all__ = ["inspect"]
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--scan", is_flag=True, help="Also read every value and count NaN/Inf.")
-def inspect(path: str, as_json: bool, scan: bool) -> None:
-    """Describe the checkpoint PATH (directory, weight file or hub id); exit 1 if it has problems."""
+@click.option("--from", "from_", metavar="SPEC", help="Read PATH through a spec (built-in name or .toml/.json file); "
+              "a .npz is read as big-vision.")
+@click.option("--config", metavar="PRESET|FILE", help="Config for a spec-read source (preset name or config.json); "
+              "default: config.json beside it, else the preset its shapes match.")
+def inspect(path: str, as_json: bool, scan: bool, from_: str | None, config: str | None) -> None:
+    """Describe the checkpoint PATH (directory, weight file, .npz or hub id); exit 1 if it has problems."""
     from pgconv.converter.inspect import inspect as run
 
-    report = run(path, scan=scan)
+    report = run(path, scan=scan, from_=from_, config=config)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
     if report.problems:
         sys.exit(1)

@@ -64,3 +64,41 @@ def test_untied_and_unknown_layout(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["inspect", str(tmp_path / "nope")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("pgconv: error:")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-pg2"])
+def test_big_vision_npz_is_described_through_its_spec(tmp_path, capsys, preset):
+    """A .npz written from big_vision's own module tree (test_big_vision's independent builder) is read through the
+    big-vision spec: preset recognised, native tensor count, tie status, a NaN found by --scan."""
+    import numpy as np
+
+    from test_big_vision import big_vision_tree, save_tree
+    from test_big_vision import hf_model as bv_model
+
+    cfg, m = bv_model(preset, torch.float32)
+    tree = big_vision_tree(m, cfg)
+    src = save_tree(tmp_path / "pt.npz", tree)
+    r = inspect(src, scan=True)
+    n = len(expected_shapes(cfg, "native", with_lm_head=False))
+    assert (r.layout, r.presets, r.tensors, r.dtypes) == ("big-vision", [preset], n, {"F32": n})
+    assert r.format == "npz read through spec big-vision" and r.config.startswith("absent (preset inferred")
+    assert r.tied.startswith("tied") and r.problems == [] and r.nonfinite == {}
+    key = "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+    tree[key] = np.array(tree[key])
+    tree[key].flat[:2] = [np.nan, np.inf]
+    save_tree(tmp_path / "bad.npz", tree)
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(tmp_path / "bad.npz"), "--scan", "--json", "--config", preset])
+    report = json.loads(capsys.readouterr().out)
+    assert e.value.code == 1 and report["config"] == f"ok (--config {preset})"
+    assert sum(v["nan"] for v in report["nonfinite"].values()) == 1
+    assert sum(v["inf"] for v in report["nonfinite"].values()) == 1
+
+
+def test_config_option_is_only_for_spec_sources(tmp_path, capsys):
+    cfg = PRESETS["tiny"]
+    write_checkpoint(tmp_path / "ck", cfg, random_state(cfg, "hf-legacy", "BF16", bits=False), dtype="bfloat16")
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(tmp_path / "ck"), "--config", "tiny"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--config" in err
