@@ -125,8 +125,10 @@ class PaliGemma(nn.Module):
         input_pos: Tensor | None = None,
         position_ids: Tensor | None = None,
         logits_to_keep: int | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
-        """Logits (B, T or logits_to_keep, vocab).
+        """Logits (B, T or logits_to_keep, vocab); with `return_hidden`, the final-norm hidden states (B, T, d)
+        instead, so a caller can compute `logits(hidden)` for the positions it needs, a few at a time.
 
         Without `input_pos` this is a plain full forward (no cache). With `input_pos` (T,) the k/v are written into
         the cache at those positions and attention spans the cache; decode steps pass `pixel_values=None`, so the
@@ -141,6 +143,8 @@ class PaliGemma(nn.Module):
         )
         ctx.keep = logits_to_keep or None  # the last block skips the positions whose logits are not kept
         hidden = self.text(x, ctx)
+        if return_hidden:
+            return hidden
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden)

@@ -122,3 +122,40 @@ def test_a_cache_that_does_not_fit_is_replaced():
     assert ours.text.blocks[0].attn.cache.k.dtype == torch.float32
     generate(ours, **two, max_new_tokens=3, eos_token_ids=NO_EOS)  # another batch size
     assert ours.text.blocks[0].attn.cache.k.shape[0] == 2
+
+
+@pytest.mark.parametrize("prompt_lens", [[5], [3, 9]], ids=["batch1", "batch2-left-padded"])
+def test_decoding_from_a_caller_prefilled_cache_equals_generate(models, prompt_lens):
+    """`prefilled`: the caller ran the prefill (here a forward over prompt + extra suffix tokens into the cache, as
+    `pgconv verify` does; the prefix never sees the suffix); decoding from its last-prompt logits gives the same
+    tokens, and the cache's prompt entries are left alone."""
+    cfg, _, ours = models
+    inp = make_inputs(cfg, prompt_lens, seed=7)
+    want = generate(ours, **inp, max_new_tokens=6, eos_token_ids=NO_EOS)
+    b, t = inp["input_ids"].shape
+    extra = want[:, :3]  # suffix tokens written past the prompt, overwritten by the decode
+    ids = torch.cat([inp["input_ids"], extra], 1)
+    tti = torch.cat([inp["token_type_ids"], torch.ones_like(extra)], 1)
+    mask = torch.cat([inp["attention_mask"], torch.ones_like(extra)], 1)
+    from pgconv.model import ops
+
+    ours.setup_cache(b, t + 6 - 1)
+    with torch.no_grad():
+        hidden = ours(ids, inp["pixel_values"], tti, mask, input_pos=torch.arange(ids.shape[1]),
+                      position_ids=ops.rope_positions(ops.padded_index(mask)), return_hidden=True)
+        first = ours.logits(hidden[:, t - 1:t])[:, -1]
+    prompt_k = ours.text.blocks[0].attn.cache.k[:, :, :t].clone()
+    got = generate(ours, **inp, max_new_tokens=6, eos_token_ids=NO_EOS, prefilled=first)
+    assert got.tolist() == want.tolist()
+    assert torch.equal(ours.text.blocks[0].attn.cache.k[:, :, :t], prompt_k)
+
+
+def test_prefilled_needs_room_in_the_cache():
+    from pgconv.errors import InputError
+
+    cfg = CONFIGS["tiny"]
+    _, ours = pair(cfg, seed=2)
+    inp = make_inputs(cfg, [4], seed=7)
+    ours.setup_cache(1, inp["input_ids"].shape[1] + 1)
+    with pytest.raises(InputError, match="KV cache holds"):
+        generate(ours, **inp, max_new_tokens=4, prefilled=torch.zeros(1, cfg.text.vocab_size))

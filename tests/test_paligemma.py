@@ -108,6 +108,15 @@ def test_logits_to_keep_matches_full(models):
 
 
 @torch.no_grad()
+def test_return_hidden_gives_what_logits_are_computed_from(models):
+    cfg, _, ours = models
+    inp = make_inputs(cfg, [4])
+    hidden = ours(**inp, return_hidden=True)
+    assert hidden.shape[-1] == cfg.text.hidden_size
+    assert torch.equal(ours.logits(hidden), ours(**inp))
+
+
+@torch.no_grad()
 def test_prefix_is_bidirectional_and_suffix_causal(models):
     """Changing the last suffix token changes no earlier logit; changing the last prompt token changes earlier
     prefix logits (the prefix attends both ways). Checked on both sides."""
