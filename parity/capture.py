@@ -9,7 +9,7 @@ argument of the call (`layers.0@attention_mask`) or `@ctx.attr` to read an attri
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,12 +79,14 @@ class Recorder:
             raise KeyError(f"{type(model).__name__} has no module(s) {', '.join(missing[:5])}")
         self._targets = {n: modules[n] for n in names}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # Called with the module name after each module's first call is recorded (e.g. to compare it right away).
+        self.on_call: Callable[[str], None] | None = None
 
     def __enter__(self) -> "Recorder":
         for name, module in self._targets.items():
             call = self.calls.setdefault(name, Call())
             self._handles.append(module.register_forward_pre_hook(self._pre(call), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._post(call), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post(name, call), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -100,13 +102,23 @@ class Recorder:
 
         return hook
 
-    @staticmethod
-    def _post(call: Call):
+    def _post(self, name: str, call: Call):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not call.done:  # keep the first call only (a module called twice is a probe-table error)
                 call.output, call.done = _detach(output), True
+                if self.on_call is not None:
+                    self.on_call(name)
 
         return hook
+
+    def drop(self, modules: set[str]) -> None:
+        """Forget the recorded calls of `modules` (frees their captured activations)."""
+        for m in modules:
+            self.calls.pop(m, None)
+
+    def keep_only(self, modules: set[str]) -> None:
+        """Drop every recorded call except those of `modules` (frees the captured activations)."""
+        self.calls = {k: v for k, v in self.calls.items() if k in modules}
 
     def get(self, path: str, at: str = "output") -> Any:
         return tensor_of(self.call(path), at, split_path(path)[1])

@@ -1,11 +1,16 @@
 """One verification case (one image + prompt): probes, logits, generation, cache check.
 
-Order of work, so every forward pass serves several checks:
+Order of work, so every forward pass serves several checks and no full-vocabulary logits are ever held:
 1. the reference decodes greedily (`generate`) -> its tokens and per-step logits;
-2. both models run one hooked, uncached forward over prompt + the reference's tokens (suffix, token_type_ids 1):
-   every probe, logits at every position, and the teacher-forced per-step logits come from these two passes;
-3. each probe is compared (teacher-forced replay and float64 arbitration only where needed, `compare`);
-4. our model decodes greedily with its KV cache; its step logits are checked against the uncached pass.
+2. both models run one hooked forward over prompt + the reference's tokens (suffix, token_type_ids 1), each stopping
+   at its final norm: every probe comes from these two passes. Ours runs with its KV cache (sized for our decode),
+   so the cache then holds exactly the k/v a prefill of the prompt writes (the prefix never sees the suffix);
+3. each probe is compared (teacher-forced replay and float64 arbitration only where needed, `compare`) while our
+   forward runs, as soon as what it reads exists; captured activations are dropped once no later probe reads them;
+4. `parity.logits` computes both heads position chunk by chunk from the final hidden states: the logits probe,
+   per-position KL / top-1 / top-5, and the rows that predict the reference's tokens (teacher forcing, cache check);
+5. our model decodes greedily from that cache (its first token from the forward's logits at the prompt's last
+   position, as `generate`'s prefill computes them); its cached step logits are checked against the forward's.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from pgconv.parity.capture import Recorder
-from pgconv.parity.compare import OURS_WORSE, chained, evaluate_probe, failed_row, value
+from pgconv.parity.capture import Recorder, split_path
+from pgconv.parity.compare import OURS_WORSE, chained, evaluate_logits, evaluate_probe, failed_row, value
 from pgconv.parity.generation import compare_steps, first_divergence, ours_greedy, reference_greedy, step_metrics
+from pgconv.parity.logits import LogitsPass, logits_pass
 from pgconv.parity.metrics import decisive, logit_metrics, segment_masks, segment_metrics, summarise
 from pgconv.parity.probes import Probe
 from pgconv.parity.replay import OWN_PATHS, own_value
@@ -46,8 +52,8 @@ def _extend(inputs: dict[str, Tensor], tokens: list[int]) -> dict[str, Tensor]:
     }
 
 
-def _logits_section(ours: Tensor, ref: Tensor, masks: dict[str, Tensor], budget: dict[str, float]) -> dict[str, Any]:
-    m = logit_metrics(ours, ref)  # per position, once; segments are summaries of the same lists
+def _logits_section(per: dict[str, list], masks: dict[str, Tensor], budget: dict[str, float]) -> dict[str, Any]:
+    m = {**summarise(per), **per}  # per position, once; segments are summaries of the same lists
     d = decisive(m, budget["near_tie_nats"])
     seg = {}
     for name, mask in masks.items():
@@ -63,17 +69,21 @@ def _logits_section(ours: Tensor, ref: Tensor, masks: dict[str, Tensor], budget:
 
 def _cache_check(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int], ours_tokens: list[int],
                  steps: Tensor, uncached: Tensor, budget: dict[str, float]) -> dict[str, Any]:
-    """Our cached step logits against our uncached forward over the same tokens."""
+    """Our cached step logits against our full-sequence forward over the same tokens (`uncached`: its logits from
+    the prompt's last position on)."""
     t = inputs["input_ids"].shape[1]
     d = first_divergence(ref_tokens, ours_tokens)
     valid = len(ours_tokens) if d is None else min(d + 1, len(ours_tokens))
     extra = False
-    if valid < len(ours_tokens):  # our tokens left the reference's path: one more uncached pass over ours
+    if valid < len(ours_tokens) or valid > uncached.shape[0]:
+        # Our tokens left the reference's path: one more forward (no cache) over ours, logits where needed.
         with torch.no_grad():
             seq = _extend(inputs, ours_tokens[:-1])
-            uncached = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"])[0]
+            hidden = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"],
+                          return_hidden=True)
+            uncached = ours.logits(hidden[:, t - 1:t - 1 + len(ours_tokens)])[0]
         valid, extra = len(ours_tokens), True
-    a, b = steps[:valid], uncached[t - 1:t - 1 + valid].float()
+    a, b = steps[:valid], uncached[:valid].float()
     m = logit_metrics(a, b)
     d2 = decisive(m, budget["near_tie_nats"])
     diff = segment_metrics(a, b, None)["all"]
@@ -83,46 +93,108 @@ def _cache_check(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[in
             **d2, "passed": passed}
 
 
-def _probe_rows(probes: list[Probe], ours: nn.Module, ref: nn.Module, ours_rec: Recorder, ref_rec: Recorder,
-                ours_logits: Tensor, ref_logits: Tensor, seq: dict[str, Tensor], masks: dict[str, Tensor],
-                tol: Tolerances, dtype: str) -> list[dict[str, Any]]:
-    rows = []
-    prev: dict[str, tuple[Probe, Tensor, Tensor]] = {}  # last probe of each stack with its two values
-    for p in probes:
+def _cache_tail(ov: Tensor, rv: Tensor) -> tuple[Tensor, str | None]:
+    """Our mask spans the whole KV cache (keys past the sequence, kept for our decode); those columns must be
+    masked, and the rest is compared with the reference's mask over the sequence."""
+    if ov.ndim != rv.ndim or ov.shape[:-1] != rv.shape[:-1] or ov.shape[-1] <= rv.shape[-1]:
+        return ov, None
+    if bool(ov[..., rv.shape[-1]:].any()):
+        return ov, "our mask lets queries attend to cache positions past the sequence"
+    return ov[..., :rv.shape[-1]], None
+
+
+class _ProbeStream:
+    """The probe rows, made in table order while our forward runs (`Recorder.on_call` after each first call):
+    a probe is evaluated as soon as every module of ours it reads has run, and the captured activations no later
+    probe reads are dropped on both sides right away, so at most about one layer of ours is held next to the
+    reference's captures (which shrink as ours catches up) instead of both models' activations for every layer.
+    Replays run inside the hooks (our forward is paused there); a replayed call records nothing (first calls only).
+    `finish()` evaluates whatever is left after the forward (a module never called gives a failed row)."""
+
+    def __init__(self, probes: list[Probe], ours: nn.Module, ref: nn.Module, ours_rec: Recorder, ref_rec: Recorder,
+                 seq: dict[str, Tensor], masks: dict[str, Tensor], tol: Tolerances, dtype: str) -> None:
+        self.probes, self.ours, self.ref, self.ours_rec, self.ref_rec = probes, ours, ref, ours_rec, ref_rec
+        self.seq, self.masks, self.tol, self.dtype = seq, masks, tol, dtype
+        self.rows: list[dict[str, Any] | None] = []
+        self.prev: dict[str, tuple[Probe, Tensor, Tensor]] = {}  # last probe of each stack with its two values
+        self.busy = False
+        self.needs = [self._needs(p) for p in probes]
+        self.last_ours: dict[str, int] = {}
+        self.last_ref: dict[str, int] = {}
+        for i, p in enumerate(probes):
+            for m in self.needs[i]:
+                self.last_ours[m] = i
+            if p.ref:
+                self.last_ref[split_path(p.ref)[0]] = i
+
+    @staticmethod
+    def _needs(p: Probe) -> set[str]:
+        """Our modules whose recorded call the probe's row reads (value, replay input, chain check)."""
+        need = {split_path(p.ours)[0]} if p.ours and p.ours_at != "call" else set()
+        if p.ours == "embed()" or p.replay == "merge":
+            need.add("projector")
+        return need
+
+    def step(self, _module: str = "", final: bool = False) -> None:
+        if self.busy:  # a replay inside a hook calls our modules again
+            return
+        self.busy = True
         try:
-            if p.name == "logits":
-                ov, rv = ours_logits, ref_logits
-            else:
-                rv = value(ref_rec, p.ref, p.ref_at, p.kind)
-                ov = (own_value(p, ours, ours_rec, seq) if p.ours_at == "call"
-                      else value(ours_rec, p.ours, p.ours_at, p.kind))
+            while len(self.rows) < len(self.probes):
+                i = len(self.rows)
+                p = self.probes[i]
+                if p.name == "logits":  # made from `parity.logits` after the forward
+                    self.rows.append(None)
+                    continue
+                done = self.ours_rec.calls
+                if not final and not all(m in done and done[m].done for m in self.needs[i]):
+                    break
+                self.rows.append(self._row(p))
+                self._release(i)
+        finally:
+            self.busy = False
+
+    def finish(self) -> list[dict[str, Any] | None]:
+        self.step(final=True)
+        return self.rows
+
+    def _release(self, i: int) -> None:
+        self.ours_rec.drop({m for m, last in self.last_ours.items() if last == i} - set(OWN_PATHS))
+        self.ref_rec.drop({m for m, last in self.last_ref.items() if last == i} - set(EXTRA_REF_PATHS))
+
+    def _row(self, p: Probe) -> dict[str, Any]:
+        ours, ref, ours_rec, ref_rec, tol, dtype = self.ours, self.ref, self.ours_rec, self.ref_rec, self.tol, self.dtype
+        try:
+            rv = value(ref_rec, p.ref, p.ref_at, p.kind)
+            ov = (own_value(p, ours, ours_rec, self.seq) if p.ours_at == "call"
+                  else value(ours_rec, p.ours, p.ours_at, p.kind))
         except KeyError as e:  # e.g. a block our forward never called
-            rows.append(failed_row(p, tol.probe(p.kind, dtype), str(e).strip("'\"")))
-            continue
-        row = evaluate_probe(p, ours, ref, ours_rec, ref_rec, ov, rv, tol, dtype, masks, seq["input_ids"])
-        if p.stack and p.replay == "call" and p.stack in prev:
-            before, ours_prev, ref_prev = prev[p.stack]
+            return failed_row(p, tol.probe(p.kind, dtype), str(e).strip("'\""))
+        if p.kind == "mask":
+            ov, problem = _cache_tail(ov, rv)
+            if problem:
+                return failed_row(p, tol.probe(p.kind, dtype), problem)
+        row = evaluate_probe(p, ours, ref, ours_rec, ref_rec, ov, rv, tol, dtype, self.masks, self.seq["input_ids"])
+        if p.stack and p.replay == "call" and p.stack in self.prev:
+            before, ours_prev, ref_prev = self.prev[p.stack]
             if chained(ref_rec, p.ref, ref_prev) and not chained(ours_rec, p.ours, ours_prev):
                 row.update(verdict=OURS_WORSE, passed=False,
                            error=f"our {p.ours} was not fed the output of {before.ours} (a skipped, repeated or "
                                  f"reordered block)")
         if p.stack:
-            prev[p.stack] = (p, ov, rv)
-        rows.append(row)
-    return rows
+            self.prev[p.stack] = (p, ov, rv)
+        return row
 
 
 def _generation(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int], ref_steps: Tensor,
-                ours_tokens: list[int], ours_steps: Tensor, ours_logits: Tensor, ref_logits: Tensor,
-                budget: dict[str, float], decode: Callable[[list[int]], str]) -> dict[str, Any]:
-    t, n = inputs["input_ids"].shape[1], len(ref_tokens)
+                ours_tokens: list[int], ours_steps: Tensor, lp: LogitsPass, budget: dict[str, float],
+                decode: Callable[[list[int]], str]) -> dict[str, Any]:
     generation = compare_steps(ref_tokens, ref_steps, ours_tokens, ours_steps, budget["near_tie_nats"], decode)
     # Logits at positions t-1 .. t+n-2 of the forward over prompt + reference tokens predict each reference token.
-    a, b = ours_logits[0, t - 1:t - 1 + n], ref_logits[0, t - 1:t - 1 + n]
-    tf = step_metrics(a, b, budget["near_tie_nats"])
+    tf = step_metrics(lp.ours_rows, lp.ref_rows, budget["near_tie_nats"])
     tf["passed"] = tf["kl_max"] <= budget["teacher_forced_kl_max"] and tf["decisive_top1_agreement"] >= 1.0
     generation["teacher_forced"] = tf
-    generation["cache"] = _cache_check(ours, inputs, ref_tokens, ours_tokens, ours_steps, ours_logits[0], budget)
+    generation["cache"] = _cache_check(ours, inputs, ref_tokens, ours_tokens, ours_steps, lp.ours_rows, budget)
     generation["passed"] = bool(generation["passed"] and tf["passed"] and generation["cache"]["passed"])
     return generation
 
@@ -142,34 +214,51 @@ def run_case(
 
     ref_tokens, ref_steps = reference_greedy(ref, inputs, max_new_tokens, eos, pad)
     lap("reference_generate")
+    t, n = inputs["input_ids"].shape[1], len(ref_tokens)
     seq = _extend(inputs, ref_tokens[:-1])
+    length = seq["input_ids"].shape[1]
     ref_paths = {p.ref for p in probes if p.ref} | set(EXTRA_REF_PATHS)
     with Recorder(ref, ref_paths) as ref_rec, torch.no_grad():
-        ref_logits = ref(**seq, use_cache=False).logits
+        ref(**seq, use_cache=False, logits_to_keep=1)  # logits: from the final norm's output, step 4
     lap("reference_forward")
     ours_paths = {p.ours for p in probes if p.ours and p.ours_at != "call"} | set(OWN_PATHS)
-    with Recorder(ours, ours_paths) as ours_rec, torch.no_grad():
-        ours_logits = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"])
-    lap("candidate_forward")
-
     masks = segment_masks(seq["input_ids"], seq["token_type_ids"], image_token)
+    ours_rec = Recorder(ours, ours_paths)
+    stream = _ProbeStream(probes, ours, ref, ours_rec, ref_rec, seq, masks, tol, dtype)
+    ours_rec.on_call = stream.step  # probes are compared while our forward runs
+    ours.setup_cache(1, t + max_new_tokens - 1)  # what our decode needs after the prompt
+    with ours_rec, torch.no_grad():
+        ours_hidden = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"],
+                           input_pos=torch.arange(length, device=seq["input_ids"].device), return_hidden=True)
+    lap("candidate_forward")
     with torch.no_grad():
-        rows = _probe_rows(probes, ours, ref, ours_rec, ref_rec, ours_logits, ref_logits, seq, masks, tol, dtype)
-    logits = _logits_section(ours_logits, ref_logits, masks, tol.section("logits", dtype))
-    del ref_rec, ours_rec  # captured activations are no longer needed
+        rows = stream.finish()
+    ref_rec.keep_only({T + "norm"})  # captured activations are no longer needed (the logits' oracle reads the norm)
+    del ours_rec, stream
     lap("probes")
 
-    ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad)
+    lp = logits_pass(ours, ref, ours_hidden, ref_rec.get(T + "norm", "output"), slice(t - 1, t - 1 + n))
+    with torch.no_grad():
+        rows = [evaluate_logits(p, lp, ours, ref, ref_rec, tol, dtype, masks) if r is None else r
+                for p, r in zip(probes, rows)]
+    logits = _logits_section(lp.per, masks, tol.section("logits", dtype))
+    del ref_rec
+    lap("logits")
+
+    with torch.no_grad():  # the logits `generate`'s prefill computes: the prompt's last position only
+        first = ours.logits(ours_hidden[:, t - 1:t])[:, -1]
+    del ours_hidden
+    ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad, prefilled=first)
     lap("candidate_generate")
-    generation = _generation(ours, inputs, ref_tokens, ref_steps, ours_tokens, ours_steps, ours_logits, ref_logits,
+    generation = _generation(ours, inputs, ref_tokens, ref_steps, ours_tokens, ours_steps, lp,
                              tol.section("generation", dtype), decode)
     lap("cache_check")
-    first = next((r for r in rows if r["verdict"] == OURS_WORSE), None)
+    first_bad = next((r for r in rows if r["verdict"] == OURS_WORSE), None)
     return {
         "passed": all(r["passed"] for r in rows) and logits["passed"] and generation["passed"],
-        "first_divergence": _divergence(first),
+        "first_divergence": _divergence(first_bad),
         "probes": rows, "logits": logits, "generation": generation,
-        "sequence_length": int(seq["input_ids"].shape[1]), "prompt_length": int(inputs["input_ids"].shape[1]),
+        "sequence_length": int(length), "prompt_length": int(t),
         "timing": timing,
     }
 

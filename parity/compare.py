@@ -12,19 +12,19 @@ end-to-end error is over budget while its own contribution is not is marked `inh
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from pgconv.parity.capture import Recorder, primary, split_path, tensor_of
-from pgconv.parity.metrics import segment_metrics, within_budget
-from pgconv.parity.oracle import arbitrate
+from pgconv.parity.metrics import segment_metrics, segment_summary, within_budget
+from pgconv.parity.oracle import arbitrate, logits_errors
 from pgconv.parity.probes import Probe
 from pgconv.parity.replay import replay, same_input
 from pgconv.parity.tolerances import Tolerances
 
-__all__ = ["value", "evaluate_probe", "failed_row", "chained", "MATCH", "NOISE", "OURS_WORSE", "REF_WORSE"]
+__all__ = ["value", "evaluate_probe", "evaluate_logits", "failed_row", "chained", "MATCH", "NOISE", "OURS_WORSE", "REF_WORSE"]
 
 MATCH, NOISE, OURS_WORSE, REF_WORSE = "match", "rounding noise", "ours worse", "reference worse"
 
@@ -81,6 +81,25 @@ def evaluate_probe(
         tf = replay(probe, ours_model, ours_rec, ref_rec, input_ids)
         replayed, how = True, "ran"
     contrib = e2e if not replayed else segment_metrics(tf, ref_value, segs)
+    return _row(probe, budget, e2e, contrib, how,
+                lambda: arbitrate(probe, tf, ref_value, ref_model, ref_rec, input_ids))
+
+
+def evaluate_logits(probe: Probe, lp: Any, ours_model: nn.Module, ref_model: nn.Module, ref_rec: Recorder,
+                    tol: Tolerances, dtype: str, masks: dict[str, Tensor] | None) -> dict[str, Any]:
+    """The `logits` probe's row from the stats of `parity.logits.logits_pass` (no full logit tensor exists): the
+    same row `evaluate_probe` makes from whole tensors."""
+    budget = tol.probe(probe.kind, dtype)
+    e2e = segment_summary(lp.e2e, lp.width, masks)
+    if lp.contrib is None:
+        contrib, how = e2e, "skipped (our input is bitwise the reference's)"
+    else:
+        contrib, how = segment_summary(lp.contrib, lp.width, masks), "ran"
+    return _row(probe, budget, e2e, contrib, how, lambda: logits_errors(ours_model, ref_model, ref_rec))
+
+
+def _row(probe: Probe, budget: dict[str, float], e2e: dict[str, dict[str, float]],
+         contrib: dict[str, dict[str, float]], how: str, fp64: Callable[[], tuple[float, float]]) -> dict[str, Any]:
     e2e_ok, contrib_ok = within_budget(e2e, budget), within_budget(contrib, budget)
     row: dict[str, Any] = {
         "name": probe.name, "kind": probe.kind, "stack": probe.stack, "layer": probe.layer,
@@ -95,7 +114,7 @@ def evaluate_probe(
     if contrib_ok:  # the step adds nothing over budget; any end-to-end excess is inherited from upstream
         row.update(verdict=MATCH, passed=True, fp64=None)
         return row
-    err_ours, err_ref = arbitrate(probe, tf, ref_value, ref_model, ref_rec, input_ids)
+    err_ours, err_ref = fp64()
     k, floor = budget["k"], budget["floor"]
     if err_ours <= k * err_ref + floor:
         verdict = NOISE

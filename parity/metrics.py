@@ -21,8 +21,12 @@ __all__ = [
     "tensor_metrics",
     "segment_masks",
     "segment_metrics",
+    "position_stats",
+    "join_stats",
+    "segment_summary",
     "within_budget",
     "logit_metrics",
+    "logit_positions",
     "summarise",
     "decisive",
     "top2_margin",
@@ -140,12 +144,30 @@ def segment_metrics(ours: Tensor, ref: Tensor, masks: dict[str, Tensor] | None) 
     if not usable:
         return {"all": tensor_metrics(ours, ref)}
     a2, e2 = _as_rows(ours, True), _as_rows(ref, True)
-    st = _row_stats(a2, e2)
-    out = {"all": _summary(st, torch.arange(a2.shape[0], device=a2.device), a2.shape[1])}
-    for name in SEGMENTS:
-        rows = masks[name].reshape(-1).to(a2.device).nonzero().squeeze(1)
-        if rows.numel():
-            out[name] = _summary(st, rows, a2.shape[1])
+    return segment_summary(_row_stats(a2, e2), a2.shape[1], masks)
+
+
+def position_stats(ours: Tensor, ref: Tensor) -> dict[str, Tensor]:
+    """Per-position sums of (B, T, F) tensors (one row per position) for `segment_summary`. Rows are independent:
+    the stats of consecutive position chunks, joined with `join_stats`, equal those of the whole tensor."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
+    return _row_stats(_as_rows(ours, True), _as_rows(ref, True))
+
+
+def join_stats(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Row stats of consecutive row chunks as one."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def segment_summary(st: dict[str, Tensor], width: int, masks: dict[str, Tensor] | None) -> dict[str, dict[str, float]]:
+    """`segment_metrics` from per-position row stats (`position_stats`) of rows `width` wide."""
+    rows = st["sq_e"].shape[0]
+    out = {"all": _summary(st, torch.arange(rows, device=st["sq_e"].device), width)}
+    for name in SEGMENTS if masks is not None else ():
+        sel = masks[name].reshape(-1).to(st["sq_e"].device).nonzero().squeeze(1)
+        if sel.numel():
+            out[name] = _summary(st, sel, width)
     return out
 
 
@@ -181,6 +203,13 @@ def logit_metrics(ours: Tensor, ref: Tensor, chunk: int = 8) -> dict[str, Any]:
     float64 copy of 3B logits would not fit next to the model. Bit-identical positions only need the reference's
     margin (log-softmax shifts a row, so it is the logits' top-1/top-2 gap).
     """
+    per = logit_positions(ours, ref, chunk)
+    return {**summarise(per), **per}
+
+
+def logit_positions(ours: Tensor, ref: Tensor, chunk: int = 8) -> dict[str, list]:
+    """The per-position lists of `logit_metrics` (`kl`, `top1`, `top5`, `margin`, `dp`). Positions are independent:
+    the lists of consecutive position chunks, concatenated, equal those of the whole tensor."""
     o2, r2 = ours.detach().reshape(-1, ours.shape[-1]), ref.detach().reshape(-1, ref.shape[-1])
     wide = torch.float32 if o2.element_size() <= 2 and r2.element_size() <= 2 else torch.float64
     per: dict[str, list] = {"kl": [], "top1": [], "top5": [], "margin": [], "dp": []}
@@ -204,7 +233,7 @@ def logit_metrics(ours: Tensor, ref: Tensor, chunk: int = 8) -> dict[str, Any]:
         per["top5"] += (to.indices[:, :, None] == tr.indices[:, None, :]).any(-1).double().mean(-1).tolist()
         per["margin"] += (tr.values[:, 0] - tr.values[:, min(1, k - 1)]).double().tolist()
         per["dp"] += (lo.exp() - pr).abs().amax(-1).double().tolist()
-    return {**summarise(per), **per}
+    return per
 
 
 def summarise(per: dict[str, list], select: list[bool] | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ bit-identical values; the map itself goes into the report.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from pgconv.converter.layouts import key_map, to_native
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, from_hf_config
 
-__all__ = ["REF_LAYOUT", "read_config", "load_reference", "build_candidate", "weight_parity", "nonfinite_counts"]
+__all__ = ["REF_LAYOUT", "read_config", "load_reference", "cast_state_dict", "build_candidate", "weight_parity", "nonfinite_counts"]
 
 REF_LAYOUT = "hf-5.6"  # transformers >= 5.6 in-memory parameter names
 
@@ -41,16 +42,26 @@ def read_config(path: Path) -> PaliGemmaConfig:
 def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
     """transformers' PaliGemmaForConditionalGeneration with eager attention (SDPA skips Gemma 2's soft-cap and
     ignores the prefix without token_type_ids, paligemma.md traps 3, 6). Missing or unexpected tensors are an
-    input error: transformers v5 would silently re-initialise missing ones (trap 21)."""
+    input error: transformers v5 would silently re-initialise missing ones (trap 21).
+
+    When the checkpoint's tensors are stored in another dtype (the hub's bf16 read as fp32), the tensors are cast
+    one at a time by `cast_state_dict` and handed to `from_pretrained(state_dict=...)`, which adopts them without a
+    copy: transformers' own cast path holds the memory-mapped source pages next to the cast copies (~1.5x the
+    weights at 3B). The result is the same model (parameters, buffers, configs: tests/test_parity.py)."""
     from transformers import PaliGemmaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our report is the output; restored below
     try:
-        model, info = PaliGemmaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation="eager", output_loading_info=True
-        )
+        state = cast_state_dict(path, dtype)
+        if state is None:
+            model, info = PaliGemmaForConditionalGeneration.from_pretrained(
+                path, dtype=dtype, attn_implementation="eager", output_loading_info=True
+            )
+        else:
+            model, info = _from_state_dict(path, state, dtype)
+            del state
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: transformers cannot load the checkpoint ({e})") from None
     finally:
@@ -66,6 +77,80 @@ def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
     # strided `hidden[:, -1:]` that transformers feeds lm_head at prefill and copies the whole transposed head
     # weight instead (+1 GiB for 3B bf16, +2 GiB fp32; measured with torch 2.13).
     return model.to(device).eval()
+
+
+_CAST_CHUNK = 64 << 20  # bytes read per piece when casting a stored tensor
+
+
+def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's tensors (stored names) with floating ones cast to `dtype`, read and cast piece by piece
+    (plain file reads into one reused buffer, no memory map: peak memory is the result plus one piece); None when
+    every floating tensor is already stored in `dtype` (transformers then maps the files without any copy). A stored
+    tied `lm_head` (checked equal to the embedding by `check_checkpoint`) is left out: transformers ties it anyway."""
+    from pgconv.converter.checkpoint import open_checkpoint
+    from pgconv.converter.dtypes import torch_dtype
+    from pgconv.converter.plan import plan_conversion
+
+    ckpt = open_checkpoint(path, trusted_root=path)
+    floating = [t for t in ckpt.tensors.values() if torch_dtype(t.meta.dtype).is_floating_point]
+    if all(torch_dtype(t.meta.dtype) == dtype for t in floating):
+        return None
+    drops = {d.source for d in plan_conversion(ckpt.metas(), ckpt.pg_config(), "native").drops}
+    buffer = torch.empty(0, dtype=torch.uint8)
+    out: dict[str, torch.Tensor] = {}
+    for name, src in ckpt.tensors.items():
+        if name in drops:
+            continue
+        stored = torch_dtype(src.meta.dtype)
+        if not stored.is_floating_point or stored == dtype:
+            out[name] = src.load()
+            continue
+        if src.span is None:  # not a plain byte range (.bin): whole tensor, then cast
+            out[name] = src.load().to(dtype)
+            continue
+        dst = torch.empty(src.meta.shape, dtype=dtype)
+        flat = dst.view(-1)
+        size = stored.itemsize
+        begin, end = src.span
+        if end - begin != flat.numel() * size:
+            raise InputError(f"{src.file}: tensor {name!r} spans {end - begin} bytes, its header implies "
+                             f"{flat.numel() * size}")
+        if buffer.numel() < min(_CAST_CHUNK, end - begin):
+            buffer = torch.empty(min(_CAST_CHUNK, end - begin), dtype=torch.uint8)
+        step = max(size, buffer.numel() // size * size)
+        with open(src.file, "rb", buffering=0) as f:
+            for pos in range(begin, end, step):
+                n = min(step, end - pos)
+                piece = buffer[:n]
+                _pread(f.fileno(), memoryview(piece.numpy()), pos, src.file, name)
+                first = (pos - begin) // size
+                flat[first:first + n // size].copy_(piece.view(stored))
+        out[name] = dst
+    return out
+
+
+def _pread(fd: int, out: memoryview, offset: int, file: Path, name: str) -> None:
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n <= 0:
+            raise InputError(f"{file}: tensor {name!r} is truncated (file shorter than its header says)")
+        done += n
+
+
+def _from_state_dict(path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """`from_pretrained(path, dtype=dtype)` with the tensors given (adopted without a copy when their dtype is the
+    one transformers wants): config and generation config read from `path` as from_pretrained reads them."""
+    from transformers import AutoConfig, GenerationConfig, PaliGemmaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(path)
+    model, info = PaliGemmaForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, attn_implementation="eager", output_loading_info=True
+    )
+    model.config._name_or_path = model.name_or_path = str(path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model, info
 
 
 def build_candidate(ref: nn.Module, cfg: PaliGemmaConfig) -> nn.Module:

@@ -1,0 +1,210 @@
+"""verify's memory-saving paths give the same results as the straightforward ones.
+
+- the reference loaded through `cast_state_dict` (tensors cast one at a time) is the model `from_pretrained` builds;
+- logit checks computed position chunk by chunk from the final hidden states (`parity.logits`) equal the metrics of
+  whole logit tensors, and the reference's head reproduces its forward's logits bit for bit;
+- probes compared while our forward runs (captures dropped as they go) give the rows of a compare-after-forward
+  run; replays leave our KV cache alone; our mask's extra cache columns are checked, not ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pgconv.converter.fixture import make_fixture
+from pgconv.parity.models import cast_state_dict, load_reference
+
+from test_parity_fixtures import tiny_checkpoint  # noqa: F401  (pytest fixture)
+
+
+@pytest.fixture(scope="module")
+def reduced_checkpoints(tmp_path_factory):
+    """The tiny presets stored in bf16 and fp16 (the hub stores bf16; verify usually runs them in fp32)."""
+    root = tmp_path_factory.mktemp("reduced")
+    return {(preset, dt): make_fixture(root / f"{preset}-{dt}", preset, dtype=dt)
+            for preset in ("tiny", "tiny-pg2") for dt in ("bfloat16", "float16")}
+
+
+def _same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    ba, bb = dict(a.named_buffers()), dict(b.named_buffers())  # non-persistent ones too (embed_scale, inv_freq)
+    assert ba.keys() == bb.keys()
+    for k in ba:
+        assert ba[k].dtype == bb[k].dtype and torch.equal(ba[k], bb[k]), k
+    assert a.lm_head.weight is a.model.language_model.embed_tokens.weight  # still tied
+    assert a.generation_config.to_dict() == b.generation_config.to_dict()
+    assert a.config.to_dict() == b.config.to_dict()
+    assert a.config._attn_implementation == b.config._attn_implementation == "eager"
+    assert a.training == b.training is False
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-pg2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_cast_reference_is_what_from_pretrained_builds(reduced_checkpoints, preset, stored, dtype):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    path = reduced_checkpoints[(preset, stored)]
+    want = getattr(torch, dtype)
+    if stored == dtype:
+        assert cast_state_dict(path, want) is None  # nothing to cast: transformers maps the files itself
+        return
+    ours = load_reference(path, want, "cpu")
+    theirs = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=want, attn_implementation="eager")
+    _same_model(ours, theirs)
+
+
+def test_cast_state_dict_pieces(reduced_checkpoints, monkeypatch):
+    """Tensors larger than one piece are assembled from several reads, exactly."""
+    from pgconv.parity import models
+
+    path = reduced_checkpoints[("tiny", "bfloat16")]
+    whole = cast_state_dict(path, torch.float32)
+    monkeypatch.setattr(models, "_CAST_CHUNK", 1000)
+    pieces = cast_state_dict(path, torch.float32)
+    assert whole.keys() == pieces.keys()
+    assert all(torch.equal(whole[k], pieces[k]) and pieces[k].dtype == torch.float32 for k in whole)
+
+
+# -- logits ----------------------------------------------------------------------------------------------------------
+
+
+def _hf_pair(name, dtype):
+    from reference_models import CONFIGS, make_inputs, pair
+
+    cfg = CONFIGS[name]
+    hf, ours = pair(cfg, seed=3, dtype=dtype)
+    return cfg, hf, ours, make_inputs(cfg, [6], seed=5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pg2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_reference_head_is_the_forwards_head(name, dtype):
+    from pgconv.parity.capture import Recorder
+    from pgconv.parity.logits import reference_head
+
+    cfg, hf, _, inp = _hf_pair(name, dtype)
+    with Recorder(hf, ["model.language_model.norm"]) as rec:
+        want = hf(**inp, use_cache=False).logits
+    got = reference_head(hf, rec.get("model.language_model.norm"))
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pg2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_logits_pass_equals_the_metrics_of_whole_logit_tensors(name, dtype):
+    from pgconv.parity.logits import logits_pass, reference_head
+    from pgconv.parity.metrics import logit_metrics, segment_masks, segment_metrics, segment_summary
+
+    cfg, hf, ours, inp = _hf_pair(name, dtype)
+    g = torch.Generator().manual_seed(0)
+    t = 11
+    h_ref = torch.randn(1, t, cfg.text.hidden_size, generator=g).to(dtype)
+    h_ours = (h_ref.float() + 1e-2 * torch.randn(h_ref.shape, generator=g)).to(dtype)
+    ids = torch.full((1, t), 5)
+    ids[0, :3] = cfg.image_token_index
+    tti = torch.zeros(1, t, dtype=torch.long)
+    tti[0, 8:] = 1
+    masks = segment_masks(ids, tti, cfg.image_token_index)
+    lp = logits_pass(ours, hf, h_ours, h_ref, slice(7, 10), rows=4)
+    # The whole tensors, built from the same per-chunk products (a product of another shape may round otherwise).
+    chunks = [(ours.logits(h_ours[:, i:i + 4]), reference_head(hf, h_ref[:, i:i + 4]),
+               ours.logits(h_ref[:, i:i + 4])) for i in range(0, t, 4)]
+    o, r, tf = (torch.cat([c[k] for c in chunks], 1) for k in range(3))
+    whole = logit_metrics(o, r)
+    for k in ("kl", "top1", "top5", "margin", "dp"):
+        assert lp.per[k] == whole[k], k
+    assert segment_summary(lp.e2e, lp.width, masks) == segment_metrics(o, r, masks)
+    assert segment_summary(lp.contrib, lp.width, masks) == segment_metrics(tf, r, masks)
+    assert torch.equal(lp.ours_rows, o[0, 7:10]) and torch.equal(lp.ref_rows, r[0, 7:10])
+    # One chunk or many: the same numbers up to the products' rounding.
+    one = logits_pass(ours, hf, h_ours, h_ref, slice(7, 10), rows=64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert max(abs(a - b) for a, b in zip(one.per["kl"], lp.per["kl"])) <= tol * max(1.0, max(lp.per["kl"]))
+    # Bitwise equal hidden states: no teacher-forced head at all.
+    assert logits_pass(ours, hf, h_ref, h_ref, slice(7, 10), rows=4).contrib is None
+
+
+@torch.no_grad()
+def test_chunked_logits_oracle_equals_the_whole_float64_computation():
+    from pgconv.parity.capture import Recorder
+    from pgconv.parity.logits import reference_head
+    from pgconv.parity.oracle import logits_errors
+
+    cfg, hf, ours, inp = _hf_pair("tiny-pg2", torch.float32)
+    with Recorder(hf, ["model.language_model.norm"]) as rec:
+        hf(**inp, use_cache=False)
+    h = rec.get("model.language_model.norm")
+    cap = hf.config.get_text_config().final_logit_softcapping
+    exact = torch.tanh((h.double() @ hf.lm_head.weight.double().T) / cap) * cap
+    # Products of the oracle's shape (2 positions): another shape may round otherwise.
+    o = torch.cat([ours.logits(h[:, i:i + 2]) for i in range(0, h.shape[1], 2)], 1)
+    r = torch.cat([reference_head(hf, h[:, i:i + 2]) for i in range(0, h.shape[1], 2)], 1)
+    want_o = float((o.double() - exact).norm() / exact.norm())
+    want_r = float((r.double() - exact).norm() / exact.norm())
+    got_o, got_r = logits_errors(ours, hf, rec, rows=2, chunk=100)
+    assert want_o > 0 and want_r > 0
+    assert math.isclose(got_o, want_o, rel_tol=1e-9) and math.isclose(got_r, want_r, rel_tol=1e-9)
+
+
+# -- probes while our forward runs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pg2"])
+def test_streamed_probe_rows_equal_rows_made_after_the_forward(tiny_checkpoint, name, monkeypatch):
+    """The same verify run with the stream's evaluation deferred to after the forward (nothing dropped early)."""
+    from pgconv.parity import case
+    from pgconv.parity.verify import verify
+
+    streamed = verify(str(tiny_checkpoint(name)), max_new_tokens=3)
+    orig = case._ProbeStream.step
+    monkeypatch.setattr(case._ProbeStream, "step", lambda self, m="", final=False: orig(self, m, True) if final
+                        else None)
+    monkeypatch.setattr(case._ProbeStream, "_release", lambda self, i: None)
+    deferred = verify(str(tiny_checkpoint(name)), max_new_tokens=3)
+    assert streamed["probes"] == deferred["probes"]
+    assert streamed["passed"] and deferred["passed"]
+
+
+@torch.no_grad()
+def test_replay_leaves_our_kv_cache_alone():
+    from pgconv.parity.replay import scratch_caches
+    from reference_models import CONFIGS, make_inputs, pair
+
+    cfg = CONFIGS["tiny"]
+    _, ours = pair(cfg, seed=3)
+    inp = make_inputs(cfg, [6], seed=5)
+    t = inp["input_ids"].shape[1]
+    ours.setup_cache(1, t + 2)
+    ours(**inp, input_pos=torch.arange(t))
+    block = ours.text.blocks[0]
+    before = block.attn.cache.k.clone(), block.attn.cache.v.clone()
+    x = torch.randn(1, t, cfg.text.hidden_size)
+    ctx = ours.attn_context(inp["input_ids"], inp["token_type_ids"], inp["attention_mask"], input_pos=torch.arange(t))
+    with scratch_caches(block):
+        assert block.attn.cache.k.abs().sum() == 0
+        out = block(x, ctx)
+    assert torch.equal(block.attn.cache.k, before[0]) and torch.equal(block.attn.cache.v, before[1])
+    # The same values an uncached call computes (keys past the sequence are masked).
+    plain = block(x, ours.attn_context(inp["input_ids"], inp["token_type_ids"], inp["attention_mask"]))
+    assert torch.allclose(out, plain, atol=1e-6)
+
+
+def test_mask_columns_past_the_sequence_must_be_masked():
+    from pgconv.parity.case import _cache_tail
+
+    ref = torch.ones(1, 4, 4).tril()
+    ours = torch.cat([ref, torch.zeros(1, 4, 2)], -1)
+    trimmed, problem = _cache_tail(ours, ref)
+    assert problem is None and torch.equal(trimmed, ref)
+    ours[0, 3, 5] = 1.0
+    assert "past the sequence" in _cache_tail(ours, ref)[1]
+    assert _cache_tail(ref, ref) == (ref, None)
