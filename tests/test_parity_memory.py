@@ -67,6 +67,7 @@ def test_cast_state_dict_pieces(reduced_checkpoints, monkeypatch):
     path = reduced_checkpoints[("tiny", "bfloat16")]
     whole = cast_state_dict(path, torch.float32)
     monkeypatch.setattr(models, "_CAST_CHUNK", 1000)
+    monkeypatch.setattr(models, "_CAST_THREADS", 1)
     pieces = cast_state_dict(path, torch.float32)
     assert whole.keys() == pieces.keys()
     assert all(torch.equal(whole[k], pieces[k]) and pieces[k].dtype == torch.float32 for k in whole)
