@@ -171,8 +171,8 @@ _SLOW_CONVERT = """
 import sys, time
 from pgconv.converter import writer
 original = writer._write_span
-def slow(*a, **k):
-    time.sleep(0.1)
+def slow(*a, **k):  # per tensor, on every worker: the tiny conversion takes seconds, the signal lands mid-write
+    time.sleep(0.5)
     return original(*a, **k)
 writer._write_span = slow
 from pgconv.cli import main
