@@ -15,6 +15,7 @@ some FUSE) get buffered writes for everything. torch is imported only for casts 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -279,6 +280,15 @@ def _cast_stats(x: "torch.Tensor", y: "torch.Tensor", target: str) -> tuple[floa
     return diff, overflow
 
 
+def _materialises(step: Step, sources: Mapping[str, SourceTensor]) -> bool:
+    """True when producing `step` holds a whole tensor: a transform, or an identity whose source has neither a
+    byte span nor a streaming `chunks()` of its own (e.g. a `.bin` tensor)."""
+    if step.transform != "identity":
+        return True
+    src = sources[step.sources[0]]
+    return src.span is None and type(src).chunks is SourceTensor.chunks
+
+
 def _write_span(out: _OutFile, begin: int, end: int, fill: Callable[[memoryview], int], h: "hashlib._Hash | None",
                 stage: memoryview, progress: Callable[[int], None], cancelled: threading.Event,
                 io: ThreadPoolExecutor | None = None) -> None:
@@ -335,6 +345,7 @@ class StreamWriter:
         self.io = ThreadPoolExecutor(_WORKERS, thread_name_prefix="pgconv-io")  # one write in flight per worker
         self.stage = _Stage()
         self.cancelled = threading.Event()
+        self.materialising = threading.Lock()
         self.files: list[_OutFile] = []
         self.queued: list[tuple] = []  # jobs of every shard, started by `finish`
         self.jobs: list[Future] = []
@@ -375,16 +386,20 @@ class StreamWriter:
             return
         try:
             src = self.sources[step.sources[0]]
-            if step.is_raw_copy and src.meta.dtype == step.target.dtype and src.span is not None:
-                producer: _Raw | _Values = _Raw(src)
-                rec.copied = True
-            else:
-                producer = _Values(step, self.sources, rec)
-            try:
-                _write_span(out, begin, end, producer.into, h, self.stage.get(), self.progress, self.cancelled,
-                            self.io)
-            finally:
-                producer.close()
+            # A job that holds a whole tensor in memory (a transform, or a source that cannot stream) runs one at a
+            # time: peak memory stays one tensor plus the streaming buffers, as in a sequential writer, while the
+            # other workers keep streaming.
+            with self.materialising if _materialises(step, self.sources) else contextlib.nullcontext():
+                if step.is_raw_copy and src.meta.dtype == step.target.dtype and src.span is not None:
+                    producer: _Raw | _Values = _Raw(src)
+                    rec.copied = True
+                else:
+                    producer = _Values(step, self.sources, rec)
+                try:
+                    _write_span(out, begin, end, producer.into, h, self.stage.get(), self.progress,
+                                self.cancelled, self.io)
+                finally:
+                    producer.close()
         except BaseException:
             self.cancelled.set()
             raise

@@ -149,3 +149,41 @@ def test_streamed_sources_are_never_loaded_whole(tmp_path, io_mode, monkeypatch)
     save_file({"e": t.float()}, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
     assert records[0].sha256 == hashlib.sha256(t.float().numpy().tobytes()).hexdigest()
+
+
+def test_tensors_held_whole_are_made_one_at_a_time(tmp_path, monkeypatch):
+    """Sources that can only be loaded whole (loaders: transposed big_vision members, .bin tensors) never overlap,
+    so peak memory is one whole tensor plus the streaming buffers whatever the number of workers."""
+    import threading
+    import time
+
+    from pgconv.converter.sources import SourceTensor
+
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def loader(t):
+        def load():
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            time.sleep(0.02)
+            return t
+
+        return load
+
+    tensors = {f"t{i}": _tensor(3000 + i, torch.float32, i) for i in range(12)}
+    sources = {n: SourceTensor(TensorMeta(n, tuple(t.shape), "F32"), tmp_path / "none", loader=loader(t))
+               for n, t in tensors.items()}
+    real_close = writer._Values.close
+
+    def close(self):  # the whole tensor is released when its job's producer closes
+        real_close(self)
+        with lock:
+            live[0] -= 1
+
+    monkeypatch.setattr(writer._Values, "close", close)
+    steps = [Step(TensorMeta(n, tuple(t.shape), "BF16"), (n,)) for n, t in tensors.items()]
+    writer.write_shard(tmp_path / "o.safetensors", steps, sources, lambda n: None)
+    save_file({n: t.bfloat16() for n, t in tensors.items()}, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
+    assert peak[0] == 1
