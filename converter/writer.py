@@ -133,22 +133,20 @@ class _OutFile:
                 self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:  # EINVAL on tmpfs and other filesystems without direct I/O
                 self.direct = None
-        self.lock = threading.Lock()
+        self.use_direct = self.direct is not None
 
     def write_blocks(self, data: memoryview, offset: int) -> None:
         """`data` starts on an aligned address and `offset` and `len(data)` are multiples of `_BLOCK`."""
-        fd = self.direct
-        if fd is not None:
+        if self.direct is not None and self.use_direct:
             try:
-                _pwrite_all(fd, data, offset)
+                _pwrite_all(self.direct, data, offset)
                 return
             except OSError as e:  # a device whose direct-I/O alignment is stricter than 4096 B: buffered from here
                 if e.errno != errno.EINVAL:
                     raise
-                with self.lock:
-                    if self.direct is not None:
-                        os.close(self.direct)
-                        self.direct = None
+                # The descriptor stays open until close(): another worker may be writing through it right now,
+                # and a closed number could be reused by a file opened meanwhile.
+                self.use_direct = False
         _pwrite_all(self.fd, data, offset)
 
     def write_bytes(self, data: memoryview, offset: int) -> None:
