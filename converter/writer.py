@@ -332,8 +332,8 @@ class StreamWriter:
 
     `write_shard` opens one file, writes its header and queues its tensors; `finish` runs every queued tensor
     (largest first, across files), fsyncs and closes the files and returns the records (in file order) with
-    their hashes. An error in any job
-    stops the others and is raised by `finish` (or by `__exit__` after Ctrl-C).
+    their hashes. An error in any job stops the others (at their next buffer) and is raised by `finish`; after
+    Ctrl-C, `__exit__` stops them the same way.
     """
 
     def __init__(self, sources: Mapping[str, SourceTensor], progress: Callable[[int], None]) -> None:
