@@ -33,7 +33,9 @@ from pgconv.parity.verify import verify
 r = verify(sys.argv[1], dtype=sys.argv[2], max_new_tokens=int(sys.argv[3]), probes=sys.argv[4])
 print(json.dumps({"load_s": r["timing"]["load"], "work_s": r["timing"]["total"] - r["timing"]["load"],
                   "weight_bytes": r["weights"]["bytes"], "passed": r["passed"], "failures": r["failures"],
-                  "tokens": len(r["generation"]["reference_tokens"]), "case_timing": r["cases"][0]["timing"]}))
+                  "tokens": len(r["generation"]["reference_tokens"]), "case_timing": r["cases"][0]["timing"],
+                  "reference_tokens_from": r["cases"][0]["generation"].get("reference_tokens_from"),
+                  "speculation": r["cases"][0]["generation"].get("speculation")}))
 """
 
 GENERATE = """

@@ -1,16 +1,18 @@
 """One verification case (one image + prompt): probes, logits, generation, cache check.
 
 Order of work, so every forward pass serves several checks and no full-vocabulary logits are ever held:
-1. the reference decodes greedily (`generate`) -> its tokens and per-step logits;
-2. both models run one hooked forward over prompt + the reference's tokens (suffix, token_type_ids 1), each stopping
-   at its final norm: every probe comes from these two passes. Ours runs with its KV cache (sized for our decode),
-   so the cache then holds exactly the k/v a prefill of the prompt writes (the prefix never sees the suffix);
-3. each probe is compared (teacher-forced replay and float64 arbitration only where needed, `compare`) while our
-   forward runs, as soon as what it reads exists; captured activations are dropped once no later probe reads them;
+1. our model decodes greedily (`pgconv.generate`, its KV cache) -> our tokens and cached per-step logits;
+2. the reference runs one hooked forward over prompt + our tokens (suffix, token_type_ids 1), stopping at its final
+   norm; its logits at the positions predicting our tokens decide whether they are provably its own greedy tokens
+   (`generation.speculate`: same argmax at every step, margins clear of a near tie). If not, the reference decodes
+   with transformers' `generate` after all, and when its tokens differ from ours its forward is redone over prompt
+   + its tokens; the sequence is always prompt + the reference's tokens;
+3. our model runs one hooked forward (no cache) over the same sequence; each probe is compared (teacher-forced
+   replay and float64 arbitration only where needed, `compare`) while it runs, as soon as what it reads exists;
+   captured activations are dropped once no later probe reads them;
 4. `parity.logits` computes both heads position chunk by chunk from the final hidden states: the logits probe,
-   per-position KL / top-1 / top-5, and the rows that predict the reference's tokens (teacher forcing, cache check);
-5. our model decodes greedily from that cache (its first token from the forward's logits at the prompt's last
-   position, as `generate`'s prefill computes them); its cached step logits are checked against the forward's.
+   per-position KL / top-1 / top-5, and the rows that predict the reference's tokens (teacher forcing, cache check:
+   our cached step logits against our uncached forward's).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from torch import Tensor, nn
 
 from pgconv.parity.capture import Recorder, split_path
 from pgconv.parity.compare import OURS_WORSE, chained, evaluate_logits, evaluate_probe, failed_row, value
-from pgconv.parity.generation import compare_steps, first_divergence, ours_greedy, reference_greedy, step_metrics
-from pgconv.parity.logits import LogitsPass, logits_pass
+from pgconv.parity.generation import (compare_steps, first_divergence, greedy_changers, ours_greedy,
+                                      reference_greedy, speculate, step_metrics)
+from pgconv.parity.logits import LogitsPass, logits_pass, reference_head
 from pgconv.parity.metrics import decisive, logit_metrics, segment_masks, segment_metrics, summarise
 from pgconv.parity.probes import Probe
 from pgconv.parity.replay import OWN_PATHS, own_value
@@ -212,24 +215,46 @@ def run_case(
         timing[name] = round(now - clock, 4)
         clock = now
 
-    ref_tokens, ref_steps = reference_greedy(ref, inputs, max_new_tokens, eos, pad)
-    lap("reference_generate")
-    t, n = inputs["input_ids"].shape[1], len(ref_tokens)
-    seq = _extend(inputs, ref_tokens[:-1])
-    length = seq["input_ids"].shape[1]
+    budget = tol.section("generation", dtype)
+    ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad)
+    lap("candidate_generate")
+    t = inputs["input_ids"].shape[1]
     ref_paths = {p.ref for p in probes if p.ref} | set(EXTRA_REF_PATHS)
-    with Recorder(ref, ref_paths) as ref_rec, torch.no_grad():
-        ref(**seq, use_cache=False, logits_to_keep=1)  # logits: from the final norm's output, step 4
+
+    def ref_forward(tokens: list[int]) -> tuple[dict[str, Tensor], Recorder]:
+        seq = _extend(inputs, tokens[:-1])
+        with Recorder(ref, ref_paths) as rec, torch.no_grad():
+            ref(**seq, use_cache=False, logits_to_keep=1)  # logits: from the final norm's output, step 4
+        return seq, rec
+
+    seq, ref_rec = ref_forward(ours_tokens)
     lap("reference_forward")
+    with torch.no_grad():  # the reference's uncached logits predicting each of our tokens
+        n = len(ours_tokens)
+        spec_steps = reference_head(ref, ref_rec.get(T + "norm", "output")[:, t - 1:t - 1 + n])[0].float()
+    spec = speculate(spec_steps, ours_tokens, budget["near_tie_nats"],
+                     greedy_changers(getattr(ref, "generation_config", None)))
+    if spec["accepted"]:
+        ref_tokens, ref_steps = ours_tokens, spec_steps
+    else:
+        del spec_steps
+        ref_tokens, ref_steps = reference_greedy(ref, inputs, max_new_tokens, eos, pad)
+        lap("reference_generate")
+        if ref_tokens != ours_tokens:
+            del ref_rec, seq
+            seq, ref_rec = ref_forward(ref_tokens)
+            lap("reference_forward_again")
+    spec["reference_tokens_from"] = "teacher-forced argmax" if spec["accepted"] else "generate"
+    n = len(ref_tokens)
+    length = seq["input_ids"].shape[1]
     ours_paths = {p.ours for p in probes if p.ours and p.ours_at != "call"} | set(OWN_PATHS)
     masks = segment_masks(seq["input_ids"], seq["token_type_ids"], image_token)
     ours_rec = Recorder(ours, ours_paths)
     stream = _ProbeStream(probes, ours, ref, ours_rec, ref_rec, seq, masks, tol, dtype)
     ours_rec.on_call = stream.step  # probes are compared while our forward runs
-    ours.setup_cache(1, t + max_new_tokens - 1)  # what our decode needs after the prompt
-    with ours_rec, torch.no_grad():
+    with ours_rec, torch.no_grad():  # no cache: the uncached forward the cache check compares our decode with
         ours_hidden = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"],
-                           input_pos=torch.arange(length, device=seq["input_ids"].device), return_hidden=True)
+                           return_hidden=True)
     lap("candidate_forward")
     with torch.no_grad():
         rows = stream.finish()
@@ -245,13 +270,10 @@ def run_case(
     del ref_rec
     lap("logits")
 
-    with torch.no_grad():  # the logits `generate`'s prefill computes: the prompt's last position only
-        first = ours.logits(ours_hidden[:, t - 1:t])[:, -1]
     del ours_hidden
-    ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad, prefilled=first)
-    lap("candidate_generate")
-    generation = _generation(ours, inputs, ref_tokens, ref_steps, ours_tokens, ours_steps, lp,
-                             tol.section("generation", dtype), decode)
+    generation = _generation(ours, inputs, ref_tokens, ref_steps, ours_tokens, ours_steps, lp, budget, decode)
+    generation["reference_tokens_from"] = spec.pop("reference_tokens_from")
+    generation["speculation"] = spec
     lap("cache_check")
     first_bad = next((r for r in rows if r["verdict"] == OURS_WORSE), None)
     return {

@@ -9,6 +9,12 @@
 - Teacher-forced per-step KL / top-1 over the reference's tokens come from the full forward on prompt + reference
   tokens that the probes already ran (llama-perplexity's `--kl-divergence`, parity.md §5).
 - Our cached decode is checked against our own uncached forward over the same tokens.
+- Speculative reference tokens (`speculate`): our greedy tokens come first; the reference's uncached forward over
+  prompt + our tokens (which the probes need anyway) predicts each of them. When its argmax is our token at every
+  step (the EOS that ends ours included) and every step's top-1/top-2 margin is above `SPECULATION_MARGIN` x
+  `near_tie_nats`, the reference's own greedy tokens are ours (by induction over the steps: each step's prefix is
+  the same, so is its argmax), and its cached `generate` could only choose otherwise at a near tie, which the margin
+  excludes; `generate` is then not run. Otherwise it is (`parity.case`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,60 @@ from torch import Tensor, nn
 
 from pgconv.parity.metrics import decisive, logit_metrics, top2_margin
 
-__all__ = ["reference_greedy", "ours_greedy", "first_divergence", "decisive_top1", "compare_steps", "step_metrics"]
+__all__ = ["speculate", "greedy_changers", "SPECULATION_MARGIN", "reference_greedy", "ours_greedy", "first_divergence",
+           "decisive_top1", "compare_steps", "step_metrics"]
+
+
+SPECULATION_MARGIN = 2.0  # x near_tie_nats: the reference's cached logits differ from its uncached ones far less
+
+
+# Generation-config fields whose logits processors can make `generate`'s greedy choice differ from the raw argmax,
+# with their neutral values (None is always neutral; an empty container too).
+_GREEDY_CHANGERS = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "forced_decoder_ids": None, "min_length": 0,
+    "min_new_tokens": 0, "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": 1.0,
+    "watermarking_config": None, "dola_layers": None, "token_healing": False, "remove_invalid_values": False,
+}
+
+
+def greedy_changers(generation_config: Any) -> list[str]:
+    """The fields of transformers' generation config that would make its greedy `generate` differ from the argmax
+    of the model's logits (logits processors); speculation is not tried when there is any."""
+    out = []
+    for name, neutral in _GREEDY_CHANGERS.items():
+        v = getattr(generation_config, name, None)
+        if v is None or v == neutral or (isinstance(v, (list, tuple, dict, set)) and not v):
+            continue
+        out.append(name)
+    return out
+
+
+@torch.no_grad()
+def speculate(ref_steps: Tensor, tokens: list[int], near_tie: float, changers: list[str] = ()) -> dict[str, Any]:
+    """Whether `tokens` are provably the reference's greedy tokens, from its uncached logits (n, V) at the positions
+    predicting them (see the module docstring): {accepted, reason, step (first failing step or None), min_margin,
+    margin_needed}. `changers`: `greedy_changers` of the reference's generation config (any: not accepted)."""
+    need = SPECULATION_MARGIN * near_tie
+    if changers:
+        return {"accepted": False, "reason": f"the reference's generation config changes greedy choices "
+                                             f"({', '.join(changers)})", "step": None, "min_margin": None,
+                "margin_needed": need}
+    if ref_steps.shape[0] != len(tokens) or not tokens:
+        return {"accepted": False, "reason": "no steps", "step": None, "min_margin": None, "margin_needed": need}
+    vals, ids = torch.log_softmax(ref_steps.double(), -1).topk(2, -1)
+    top1, margins = ids[:, 0].tolist(), (vals[:, 0] - vals[:, 1]).tolist()
+    out: dict[str, Any] = {"accepted": True, "reason": None, "step": None, "min_margin": min(margins),
+                           "margin_needed": need}
+    for i, (a, b, m) in enumerate(zip(top1, tokens, margins)):
+        if a != b:
+            out.update(accepted=False, step=i, reason=f"the reference's argmax differs at step {i}")
+            break
+        if not m > need:
+            out.update(accepted=False, step=i, reason=f"near tie at step {i} (margin {m:.3g} nats)")
+            break
+    return out
 
 
 @torch.no_grad()

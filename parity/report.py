@@ -8,7 +8,8 @@ report.json (schema_version 1) top level: `schema_version`, `passed`, `failures`
 contributed_max_abs, contributed_nrmse, contributed_nmax, contributed_cosine, within_budget,
 contributed_within_budget, inherited, replay, budget, segments {image, prompt, suffix}, fp64, ours, reference,
 case}], `logits` {kl_mean, kl_max, top1_agreement, top5_overlap, decisive_top1_agreement, passed},
-`generation` {reference_text, candidate_text, tokens_equal, first_divergence, teacher_forced, cache, passed},
+`generation` {reference_text, candidate_text, tokens_equal, first_divergence, teacher_forced, cache, passed,
+reference_tokens_from ("teacher-forced argmax" | "generate", see `parity.generation.speculate`)},
 `cases` [per image + prompt: the same sections in full, with per-position KL / top-1 / top-5 lists].
 Non-finite floats are written as the strings "inf", "-inf", "nan" (strict JSON).
 """

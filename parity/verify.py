@@ -194,7 +194,8 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
     }
     gen = {k: failing["generation"][k] for k in ("reference_text", "candidate_text", "reference_tokens",
                                                   "candidate_tokens", "tokens_equal", "first_divergence",
-                                                  "teacher_forced", "cache", "passed")}
+                                                  "teacher_forced", "cache", "passed",
+                                                  "reference_tokens_from")}
     gen["tokens_equal"] = all(c["generation"]["tokens_equal"] for c in cases)
     gen["passed"] = all(c["generation"]["passed"] for c in cases)
     failures = []
