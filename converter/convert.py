@@ -25,8 +25,9 @@ from pgconv.converter.layouts import LAYOUTS
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.staging import reap_stale, temp_sibling
-from pgconv.converter.writer import (StreamWriter, TensorRecord, parse_size, shard_file_names, shard_targets,
-                                     tensors_equal)
+from pgconv.converter.sharding import parse_size, shard_file_names, shard_targets
+from pgconv.converter.sources import tensors_equal
+from pgconv.converter.writer import StreamWriter, TensorRecord
 from pgconv.errors import InputError
 
 __all__ = ["convert", "ConvertSummary", "rewrite_config"]

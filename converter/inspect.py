@@ -16,7 +16,7 @@ from pgconv.converter.hub import resolve_source
 from pgconv.converter.dtypes import FLOAT_CODES
 from pgconv.converter.layouts import LAYOUTS, TEXT_TENSORS, detect_layout
 from pgconv.converter.plan import expected_shapes
-from pgconv.converter.writer import tensors_equal
+from pgconv.converter.sources import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PRESETS, PaliGemmaConfig
 

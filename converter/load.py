@@ -17,7 +17,7 @@ from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.layouts import detect_layout, to_native
 from pgconv.converter.plan import Plan, plan_conversion
-from pgconv.converter.writer import tensors_equal
+from pgconv.converter.sources import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, from_hf_config
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pgconv.converter.checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint, read_json
 from pgconv.converter.plan import Plan, plan_conversion
-from pgconv.converter.writer import TensorRecord, sha256_of, tensors_equal
+from pgconv.converter.sources import sha256_of, tensors_equal
+from pgconv.converter.writer import TensorRecord
 from pgconv.errors import InputError
 
 __all__ = ["build_manifest", "write_manifest", "check_output"]

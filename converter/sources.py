@@ -9,6 +9,7 @@ member stored uncompressed has a span *and* a loader.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from pgconv.errors import InputError
 if TYPE_CHECKING:  # torch is imported only where values are needed (see dtypes.py)
     import torch
 
-__all__ = ["TensorMeta", "SourceTensor", "CHUNK_BYTES"]
+__all__ = ["TensorMeta", "SourceTensor", "CHUNK_BYTES", "sha256_of", "tensors_equal"]
 
 # Copy/cast granularity: large enough for full disk throughput, small enough to keep peak memory flat.
 CHUNK_BYTES = 16 << 20
@@ -118,3 +119,17 @@ def _read_into(src: SourceTensor, out: memoryview, rel: int) -> None:
             if n <= 0:
                 raise InputError(f"{src.file}: tensor {src.name!r} is truncated (file shorter than its header says)")
             done += n
+
+
+def sha256_of(src: SourceTensor) -> str:
+    h = hashlib.sha256()
+    for piece in src.raw_chunks():
+        h.update(piece)
+    return h.hexdigest()
+
+
+def tensors_equal(a: SourceTensor, b: SourceTensor) -> bool:
+    """Bit-identical contents (same dtype and shape), compared chunk by chunk."""
+    if a.meta.dtype != b.meta.dtype or a.meta.shape != b.meta.shape:
+        return False
+    return all(x == y for x, y in zip(a.raw_chunks(), b.raw_chunks()))

@@ -32,12 +32,11 @@ from pgconv.converter.manifest import write_manifest
 from pgconv.converter.npz import BFLOAT16, NpzWriter, from_torch
 from pgconv.converter.plan import plan_conversion
 from pgconv.converter.safetensors_io import build_header
-from pgconv.converter.sources import SourceTensor, TensorMeta
+from pgconv.converter.sources import SourceTensor, TensorMeta, tensors_equal
 from pgconv.converter.spec import builtin_names, load_spec
 from pgconv.converter.spec_bind import FileTensor, bind
 from pgconv.converter.spec_ops import SpecError
 from pgconv.converter.staging import reap_stale, temp_sibling
-from pgconv.converter.writer import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, to_hf_config
 

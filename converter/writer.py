@@ -20,7 +20,6 @@ import errno
 import hashlib
 import mmap
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,10 +36,8 @@ from pgconv.errors import InputError
 if TYPE_CHECKING:  # torch only for casts and transforms: a same-dtype conversion never imports it
     import torch
 
-__all__ = ["TensorRecord", "StreamWriter", "parse_size", "shard_targets", "shard_file_names", "write_shard",
-           "tensors_equal", "sha256_of"]
+__all__ = ["TensorRecord", "StreamWriter", "write_shard"]
 
-_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}  # decimal, like huggingface_hub
 _BLOCK = 4096  # O_DIRECT: memory address, file offset and length in multiples of the logical block size (<= 4096)
 _STAGE_BYTES = 32 << 20  # per worker; a multiple of _BLOCK (large enough that each direct write streams)
 # More workers than cores: while some wait for their direct writes (the disk takes ~1.5-2 GB/s), the others read,
@@ -62,57 +59,6 @@ class TensorRecord:
     max_abs_diff: float | None = None  # None: exact (same dtype or widening cast)
     fp16_overflow: int = 0  # finite values that became +-inf in a float16 cast
     copied: bool = False  # raw byte copy
-
-
-def parse_size(size: str | int) -> int:
-    """"5GB" -> 5_000_000_000 (decimal units, as huggingface_hub's max_shard_size); a bare number is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", str(size).upper())
-    value = int(float(m.group(1)) * _UNITS[m.group(2) or "B"]) if m else 0
-    if value <= 0:
-        raise InputError(f"invalid shard size {size!r}; use e.g. 5GB, 500MB or a positive byte count")
-    return value
-
-
-def shard_targets(metas: list[TensorMeta], max_bytes: int) -> list[list[TensorMeta]]:
-    """Greedy in plan order like huggingface_hub: a tensor larger than `max_bytes` gets a shard of its own."""
-    shards: list[list[TensorMeta]] = []
-    current: list[TensorMeta] = []
-    size = 0
-    for m in metas:
-        if m.nbytes > max_bytes:
-            if current:
-                shards.append(current)
-            shards.append([m])
-            current, size = [], 0
-            continue
-        if current and size + m.nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(m)
-        size += m.nbytes
-    if current or not shards:
-        shards.append(current)
-    return shards
-
-
-def shard_file_names(n: int) -> list[str]:
-    if n == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-
-
-def sha256_of(src: SourceTensor) -> str:
-    h = hashlib.sha256()
-    for piece in src.raw_chunks():
-        h.update(piece)
-    return h.hexdigest()
-
-
-def tensors_equal(a: SourceTensor, b: SourceTensor) -> bool:
-    """Bit-identical contents (same dtype and shape), compared chunk by chunk."""
-    if a.meta.dtype != b.meta.dtype or a.meta.shape != b.meta.shape:
-        return False
-    return all(x == y for x, y in zip(a.raw_chunks(), b.raw_chunks()))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

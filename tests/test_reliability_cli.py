@@ -322,7 +322,23 @@ _SLOWED = {
     "convert big-vision": ("pgconv.converter.npz", "NpzWriter.add", 0.05),
     "fixture": ("pgconv.converter.fixture", "_chunks", 0.05),
     "convert cast": ("pgconv.converter.sources", "SourceTensor.chunks", 0.05),
+    "convert layout": ("pgconv.converter.writer", "_write_span", 0.05),
 }
+
+
+def _start_slowed(writer: str, src: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
+    """Start `writer` into `out` in a subprocess, slowed per `_SLOWED`, and return once tensor bytes are on disk
+    (not just the temporary name: a signal that lands while torch/numpy are still being imported, lazily by the
+    writer, can be swallowed by a bare `except:` in their import code)."""
+    module, attr, delay = _SLOWED[writer]
+    argv = [str(a) for a in _writers(src, out)[writer]]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW, module, attr, str(delay), *argv], stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while _bytes_under(out) < 8192 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    return proc, argv
 
 
 def _bytes_under(directory: Path) -> int:
@@ -344,16 +360,7 @@ def test_signal_mid_write(tmp_path_factory, tmp_path, writer, sig):
     src = tiny_checkpoint(tmp_path_factory)
     out = tmp_path / "outputs"
     out.mkdir()
-    module, attr, delay = _SLOWED[writer]
-    argv = [str(a) for a in _writers(src, out)[writer]]
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW, module, attr, str(delay), *argv], stderr=subprocess.PIPE,
-                            text=True)
-    # Wait for tensor bytes on disk, not just the temporary name: a signal that lands while torch/numpy are still
-    # being imported (lazily, by the writer) can be swallowed by a bare `except:` in their import code.
-    deadline = time.time() + 60
-    while _bytes_under(out) < 8192 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "finished before it could be interrupted"
+    proc, _ = _start_slowed(writer, src, out)
     time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -465,14 +472,7 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(tmp_path_factory, tmp_path
     src = tiny_checkpoint(tmp_path_factory)
     out = tmp_path / "outputs"
     out.mkdir()
-    module, attr, delay = _SLOWED.get(writer, ("pgconv.converter.writer", "_write_span", 0.05))
-    argv = [str(a) for a in _writers(src, out)[writer]]
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW, module, attr, str(delay), *argv], stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 60
-    while _bytes_under(out) < 8192 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "finished before it could be killed"
+    proc, argv = _start_slowed(writer, src, out)
     proc.kill()
     proc.communicate(timeout=60)
     left = litter(out)
