@@ -75,7 +75,6 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     pad_token_id: int = 0,
     on_token: Callable[[Tensor], None] | None = None,
-    prefilled: Tensor | None = None,
 ) -> Tensor:
     """New tokens (B, n) with n <= max_new_tokens (fewer when every row hit an EOS).
 
@@ -83,9 +82,6 @@ def generate(
     `token_type_ids` (B, T) 0 for the prefix (default: all prefix, what the processor gives a prompt).
     `on_token(tokens)` receives the (B,) tokens of each step as soon as they are chosen (pad for finished rows).
     EOS ids default to the model config's. `seed` seeds a private torch.Generator (sampling only).
-    `prefilled` (B, V): the caller already ran the prefill (the KV cache holds these `input_ids`' keys and values at
-    positions 0..T-1, and has room for T + max_new_tokens - 1); these are its last-position logits. Decoding goes
-    on from there without touching the cache's first T entries (`pgconv verify` reuses its hooked forward).
     """
     if input_ids.ndim != 2:
         raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -101,23 +97,16 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    if prefilled is None:
-        model.ensure_cache(b, t + max_new_tokens)
-    elif model.cache_len < t + max_new_tokens - 1:
-        raise InputError(f"prefilled: the KV cache holds {model.cache_len} positions, decoding needs "
-                         f"{t + max_new_tokens - 1}")
+    model.ensure_cache(b, t + max_new_tokens)
     # Room for every step's mask column, preallocated (0 = not a key yet).
     full_mask = torch.zeros((b, model.cache_len), dtype=torch.long, device=device)
     full_mask[:, :t] = mask
 
     index = ops.padded_index(mask)  # 0-based index among real tokens, as transformers' generate
-    if prefilled is None:
-        logits = model(
-            input_ids, pixel_values, tti, full_mask[:, :t],
-            input_pos=torch.arange(t, device=device), position_ids=ops.rope_positions(index), logits_to_keep=1,
-        )[:, -1]
-    else:
-        logits = prefilled.to(device)
+    logits = model(
+        input_ids, pixel_values, tti, full_mask[:, :t],
+        input_pos=torch.arange(t, device=device), position_ids=ops.rope_positions(index), logits_to_keep=1,
+    )[:, -1]
     next_index = index[:, -1:] + 1
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     out: list[Tensor] = []

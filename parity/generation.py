@@ -95,20 +95,17 @@ def reference_greedy(ref: nn.Module, inputs: dict[str, Tensor], n: int, eos: lis
 
 
 @torch.no_grad()
-def ours_greedy(model: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int], pad: int,
-                prefilled: Tensor | None = None) -> tuple[list[int], Tensor]:
-    """(tokens, per-step cached logits (n, V)) from `pgconv.generate`, the logits read by a forward hook.
-
-    `prefilled` (1, V): the prompt's last-position logits from a forward that already filled the KV cache with the
-    prompt (`generate`'s `prefilled`); it is the first step's logits."""
+def ours_greedy(model: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int],
+                pad: int) -> tuple[list[int], Tensor]:
+    """(tokens, per-step cached logits (n, V)) from `pgconv.generate`, the logits read by a forward hook."""
     from pgconv.model.generate import generate
 
-    steps: list[Tensor] = [] if prefilled is None else [prefilled[0].detach().float()]
+    steps: list[Tensor] = []
     handle = model.register_forward_hook(lambda m, args, out: steps.append(out[0, -1].detach().float()))
     try:
         tokens = generate(
             model, inputs["input_ids"], inputs["pixel_values"], inputs["token_type_ids"], inputs["attention_mask"],
-            max_new_tokens=n, eos_token_ids=eos, pad_token_id=pad, prefilled=prefilled,
+            max_new_tokens=n, eos_token_ids=eos, pad_token_id=pad,
         )
     finally:
         handle.remove()

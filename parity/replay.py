@@ -12,8 +12,6 @@ Every recipe is skipped, with contributed = end-to-end, when our input already e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +20,7 @@ from torch import Tensor, nn
 from pgconv.parity.capture import Call, Recorder, primary
 from pgconv.parity.probes import Probe
 
-__all__ = ["replay", "scratch_caches", "same_input", "own_value", "OWN", "OWN_PATHS"]
+__all__ = ["replay", "same_input", "own_value", "OWN", "OWN_PATHS"]
 
 T = "model.language_model."
 
@@ -78,35 +76,13 @@ def same_input(probe: Probe, ours_rec: Recorder, ref_rec: Recorder) -> bool:
             and ours_in.dtype == ref_in.dtype and bool(torch.equal(ours_in, ref_in)))
 
 
-@contextmanager
-def scratch_caches(module: nn.Module) -> Iterator[None]:
-    """Inside the block, every KV cache under `module` is a fresh zeroed one of the same shape, so a replayed
-    attention call that writes k/v (our forward ran with the cache, see `parity.case`) leaves the real cache as our
-    forward filled it; restored on exit."""
-    from pgconv.model.kv_cache import KVCache
-
-    saved = []
-    for m in list(module.modules()):
-        cache = getattr(m, "cache", None)
-        if isinstance(cache, KVCache):
-            k = cache.k
-            saved.append((m, cache))
-            m.cache = KVCache(k.shape[0], k.shape[1], k.shape[2], k.shape[3], k.dtype, k.device)
-    try:
-        yield
-    finally:
-        for m, cache in saved:
-            m.cache = cache
-
-
 @torch.no_grad()
 def replay(probe: Probe, ours: nn.Module, ours_rec: Recorder, ref_rec: Recorder, input_ids: Tensor) -> Tensor:
     """Our output for `probe` computed from the reference's input."""
     if probe.replay == "call":
         module = ours.get_submodule(probe.ours)
         args, kwargs = _swap_first_tensor(ours_rec.call(probe.ours), _ref_input(probe, ref_rec))
-        with scratch_caches(module):
-            return primary(module(*args, **kwargs))
+        return primary(module(*args, **kwargs))  # our forward ran without a KV cache: nothing to write
     if probe.replay == "merge":
         return ours.embed(input_ids, ref_rec.get("model.multi_modal_projector", "output"))
     if probe.replay == "logits":  # never whole in verify: `parity.logits` runs this recipe position chunk by chunk
