@@ -126,6 +126,7 @@ class PaliGemma(nn.Module):
         position_ids: Tensor | None = None,
         logits_to_keep: int | None = None,
         return_hidden: bool = False,
+        image_features: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T or logits_to_keep, vocab); with `return_hidden`, the final-norm hidden states (B, T, d)
         instead, so a caller can compute `logits(hidden)` for the positions it needs, a few at a time.
@@ -134,9 +135,13 @@ class PaliGemma(nn.Module):
         the cache at those positions and attention spans the cache; decode steps pass `pixel_values=None`, so the
         vision tower runs only at prefill. `token_type_ids` None means purely causal (transformers 5.24 eager
         without them); PaliGemma prompts want zeros over the prefix. `logits_to_keep=k` computes logits only for
-        the last k positions (1 at prefill).
+        the last k positions (1 at prefill). `image_features` (B, image tokens, d), what `image_features(pixel_values)`
+        returned for the same pixels, stands in for `pixel_values` (the vision tower does not run again).
         """
-        features = self.image_features(pixel_values) if pixel_values is not None else None
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        features = image_features if image_features is not None else (
+            self.image_features(pixel_values) if pixel_values is not None else None)
         x = self.embed(input_ids, features)
         ctx = self.attn_context(
             input_ids, token_type_ids, attention_mask, input_pos=input_pos, position_ids=position_ids, dtype=x.dtype

@@ -1,15 +1,16 @@
 """One verification case (one image + prompt): probes, logits, generation, cache check.
 
 Order of work, so every forward pass serves several checks and no full-vocabulary logits are ever held:
-1. our model decodes greedily (`pgconv.generate`, its KV cache) -> our tokens and cached per-step logits;
+1. our model decodes greedily (`pgconv.generate`, its KV cache) -> our tokens and cached per-step logits; the
+   vision tower's calls in its prefill are recorded (the vision probes read them: the tower runs once);
 2. the reference runs one hooked forward over prompt + our tokens (suffix, token_type_ids 1), stopping at its final
    norm; its logits at the positions predicting our tokens decide whether they are provably its own greedy tokens
    (`generation.speculate`: same argmax at every step, margins clear of a near tie). If not, the reference decodes
    with transformers' `generate` after all, and when its tokens differ from ours its forward is redone over prompt
    + its tokens; the sequence is always prompt + the reference's tokens;
-3. our model runs one hooked forward (no cache) over the same sequence; each probe is compared (teacher-forced
-   replay and float64 arbitration only where needed, `compare`) while it runs, as soon as what it reads exists;
-   captured activations are dropped once no later probe reads them;
+3. our model runs one hooked forward (no cache) over the same sequence from the image features of step 1; each
+   probe is compared (teacher-forced replay and float64 arbitration only where needed, `compare`) while it runs,
+   as soon as what it reads exists; captured activations are dropped once no later probe reads them;
 4. `parity.logits` computes both heads position chunk by chunk from the final hidden states: the logits probe,
    per-position KL / top-1 / top-5, and the rows that predict the reference's tokens (teacher forcing, cache check:
    our cached step logits against our uncached forward's).
@@ -216,7 +217,12 @@ def run_case(
         clock = now
 
     budget = tol.section("generation", dtype)
-    ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad)
+    ours_paths = {p.ours for p in probes if p.ours and p.ours_at != "call"} | set(OWN_PATHS)
+    # Our vision tower runs once: its calls in our decode's prefill are the ones the probes read, and its output
+    # (the projector's) is fed to our hooked forward below as `image_features`.
+    vision_paths = {m for m in ours_paths if m == "projector" or m.startswith("vision.")}
+    with Recorder(ours, vision_paths) as vision_rec:
+        ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad)
     lap("candidate_generate")
     t = inputs["input_ids"].shape[1]
     ref_paths = {p.ref for p in probes if p.ref} | set(EXTRA_REF_PATHS)
@@ -247,14 +253,17 @@ def run_case(
     spec["reference_tokens_from"] = "teacher-forced argmax" if spec["accepted"] else "generate"
     n = len(ref_tokens)
     length = seq["input_ids"].shape[1]
-    ours_paths = {p.ours for p in probes if p.ours and p.ours_at != "call"} | set(OWN_PATHS)
     masks = segment_masks(seq["input_ids"], seq["token_type_ids"], image_token)
-    ours_rec = Recorder(ours, ours_paths)
+    ours_rec = Recorder(ours, ours_paths - vision_paths)
+    ours_rec.calls.update(vision_rec.calls)
+    del vision_rec
+    features = ours_rec.get("projector", "output")
     stream = _ProbeStream(probes, ours, ref, ours_rec, ref_rec, seq, masks, tol, dtype)
-    ours_rec.on_call = stream.step  # probes are compared while our forward runs
+    ours_rec.on_call = stream.step  # probes are compared while our forward runs (the vision rows at its first call)
     with ours_rec, torch.no_grad():  # no cache: the uncached forward the cache check compares our decode with
-        ours_hidden = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"],
-                           return_hidden=True)
+        ours_hidden = ours(seq["input_ids"], None, seq["token_type_ids"], seq["attention_mask"],
+                           return_hidden=True, image_features=features)
+    del features
     lap("candidate_forward")
     with torch.no_grad():
         rows = stream.finish()

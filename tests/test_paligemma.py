@@ -71,6 +71,20 @@ def test_image_features_match_transformers(models):
 
 
 @torch.no_grad()
+def test_forward_from_image_features_equals_forward_from_pixels(models):
+    """`image_features=` (what verify feeds its hooked forward) is the same computation, bit for bit."""
+    cfg, _, ours = models
+    inp = make_inputs(cfg, [5], suffix_len=2, seed=2)
+    ids, tti, mask, pv = inp["input_ids"], inp["token_type_ids"], inp["attention_mask"], inp["pixel_values"]
+    feats = ours.image_features(pv)
+    assert torch.equal(ours(ids, None, tti, mask, image_features=feats), ours(ids, pv, tti, mask))
+    # Different features must change the result (the argument is really used).
+    assert not torch.equal(ours(ids, None, tti, mask, image_features=feats + 1), ours(ids, pv, tti, mask))
+    with pytest.raises(ValueError, match="not both"):
+        ours(ids, pv, tti, mask, image_features=feats)
+
+
+@torch.no_grad()
 def test_cached_prefill_and_decode_match_uncached_and_transformers(models):
     """Prefill with the cache, then decode the suffix one token at a time: every step's logits equal both
     transformers' (DynamicCache) and our own uncached full forward over the whole sequence."""

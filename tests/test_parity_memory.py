@@ -185,3 +185,33 @@ def test_mask_columns_past_the_sequence_must_be_masked():
     ours[0, 3, 5] = 1.0
     assert "past the sequence" in _cache_tail(ours, ref)[1]
     assert _cache_tail(ref, ref) == (ref, None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vision_tower_runs_once_and_its_probes_equal_a_forward_that_reruns_it(tiny_checkpoint, dtype, monkeypatch):
+    """Our vision tower runs only in our decode's prefill; the hooked forward takes its image features. A run whose
+    hooked forward recomputes the tower from the pixels (the straightforward way) feeds its text stack the same
+    features: every row is the same."""
+    from pgconv.model.paligemma import PaliGemma
+    from pgconv.parity.verify import verify
+
+    calls = []
+    orig_features = PaliGemma.image_features
+    monkeypatch.setattr(PaliGemma, "image_features", lambda self, pv: calls.append(1) or orig_features(self, pv))
+    once = verify(str(tiny_checkpoint("tiny")), dtype=dtype, max_new_tokens=3)
+    assert len(calls) == 1 and not once["generation"]["cache"]["extra_forward"]
+
+    orig_forward = PaliGemma.forward
+
+    def rerun(self, input_ids, pixel_values=None, *args, image_features=None, **kwargs):
+        if image_features is not None:  # the hooked forward: recompute the tower from the pixels
+            pixel_values, image_features = pixel_values_seen[0], None
+        return orig_forward(self, input_ids, pixel_values, *args, image_features=image_features, **kwargs)
+
+    pixel_values_seen = []
+    monkeypatch.setattr(PaliGemma, "image_features",
+                        lambda self, pv: pixel_values_seen.append(pv) or orig_features(self, pv))
+    monkeypatch.setattr(PaliGemma, "forward", rerun)
+    twice = verify(str(tiny_checkpoint("tiny")), dtype=dtype, max_new_tokens=3)
+    assert len(pixel_values_seen) == 2  # the tower ran again in the hooked forward
+    assert once["probes"] == twice["probes"] and once["passed"] and twice["passed"]
