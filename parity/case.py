@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from pgconv.parity.capture import Recorder, split_path
+from pgconv.parity.capture import Recorder, release_freed_memory, split_path
 from pgconv.parity.compare import OURS_WORSE, chained, evaluate_logits, evaluate_probe, failed_row, value
 from pgconv.parity.generation import (compare_steps, first_divergence, greedy_changers, ours_greedy,
                                       reference_greedy, speculate, step_metrics)
@@ -223,6 +223,7 @@ def run_case(
     vision_paths = {m for m in ours_paths if m == "projector" or m.startswith("vision.")}
     with Recorder(ours, vision_paths) as vision_rec:
         ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad)
+    release_freed_memory()  # the decode's temporaries: the reference forward's captures come next
     lap("candidate_generate")
     t = inputs["input_ids"].shape[1]
     ref_paths = {p.ref for p in probes if p.ref} | set(EXTRA_REF_PATHS)
@@ -269,6 +270,7 @@ def run_case(
         rows = stream.finish()
     ref_rec.keep_only({T + "norm"})  # captured activations are no longer needed (the logits' oracle reads the norm)
     del ours_rec, stream
+    release_freed_memory()  # the captures just dropped: the logit chunks come next
     lap("probes")
 
     lp = logits_pass(ours, ref, ours_hidden, ref_rec.get(T + "norm", "output"), slice(t - 1, t - 1 + n))
