@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pgconv.converter.fixture import make_fixture
+from pgconv.parity import capture
 from pgconv.parity.models import cast_state_dict, load_reference
 
 from test_parity_fixtures import tiny_checkpoint  # noqa: F401  (pytest fixture)
@@ -215,3 +216,24 @@ def test_vision_tower_runs_once_and_its_probes_equal_a_forward_that_reruns_it(ti
     twice = verify(str(tiny_checkpoint("tiny")), dtype=dtype, max_new_tokens=3)
     assert len(pixel_values_seen) == 2  # the tower ran again in the hooked forward
     assert once["probes"] == twice["probes"] and once["passed"] and twice["passed"]
+
+
+@pytest.mark.skipif(capture._TRIM is None, reason="glibc malloc_trim not available")
+def test_release_freed_memory_returns_freed_heap_pages():
+    """Small tensors freed below a live one stay resident until the trim (the 3B logits-phase peak, issue 4)."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    held = [torch.ones(16 << 10) for _ in range(4000)]  # 64 KiB each, 250 MiB: heap allocations
+    pin = torch.ones(16 << 10)  # allocated after them: the heap cannot shrink from the top
+    del held
+    before = rss()
+    capture.release_freed_memory()
+    after = rss()
+    assert before - after > 100 << 20, (before, after)
+    assert float(pin.sum()) == 16 << 10
