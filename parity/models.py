@@ -9,6 +9,8 @@ bit-identical values; the map itself goes into the report.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -80,16 +82,19 @@ def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
     return model.to(device).eval()
 
 
-_CAST_CHUNK = 16 << 20  # bytes read per piece when casting a stored tensor
-_CAST_THREADS = 4  # file reads and casts release the GIL; faulting in fresh memory goes faster in parallel too
+_CAST_CHUNK = 16 << 20  # bytes read per piece when a stored tensor cannot be cast straight from the mapping
+_CAST_THREADS = 4  # casts release the GIL; faulting in fresh memory goes faster in parallel too
 
 
 def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """The checkpoint's tensors (stored names) with floating ones cast to `dtype`, read and cast piece by piece
-    (plain file reads into a reused buffer per thread, no memory map: peak memory is the result plus a few pieces);
-    None when every floating tensor is already stored in `dtype` (transformers then maps the files without any
-    copy). A stored tied `lm_head` (checked equal to the embedding by `check_checkpoint`) is left out: transformers
-    ties it anyway."""
+    """The checkpoint's tensors (stored names) with floating ones cast to `dtype`; None when every floating tensor is
+    already stored in `dtype` (transformers then maps the files without any copy). A stored tied `lm_head`
+    (checked equal to the embedding by `check_checkpoint`) is left out: transformers ties it anyway.
+
+    Each tensor is cast straight from a private memory map of its file (no copy of the source), and its source
+    pages are unmapped right after (`MADV_DONTNEED`: they stay in the page cache, not in our resident set), so peak
+    memory is the result plus the few tensors being cast. 3B bf16 -> fp32, 2 cores: 3.2-3.6 s against 4.9-5.8 s
+    reading pieces into a buffer first (`_cast_pieces`, kept for stored bytes not aligned to their dtype)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pgconv.converter.checkpoint import open_checkpoint
@@ -101,6 +106,14 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
     if all(torch_dtype(t.meta.dtype) == dtype for t in floating):
         return None
     drops = {d.source for d in plan_conversion(ckpt.metas(), ckpt.pg_config(), "native").drops}
+    names = [n for n in ckpt.tensors if n not in drops]
+    maps: dict[Path, mmap.mmap] = {}
+    for src in (ckpt.tensors[n] for n in names):
+        if src.span is not None and src.file not in maps:
+            with open(src.file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                # ACCESS_COPY: a private mapping torch may view as writable (never written: no page is copied).
+                maps[src.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
     local = threading.local()
 
     def one(src) -> torch.Tensor:
@@ -109,28 +122,52 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
             return src.load()
         if src.span is None:  # not a plain byte range (.bin): whole tensor, then cast
             return src.load().to(dtype)
-        dst = torch.empty(src.meta.shape, dtype=dtype)
-        flat, size = dst.view(-1), stored.itemsize
         begin, end = src.span
-        if end - begin != flat.numel() * size:
+        numel = math.prod(src.meta.shape)
+        if end - begin != numel * stored.itemsize:
             raise InputError(f"{src.file}: tensor {src.name!r} spans {end - begin} bytes, its header implies "
-                             f"{flat.numel() * size}")
-        buffer = getattr(local, "buffer", None)
-        if buffer is None:
-            buffer = local.buffer = torch.empty(_CAST_CHUNK // size * size, dtype=torch.uint8)
-        step = buffer.numel()
-        with open(src.file, "rb", buffering=0) as f:
-            for pos in range(begin, end, step):
-                n = min(step, end - pos)
-                piece = buffer[:n]
-                _pread(f.fileno(), memoryview(piece.numpy()), pos, src.file, src.name)
-                first = (pos - begin) // size
-                flat[first:first + n // size].copy_(piece.view(stored))
-        return dst
+                             f"{numel * stored.itemsize}")
+        mapped = maps[src.file]
+        if mapped is None or end > len(mapped):  # a mapping would fault (SIGBUS) past the end of the file
+            raise InputError(f"{src.file}: tensor {src.name!r} is truncated (file shorter than its header says)")
+        if numel == 0:
+            return torch.empty(src.meta.shape, dtype=dtype)
+        if begin % stored.itemsize:
+            return _cast_pieces(src, stored, dtype, local)
+        out = torch.frombuffer(mapped, dtype=stored, count=numel, offset=begin).view(src.meta.shape).to(dtype)
+        first = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+        return out
 
-    names = [n for n in ckpt.tensors if n not in drops]
-    with ThreadPoolExecutor(_CAST_THREADS) as pool:
-        return dict(zip(names, pool.map(one, (ckpt.tensors[n] for n in names))))
+    try:
+        with ThreadPoolExecutor(_CAST_THREADS) as pool:
+            return dict(zip(names, pool.map(one, (ckpt.tensors[n] for n in names))))
+    finally:
+        for m in maps.values():
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:  # a view is still exported (an error path): the mapping goes with it
+                    pass
+
+
+def _cast_pieces(src, stored: torch.dtype, dtype: torch.dtype, local: threading.local) -> torch.Tensor:
+    """`src` cast to `dtype` from pieces read into a reused aligned buffer (for bytes not aligned to `stored`)."""
+    dst = torch.empty(src.meta.shape, dtype=dtype)
+    flat, size = dst.view(-1), stored.itemsize
+    begin, end = src.span
+    buffer = getattr(local, "buffer", None)
+    if buffer is None:
+        buffer = local.buffer = torch.empty(_CAST_CHUNK // size * size, dtype=torch.uint8)
+    step = buffer.numel() // size * size
+    with open(src.file, "rb", buffering=0) as f:
+        for pos in range(begin, end, step):
+            n = min(step, end - pos)
+            piece = buffer[:n]
+            _pread(f.fileno(), memoryview(piece.numpy()), pos, src.file, src.name)
+            first = (pos - begin) // size
+            flat[first:first + n // size].copy_(piece.view(stored))
+    return dst
 
 
 def _pread(fd: int, out: memoryview, offset: int, file: Path, name: str) -> None:

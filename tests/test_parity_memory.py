@@ -61,17 +61,43 @@ def test_streamed_cast_reference_is_what_from_pretrained_builds(reduced_checkpoi
     _same_model(ours, theirs)
 
 
-def test_cast_state_dict_pieces(reduced_checkpoints, monkeypatch):
-    """Tensors larger than one piece are assembled from several reads, exactly."""
+def test_cast_state_dict_pieces(reduced_checkpoints):
+    """The read-into-a-buffer path (bytes not aligned to their dtype) gives the mapped path's tensors exactly, also
+    when tensors span several pieces."""
+    from pgconv.converter.checkpoint import open_checkpoint
+    from pgconv.converter.dtypes import torch_dtype
     from pgconv.parity import models
 
     path = reduced_checkpoints[("tiny", "bfloat16")]
     whole = cast_state_dict(path, torch.float32)
-    monkeypatch.setattr(models, "_CAST_CHUNK", 1000)
-    monkeypatch.setattr(models, "_CAST_THREADS", 1)
-    pieces = cast_state_dict(path, torch.float32)
-    assert whole.keys() == pieces.keys()
-    assert all(torch.equal(whole[k], pieces[k]) and pieces[k].dtype == torch.float32 for k in whole)
+    ckpt = open_checkpoint(path, trusted_root=path)
+    local = models.threading.local()
+    local.buffer = torch.empty(1000, dtype=torch.uint8)  # 500 bf16 elements per piece
+    checked = 0
+    for name, t in whole.items():
+        src = ckpt.tensors[name]
+        if torch_dtype(src.meta.dtype) != torch.bfloat16:
+            continue
+        got = models._cast_pieces(src, torch.bfloat16, torch.float32, local)
+        assert got.dtype == torch.float32 and torch.equal(got, t), name
+        checked += 1
+    assert checked > 10 and any(t.numel() > 500 for t in whole.values())  # several pieces for some tensors
+
+
+def test_cast_state_dict_truncated_file_is_an_input_error(reduced_checkpoints, tmp_path):
+    """A file shorter than its header says is named, not a SIGBUS from the mapping."""
+    import shutil
+
+    from pgconv.errors import InputError
+
+    src = reduced_checkpoints[("tiny", "bfloat16")]
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    weights = next(dst.glob("*.safetensors"))
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 4096)
+    with pytest.raises(InputError, match="truncated"):
+        cast_state_dict(dst, torch.float32)
 
 
 # -- logits ----------------------------------------------------------------------------------------------------------
