@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "Recorder", "primary", "tensor_of", "split_path"]
+__all__ = ["Call", "Recorder", "primary", "tensor_of", "split_path", "release_freed_memory"]
 
 
 @dataclass
@@ -112,9 +112,13 @@ class Recorder:
         return hook
 
     def drop(self, modules: set[str]) -> None:
-        """Forget the recorded calls of `modules` (frees their captured activations)."""
+        """Forget the recorded calls of `modules` (frees their captured activations). The Call is emptied in place:
+        while the hooks are registered their closures still hold it, and it stays `done`, so a later call of the
+        module records nothing."""
         for m in modules:
-            self.calls.pop(m, None)
+            call = self.calls.pop(m, None)
+            if call is not None:
+                call.args, call.kwargs, call.output = (), {}, None
 
     def keep_only(self, modules: set[str]) -> None:
         """Drop every recorded call except those of `modules` (frees the captured activations)."""
@@ -148,7 +152,9 @@ def _load_trim() -> Callable[[int], int] | None:
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only
+        trim = libc.malloc_trim  # glibc only
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return trim
     except (OSError, AttributeError):
         return None
 

@@ -4,13 +4,14 @@ Order of work, so every forward pass serves several checks and no full-vocabular
 1. our model decodes greedily (`pgconv.generate`, its KV cache) -> our tokens and cached per-step logits; the
    vision tower's calls in its prefill are recorded (the vision probes read them: the tower runs once);
 2. the reference runs one hooked forward over prompt + our tokens (suffix, token_type_ids 1), stopping at its final
-   norm; its logits at the positions predicting our tokens decide whether they are provably its own greedy tokens
+   norm; the vision and projector rows are made while it runs (both sides' captures dropped as they go). Its logits
+   at the positions predicting our tokens decide whether they are provably its own greedy tokens
    (`generation.speculate`: same argmax at every step, margins clear of a near tie). If not, the reference decodes
    with transformers' `generate` after all, and when its tokens differ from ours its forward is redone over prompt
    + its tokens; the sequence is always prompt + the reference's tokens;
 3. our model runs one hooked forward (no cache) over the same sequence from the image features of step 1; each
-   probe is compared (teacher-forced replay and float64 arbitration only where needed, `compare`) while it runs,
-   as soon as what it reads exists; captured activations are dropped once no later probe reads them;
+   text probe is compared (teacher-forced replay and float64 arbitration only where needed, `compare`) while it
+   runs, as soon as what it reads exists; captured activations are dropped once no later probe reads them;
 4. `parity.logits` computes both heads position chunk by chunk from the final hidden states: the logits probe,
    per-position KL / top-1 / top-5, and the rows that predict the reference's tokens (teacher forcing, cache check:
    our cached step logits against our uncached forward's).
@@ -72,9 +73,9 @@ def _logits_section(per: dict[str, list], masks: dict[str, Tensor], budget: dict
 
 
 def _cache_check(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int], ours_tokens: list[int],
-                 steps: Tensor, uncached: Tensor, budget: dict[str, float]) -> dict[str, Any]:
+                 steps: Tensor, uncached: Tensor, budget: dict[str, float], features: Tensor) -> dict[str, Any]:
     """Our cached step logits against our full-sequence forward over the same tokens (`uncached`: its logits from
-    the prompt's last position on)."""
+    the prompt's last position on). `features`: our image features for the prompt's image."""
     t = inputs["input_ids"].shape[1]
     d = first_divergence(ref_tokens, ours_tokens)
     valid = len(ours_tokens) if d is None else min(d + 1, len(ours_tokens))
@@ -83,8 +84,8 @@ def _cache_check(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[in
         # Our tokens left the reference's path: one more forward (no cache) over ours, logits where needed.
         with torch.no_grad():
             seq = _extend(inputs, ours_tokens[:-1])
-            hidden = ours(seq["input_ids"], seq["pixel_values"], seq["token_type_ids"], seq["attention_mask"],
-                          return_hidden=True)
+            hidden = ours(seq["input_ids"], None, seq["token_type_ids"], seq["attention_mask"], return_hidden=True,
+                          image_features=features)
             uncached = ours.logits(hidden[:, t - 1:t - 1 + len(ours_tokens)])[0]
         valid, extra = len(ours_tokens), True
     a, b = steps[:valid], uncached[:valid].float()
@@ -108,17 +109,22 @@ def _cache_tail(ov: Tensor, rv: Tensor) -> tuple[Tensor, str | None]:
 
 
 class _ProbeStream:
-    """The probe rows, made in table order while our forward runs (`Recorder.on_call` after each first call):
-    a probe is evaluated as soon as every module of ours it reads has run, and the captured activations no later
-    probe reads are dropped on both sides right away, so at most about one layer of ours is held next to the
-    reference's captures (which shrink as ours catches up) instead of both models' activations for every layer.
-    Replays run inside the hooks (our forward is paused there); a replayed call records nothing (first calls only).
-    `finish()` evaluates whatever is left after the forward (a module never called gives a failed row)."""
+    """The probe rows, made in table order while the forwards run (`Recorder.on_call` after each first call, on
+    either side): a probe is evaluated as soon as every module it reads has run on both sides, and the captured
+    activations no later probe reads are dropped on both sides right away. Our vision calls were recorded in our
+    decode's prefill, so the vision rows are made while the reference's vision tower runs; the text rows (which
+    depend on the token sequence, final only once the reference's tokens are known: `sequence_ready`) while our
+    forward runs, so at most about one layer of ours is held next to the reference's captures (which shrink as ours
+    catches up) instead of both models' activations for every layer. Replays run inside the hooks (that forward is
+    paused there); a replayed call records nothing (first calls only). `finish()` evaluates whatever is left after
+    the forward (a module never called gives a failed row)."""
 
-    def __init__(self, probes: list[Probe], ours: nn.Module, ref: nn.Module, ours_rec: Recorder, ref_rec: Recorder,
-                 seq: dict[str, Tensor], masks: dict[str, Tensor], tol: Tolerances, dtype: str) -> None:
+    def __init__(self, probes: list[Probe], ours: nn.Module, ref: nn.Module, ours_rec: Recorder,
+                 ref_rec: Recorder | None, seq: dict[str, Tensor], masks: dict[str, Tensor], tol: Tolerances,
+                 dtype: str) -> None:
         self.probes, self.ours, self.ref, self.ours_rec, self.ref_rec = probes, ours, ref, ours_rec, ref_rec
         self.seq, self.masks, self.tol, self.dtype = seq, masks, tol, dtype
+        self.sequence_ready = False
         self.rows: list[dict[str, Any] | None] = []
         self.prev: dict[str, tuple[Probe, Tensor, Tensor]] = {}  # last probe of each stack with its two values
         self.busy = False
@@ -150,13 +156,27 @@ class _ProbeStream:
                 if p.name == "logits":  # made from `parity.logits` after the forward
                     self.rows.append(None)
                     continue
-                done = self.ours_rec.calls
-                if not final and not all(m in done and done[m].done for m in self.needs[i]):
+                if not final and not self._ready(i, p):
                     break
                 self.rows.append(self._row(p))
                 self._release(i)
         finally:
             self.busy = False
+
+    def _ready(self, i: int, p: Probe) -> bool:
+        if p.name.startswith("text.") and not self.sequence_ready:
+            return False
+        done = self.ours_rec.calls
+        if not all(m in done and done[m].done for m in self.needs[i]):
+            return False
+        if self.ref_rec is None:
+            return False
+        theirs = self.ref_rec.calls.get(split_path(p.ref)[0]) if p.ref else None
+        return not p.ref or (theirs is not None and theirs.done)
+
+    def remaining_ref_paths(self) -> set[str]:
+        """Reference modules the rows not made yet read."""
+        return {p.ref for p in self.probes[len(self.rows):] if p.ref}
 
     def finish(self) -> list[dict[str, Any] | None]:
         self.step(final=True)
@@ -167,7 +187,8 @@ class _ProbeStream:
         self.ref_rec.drop({m for m, last in self.last_ref.items() if last == i} - set(EXTRA_REF_PATHS))
 
     def _row(self, p: Probe) -> dict[str, Any]:
-        ours, ref, ours_rec, ref_rec, tol, dtype = self.ours, self.ref, self.ours_rec, self.ref_rec, self.tol, self.dtype
+        ours, ref, ours_rec, ref_rec = self.ours, self.ref, self.ours_rec, self.ref_rec
+        tol, dtype = self.tol, self.dtype
         try:
             rv = value(ref_rec, p.ref, p.ref_at, p.kind)
             ov = (own_value(p, ours, ours_rec, self.seq) if p.ours_at == "call"
@@ -192,13 +213,14 @@ class _ProbeStream:
 
 def _generation(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int], ref_steps: Tensor,
                 ours_tokens: list[int], ours_steps: Tensor, lp: LogitsPass, budget: dict[str, float],
-                decode: Callable[[list[int]], str]) -> dict[str, Any]:
+                decode: Callable[[list[int]], str], features: Tensor) -> dict[str, Any]:
     generation = compare_steps(ref_tokens, ref_steps, ours_tokens, ours_steps, budget["near_tie_nats"], decode)
     # Logits at positions t-1 .. t+n-2 of the forward over prompt + reference tokens predict each reference token.
     tf = step_metrics(lp.ours_rows, lp.ref_rows, budget["near_tie_nats"])
     tf["passed"] = tf["kl_max"] <= budget["teacher_forced_kl_max"] and tf["decisive_top1_agreement"] >= 1.0
     generation["teacher_forced"] = tf
-    generation["cache"] = _cache_check(ours, inputs, ref_tokens, ours_tokens, ours_steps, lp.ours_rows, budget)
+    generation["cache"] = _cache_check(ours, inputs, ref_tokens, ours_tokens, ours_steps, lp.ours_rows, budget,
+                                       features)
     generation["passed"] = bool(generation["passed"] and tf["passed"] and generation["cache"]["passed"])
     return generation
 
@@ -226,11 +248,18 @@ def run_case(
     release_freed_memory()  # the decode's temporaries: the reference forward's captures come next
     lap("candidate_generate")
     t = inputs["input_ids"].shape[1]
-    ref_paths = {p.ref for p in probes if p.ref} | set(EXTRA_REF_PATHS)
+    seq = _extend(inputs, ours_tokens[:-1])
+    ours_rec = Recorder(ours, ours_paths - vision_paths)
+    ours_rec.calls.update(vision_rec.calls)
+    del vision_rec
+    features = ours_rec.get("projector", "output")
+    stream = _ProbeStream(probes, ours, ref, ours_rec, None, seq, {}, tol, dtype)
 
     def ref_forward(tokens: list[int]) -> tuple[dict[str, Tensor], Recorder]:
         seq = _extend(inputs, tokens[:-1])
-        with Recorder(ref, ref_paths) as rec, torch.no_grad():
+        rec = Recorder(ref, stream.remaining_ref_paths() | set(EXTRA_REF_PATHS))
+        stream.ref_rec, rec.on_call = rec, stream.step  # the vision rows are made while its vision tower runs
+        with rec, torch.no_grad():
             ref(**seq, use_cache=False, logits_to_keep=1)  # logits: from the final norm's output, step 4
         return seq, rec
 
@@ -248,6 +277,7 @@ def run_case(
         ref_tokens, ref_steps = reference_greedy(ref, inputs, max_new_tokens, eos, pad)
         lap("reference_generate")
         if ref_tokens != ours_tokens:
+            stream.ref_rec = None
             del ref_rec, seq
             seq, ref_rec = ref_forward(ref_tokens)
             lap("reference_forward_again")
@@ -255,16 +285,13 @@ def run_case(
     n = len(ref_tokens)
     length = seq["input_ids"].shape[1]
     masks = segment_masks(seq["input_ids"], seq["token_type_ids"], image_token)
-    ours_rec = Recorder(ours, ours_paths - vision_paths)
-    ours_rec.calls.update(vision_rec.calls)
-    del vision_rec
-    features = ours_rec.get("projector", "output")
-    stream = _ProbeStream(probes, ours, ref, ours_rec, ref_rec, seq, masks, tol, dtype)
-    ours_rec.on_call = stream.step  # probes are compared while our forward runs (the vision rows at its first call)
+    stream.seq, stream.masks, stream.sequence_ready = seq, masks, True
+    ours_rec.on_call = stream.step  # the text rows are compared while our forward runs
+    with torch.no_grad():
+        stream.step()  # rows whose modules all ran already (the reference's projector's, when nothing waited)
     with ours_rec, torch.no_grad():  # no cache: the uncached forward the cache check compares our decode with
         ours_hidden = ours(seq["input_ids"], None, seq["token_type_ids"], seq["attention_mask"],
                            return_hidden=True, image_features=features)
-    del features
     lap("candidate_forward")
     with torch.no_grad():
         rows = stream.finish()
@@ -282,7 +309,8 @@ def run_case(
     lap("logits")
 
     del ours_hidden
-    generation = _generation(ours, inputs, ref_tokens, ref_steps, ours_tokens, ours_steps, lp, budget, decode)
+    generation = _generation(ours, inputs, ref_tokens, ref_steps, ours_tokens, ours_steps, lp, budget, decode,
+                             features)
     generation["reference_tokens_from"] = spec.pop("reference_tokens_from")
     generation["speculation"] = spec
     lap("cache_check")

@@ -22,7 +22,8 @@ from pgconv.parity.metrics import join_stats, logit_positions, position_stats
 
 __all__ = ["reference_head", "LogitsPass", "logits_pass", "ROWS"]
 
-# Most positions per chunk: 144 x 257216 x 4 B = 148 MB per logit tensor in fp32, two alive at a time. Fewer rows
+# Most positions per chunk: 144 x 257216 x 4 B = 148 MB per logit tensor in fp32, two alive at a time (plus, for
+# Gemma 2, the temporaries of our head's final soft-cap, `model.ops`, which keeps autograd usable). Fewer rows
 # run the head products slower (3B fp32 on 2 cores: transformers' MKL head 11.6 ms/row at 64 rows, 8.6 at 137,
 # 7.8 at 273; our oneDNN head 6.3 / 5.4 / 5.5), more rows cost memory next to the model.
 ROWS = 144
@@ -32,10 +33,8 @@ def reference_head(ref: nn.Module, hidden: Tensor) -> Tensor:
     """transformers' PaliGemmaForConditionalGeneration head on final hidden states, as its forward applies it."""
     logits = ref.lm_head(hidden)
     cap = getattr(ref.config.get_text_config(), "final_logit_softcapping", None)
-    if cap is not None:
-        logits = logits / cap
-        logits = torch.tanh(logits)
-        logits = logits * cap
+    if cap is not None:  # in place (no gradient here): the same element-wise ops, no chunk-sized temporaries
+        logits.div_(cap).tanh_().mul_(cap)
     return logits
 
 

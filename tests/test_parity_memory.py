@@ -84,20 +84,45 @@ def test_cast_state_dict_pieces(reduced_checkpoints):
     assert checked > 10 and any(t.numel() > 500 for t in whole.values())  # several pieces for some tensors
 
 
-def test_cast_state_dict_truncated_file_is_an_input_error(reduced_checkpoints, tmp_path):
-    """A file shorter than its header says is named, not a SIGBUS from the mapping."""
+def test_cast_state_dict_truncated_file_is_an_input_error(reduced_checkpoints, tmp_path, monkeypatch):
+    """A file that gets shorter between reading its header and mapping it is named, not a SIGBUS from the
+    mapping (`open_checkpoint` names one truncated before)."""
     import shutil
 
+    from pgconv.converter import checkpoint
     from pgconv.errors import InputError
 
     src = reduced_checkpoints[("tiny", "bfloat16")]
     dst = tmp_path / "ckpt"
     shutil.copytree(src, dst)
     weights = next(dst.glob("*.safetensors"))
-    with open(weights, "r+b") as f:
-        f.truncate(weights.stat().st_size - 4096)
-    with pytest.raises(InputError, match="truncated"):
+    orig = checkpoint.open_checkpoint
+
+    def open_then_truncate(*args, **kwargs):
+        ckpt = orig(*args, **kwargs)
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 4096)
+        return ckpt
+
+    monkeypatch.setattr(checkpoint, "open_checkpoint", open_then_truncate)
+    with pytest.raises(InputError, match=r"is truncated \(file shorter than its header says\)"):
         cast_state_dict(dst, torch.float32)
+
+
+def test_cast_state_dict_reads_files_it_cannot_map(reduced_checkpoints, monkeypatch):
+    """A filesystem that refuses memory maps: the tensors are read into a buffer instead, with the same result."""
+    from pgconv.parity import models
+
+    path = reduced_checkpoints[("tiny-pg2", "bfloat16")]
+    mapped = cast_state_dict(path, torch.float32)
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(models.mmap, "mmap", refuse)
+    read = cast_state_dict(path, torch.float32)
+    assert mapped.keys() == read.keys()
+    assert all(torch.equal(mapped[k], read[k]) and read[k].dtype == mapped[k].dtype for k in mapped)
 
 
 # -- logits ----------------------------------------------------------------------------------------------------------
@@ -127,8 +152,9 @@ def test_reference_head_is_the_forwards_head(name, dtype):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-pg2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [4, 5])  # 5: balanced chunks differ from plain ones of 5 (4 + 4 + 3, not 5 + 5 + 1)
 @torch.no_grad()
-def test_logits_pass_equals_the_metrics_of_whole_logit_tensors(name, dtype):
+def test_logits_pass_equals_the_metrics_of_whole_logit_tensors(name, dtype, rows):
     from pgconv.parity.logits import logits_pass, reference_head
     from pgconv.parity.metrics import logit_metrics, segment_masks, segment_metrics, segment_summary
 
@@ -142,7 +168,8 @@ def test_logits_pass_equals_the_metrics_of_whole_logit_tensors(name, dtype):
     tti = torch.zeros(1, t, dtype=torch.long)
     tti[0, 8:] = 1
     masks = segment_masks(ids, tti, cfg.image_token_index)
-    lp = logits_pass(ours, hf, h_ours, h_ref, slice(7, 10), rows=4)
+    assert h_ours.shape[1] == 11  # the chunk sizes above
+    lp = logits_pass(ours, hf, h_ours, h_ref, slice(7, 10), rows=rows)
     # The whole tensors, built from the same per-chunk products (a product of another shape may round otherwise).
     chunks = [(ours.logits(h_ours[:, i:i + 4]), reference_head(hf, h_ref[:, i:i + 4]),
                ours.logits(h_ref[:, i:i + 4])) for i in range(0, t, 4)]
@@ -263,3 +290,27 @@ def test_release_freed_memory_returns_freed_heap_pages():
     after = rss()
     assert before - after > 100 << 20, (before, after)
     assert float(pin.sum()) == 16 << 10
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pg2"])
+def test_vision_rows_are_made_during_the_reference_forward(tiny_checkpoint, name, monkeypatch):
+    """Both sides' vision captures are dropped while the reference's vision tower runs (they would otherwise be held
+    through its whole text stack: ~3 GB per side at 896 px, 3B fp32); text rows wait for the final sequence."""
+    from pgconv.parity import case
+    from pgconv.parity.verify import verify
+
+    made = []
+    orig = case._ProbeStream._row
+
+    def spy(self, p):
+        made.append((p.name, self.sequence_ready, sorted(m for m in self.ref_rec.calls if "vision" in m)))
+        return orig(self, p)
+
+    monkeypatch.setattr(case._ProbeStream, "_row", spy)
+    report = verify(str(tiny_checkpoint(name)), max_new_tokens=3)
+    assert report["passed"]
+    early = [n for n, ready, _ in made if not ready]
+    assert early == [n for n, _, _ in made if n.startswith("vision.") or n == "projector"] and len(early) > 5
+    assert all(ready for n, ready, _ in made if n.startswith("text."))
+    # By the time the text rows are made, no vision activation of the reference is held any more.
+    assert all(not held for n, _, held in made if n.startswith("text."))
