@@ -248,12 +248,12 @@ def run_case(
     release_freed_memory()  # the decode's temporaries: the reference forward's captures come next
     lap("candidate_generate")
     t = inputs["input_ids"].shape[1]
-    seq = _extend(inputs, ours_tokens[:-1])
     ours_rec = Recorder(ours, ours_paths - vision_paths)
     ours_rec.calls.update(vision_rec.calls)
     del vision_rec
     features = ours_rec.get("projector", "output")
-    stream = _ProbeStream(probes, ours, ref, ours_rec, None, seq, {}, tol, dtype)
+    # The vision rows read only the pixels; the sequence and its masks are set once the tokens are final.
+    stream = _ProbeStream(probes, ours, ref, ours_rec, None, inputs, {}, tol, dtype)
 
     def ref_forward(tokens: list[int]) -> tuple[dict[str, Tensor], Recorder]:
         seq = _extend(inputs, tokens[:-1])
@@ -288,7 +288,7 @@ def run_case(
     stream.seq, stream.masks, stream.sequence_ready = seq, masks, True
     ours_rec.on_call = stream.step  # the text rows are compared while our forward runs
     with torch.no_grad():
-        stream.step()  # rows whose modules all ran already (the reference's projector's, when nothing waited)
+        stream.step()  # rows whose inputs all exist already (text.embed: our projector output, the reference's)
     with ours_rec, torch.no_grad():  # no cache: the uncached forward the cache check compares our decode with
         ours_hidden = ours(seq["input_ids"], None, seq["token_type_ids"], seq["attention_mask"],
                            return_hidden=True, image_features=features)
