@@ -12,7 +12,6 @@ import json
 import math
 import mmap
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +123,6 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
                     maps[src.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 except (OSError, ValueError):  # ValueError: an empty file
                     maps[src.file] = None
-    local = threading.local()
-
     def one(src) -> torch.Tensor:
         stored = torch_dtype(src.meta.dtype)
         if not stored.is_floating_point or stored == dtype:
@@ -141,7 +138,7 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
             return torch.empty(src.meta.shape, dtype=dtype)
         mapped = maps[src.file]
         if mapped is None or begin % stored.itemsize:
-            return _cast_pieces(src, stored, dtype, local)
+            return _cast_pieces(src, dtype)
         if end > len(mapped):  # reading the mapping there would fault (SIGBUS)
             raise InputError(f"{src.file}: tensor {src.name!r} is truncated (file shorter than its header says)")
         out = torch.frombuffer(mapped, dtype=stored, count=numel, offset=begin).view(src.meta.shape).to(dtype)
@@ -153,32 +150,14 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
         return dict(zip(names, pool.map(one, (ckpt.tensors[n] for n in names))))
 
 
-def _cast_pieces(src, stored: torch.dtype, dtype: torch.dtype, local: threading.local) -> torch.Tensor:
-    """`src` cast to `dtype` from pieces read into a reused aligned buffer (for bytes not aligned to `stored`)."""
-    dst = torch.empty(src.meta.shape, dtype=dtype)
-    flat, size = dst.view(-1), stored.itemsize
-    begin, end = src.span
-    buffer = getattr(local, "buffer", None)
-    if buffer is None:
-        buffer = local.buffer = torch.empty(_CAST_CHUNK // size * size, dtype=torch.uint8)
-    step = buffer.numel() // size * size
-    with open(src.file, "rb", buffering=0) as f:
-        for pos in range(begin, end, step):
-            n = min(step, end - pos)
-            piece = buffer[:n]
-            _pread(f.fileno(), memoryview(piece.numpy()), pos, src.file, src.name)
-            first = (pos - begin) // size
-            flat[first:first + n // size].copy_(piece.view(stored))
-    return dst
-
-
-def _pread(fd: int, out: memoryview, offset: int, file: Path, name: str) -> None:
-    done = 0
-    while done < len(out):
-        n = os.preadv(fd, [out[done:]], offset + done)
-        if n <= 0:
-            raise InputError(f"{file}: tensor {name!r} is truncated (file shorter than its header says)")
-        done += n
+def _cast_pieces(src, dtype: torch.dtype, max_bytes: int = _CAST_CHUNK) -> torch.Tensor:
+    """`src` cast to `dtype` from its stored bytes read a piece at a time (`SourceTensor.chunks`: any alignment)."""
+    flat = torch.empty(math.prod(src.meta.shape), dtype=dtype)
+    pos = 0
+    for piece in src.chunks(max_bytes):
+        flat[pos:pos + piece.numel()].copy_(piece)
+        pos += piece.numel()
+    return flat.view(src.meta.shape)
 
 
 def _from_state_dict(path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype):
