@@ -176,3 +176,10 @@ def warm_files(directory: Path) -> int:
                 while chunk := fh.read(1 << 24):
                     total += len(chunk)
     return total
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time (the lower median for an even count), with every run's wall time
+    alongside (`runs_wall_s`)."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_wall_s": [r["wall_s"] for r in runs]}

@@ -31,6 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script (python benchmarks/convert_3b.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import median_run  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
 PRESET = "paligemma-3b-pt-224"
 PGCONV = [sys.executable, "-c", "from pgconv.cli import main; main()"]
@@ -111,12 +115,6 @@ def _once(cmd: list[str], out: Path) -> dict:
     return r
 
 
-def _median(runs: list[dict]) -> dict:
-    """The run with the median wall time (lower median), with every run's wall time alongside."""
-    ordered = sorted(runs, key=lambda r: r["wall_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "runs_wall_s": [r["wall_s"] for r in runs]}
-
-
 def _measure(methods: dict[str, tuple[list[str], Path]], runs: int) -> dict:
     """Each method `runs` times, interleaved (cp, pgconv, cp, pgconv, ...) so slow drift in the machine's disk and
     page-cache state hits every method alike; the median run of each is kept."""
@@ -127,7 +125,7 @@ def _measure(methods: dict[str, tuple[list[str], Path]], runs: int) -> dict:
             got[name].append(r)
             print(f"run {i + 1}/{runs} {name:24s} {r['wall_s']:7.2f} s  (+sync {r['sync_after_s']:.2f} s)  "
                   f"peak RSS {r['peak_rss_mb']:8.1f} MB", flush=True)
-    return {name: _median(rs) for name, rs in got.items()}
+    return {name: median_run(rs) for name, rs in got.items()}
 
 
 def main() -> None:

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"run {i + 1}/{args.runs} {dtype}: verify {v['wall_s']:.1f} s, transformers {g['wall_s']:.1f} s "
                       f"= {v['wall_s'] / g['wall_s']:.2f}x; peak RSS {v['peak_rss'] / v['weight_bytes']:.2f}x",
                       flush=True)
-        v = _median_run([p[0] for p in pairs])
-        g = _median_run([p[1] for p in pairs])
+        v = median_run([p[0] for p in pairs])
+        g = median_run([p[1] for p in pairs])
         r = results[dtype] = {
             "verify": v, "generate": g,
             "rss_over_weights": max(p[0]["peak_rss"] for p in pairs) / v["weight_bytes"],  # the worst run's
@@ -128,11 +128,6 @@ def main(argv: list[str] | None = None) -> None:
         {"preset": args.preset, "checkpoint": str(path), "max_new_tokens": args.max_new_tokens, "probes": args.probes,
          "machine": info,
          "available_memory_bytes_at_end": available_memory_bytes(), "results": results}, indent=1) + "\n")
-
-
-def _median_run(runs: list[dict]) -> dict:
-    """The run with the median wall time (its other numbers with it; for an even count the faster middle one)."""
-    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
 
 
 if __name__ == "__main__":
