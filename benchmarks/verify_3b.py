@@ -25,7 +25,8 @@ import json
 import subprocess
 import sys
 
-from benchmarks.common import OUT, available_memory_bytes, ensure_fixture, fixture_path, machine, run_child, warm_files
+from benchmarks.common import (OUT, available_memory_bytes, ensure_fixture, fixture_path, machine, median_run,
+                               run_child, warm_files)
 
 QUICK_ARGS = ["--preset", "tiny", "--dtypes", "float32", "--max-new-tokens", "2", "--runs", "2"]
 
