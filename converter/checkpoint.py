@@ -96,6 +96,18 @@ def inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
+def default_trusted_root(root: Path) -> Path:
+    """The folder that paths inside the checkpoint at `root` may lead into: `root` itself, or for a huggingface_hub
+    cache snapshot (`models--ORG--NAME/snapshots/REV/`, whose files are symlinks to `../../blobs/`) the repo's cache
+    folder, whichever way the snapshot was reached (hub id or path)."""
+    snapshots = root.parent
+    repo = snapshots.parent
+    if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")) and \
+            (repo / "blobs").is_dir():
+        return repo
+    return root
+
+
 def _member(root: Path, name: object, trusted_root: Path, what: str) -> Path:
     """`root / name` for a name read from inside the checkpoint, refusing anything that leaves `trusted_root`."""
     if not isinstance(name, str) or not name:
@@ -157,7 +169,7 @@ def open_checkpoint(path: str | Path, *, trusted_root: Path | None = None) -> Ch
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     root = path if path.is_dir() else path.parent
-    trusted = trusted_root or root
+    trusted = trusted_root or default_trusted_root(root)
     index = None
     if path.is_dir():
         found = [n for n in INDEX_NAMES + SINGLE_NAMES if (path / n).exists()]

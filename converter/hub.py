@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pgconv.converter.checkpoint import default_trusted_root
 from pgconv.errors import InputError
 
 __all__ = ["resolve_source", "HUB_ID", "NEEDED_FILES"]
@@ -24,7 +25,7 @@ def resolve_source(src: str | Path) -> tuple[Path, Path]:
     because snapshot files are symlinks into its `blobs/`."""
     path = Path(src)
     if path.exists() or not HUB_ID.match(str(src)):
-        return path, (path if path.is_dir() else path.parent)
+        return path, default_trusted_root(path if path.is_dir() else path.parent)
     snapshot = _download(str(src), NEEDED_FILES)
     if not any(snapshot.glob("*.safetensors")):
         snapshot = _download(str(src), NEEDED_FILES + BIN_FILES)

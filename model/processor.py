@@ -147,8 +147,11 @@ class Processor:
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, config: PaliGemmaConfig | None = None) -> "Processor":
-        """Read tokenizer.json, tokenizer_config.json, preprocessor_config.json and config.json from `directory`."""
-        d = Path(directory)
+        """Read tokenizer.json, tokenizer_config.json, preprocessor_config.json and config.json from `directory`
+        (a checkpoint directory, or a hub id resolved like every other command: from the cache when offline)."""
+        from pgconv.converter.hub import resolve_source
+
+        d, _ = resolve_source(directory)
         if not d.is_dir():
             raise InputError(f"{d}: not a checkpoint directory")
         tok_path = d / "tokenizer.json"

@@ -105,7 +105,7 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
     from pgconv.converter.dtypes import torch_dtype
     from pgconv.converter.plan import plan_conversion
 
-    ckpt = open_checkpoint(path, trusted_root=path)
+    ckpt = open_checkpoint(path)  # a hub snapshot's files link into the repo's blobs/: trusted by default
     floating = [t for t in ckpt.tensors.values() if torch_dtype(t.meta.dtype).is_floating_point]
     if all(torch_dtype(t.meta.dtype) == dtype for t in floating):
         return None

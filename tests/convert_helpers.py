@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -88,3 +90,19 @@ def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path` (relative names), to prove a directory was not touched."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def hub_cache(root: Path, repo: str, files: Path) -> Path:
+    """A huggingface_hub cache entry for `repo` whose snapshot files link into blobs/, like a real download; returns
+    the snapshot directory."""
+    base = root / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True)
+    (base / "blobs").mkdir()
+    snap = base / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (base / "refs" / "main").write_text("0" * 40)
+    for i, f in enumerate(sorted(files.iterdir())):
+        blob = base / "blobs" / f"blob{i}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    return snap

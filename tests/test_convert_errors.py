@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert_helpers import random_state, tree_digest, write_checkpoint
+from convert_helpers import hub_cache, random_state, tree_digest, write_checkpoint
 from pgconv.cli import main
 from pgconv.converter import writer
 from pgconv.converter.convert import convert
@@ -196,20 +196,6 @@ def test_sigint_during_conversion(tmp_path, src):
     assert not dst.exists() and not _litter(tmp_path)
 
 
-def _hub_cache(root: Path, repo: str, files: Path) -> None:
-    """A huggingface_hub cache entry for `repo` whose snapshot files link into blobs/, like a real download."""
-    base = root / ("models--" + repo.replace("/", "--"))
-    (base / "refs").mkdir(parents=True)
-    (base / "blobs").mkdir()
-    snap = base / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
-    (base / "refs" / "main").write_text("0" * 40)
-    for i, f in enumerate(sorted(files.iterdir())):
-        blob = base / "blobs" / f"blob{i}"
-        shutil.copy(f, blob)
-        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
-
-
 _TWO_RUNS = """
 import contextlib, io, sys
 from pgconv.cli import main
@@ -226,7 +212,7 @@ for args in (sys.argv[1:7], sys.argv[7:]):
 def test_hub_ids_offline(tmp_path, src):
     """HF_HUB_OFFLINE=1: a cached repo converts (symlinks into blobs/ are inside the repo cache); an unknown id
     is a one-line exit 2. One subprocess: huggingface_hub reads HF_HUB_OFFLINE at import."""
-    _hub_cache(tmp_path / "hub", "acme/tiny-pali", src)
+    hub_cache(tmp_path / "hub", "acme/tiny-pali", src)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")}
     args = ["convert", "acme/tiny-pali", str(tmp_path / "out"), "--to", "native", "--quiet",
             "convert", "acme/no-such-model", str(tmp_path / "out2"), "--to", "native"]
