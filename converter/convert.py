@@ -50,6 +50,7 @@ class ConvertSummary:
     dropped: list[str] = field(default_factory=list)
     config_changes: dict = field(default_factory=dict)
     check: str | None = None
+    manifest: bool = True  # False for a single-file output (.npz): no pgconv-manifest.json to point to
 
     def __str__(self) -> str:
         lines = [f"{self.src} ({self.src_layout}) -> {self.dst} ({self.dst_layout}): {self.tensors} tensors, "
@@ -60,8 +61,9 @@ class ConvertSummary:
             lines.append("config.json: " + ", ".join(f"{k}={v}" for k, v in self.config_changes.items()))
         if self.lossy:
             worst = max(self.lossy, key=lambda x: x[1])
+            where = " (per-tensor values in pgconv-manifest.json)" if self.manifest else ""
             lines.append(f"lossy cast: {len(self.lossy)} tensor(s) changed value; largest max |delta| {worst[1]:.3g} "
-                         f"in {worst[0]} (per-tensor values in pgconv-manifest.json)")
+                         f"in {worst[0]}{where}")
             overflows = [(n, k) for n, _, k in self.lossy if k]
             if overflows:
                 lines.append(f"float16 overflow: {sum(k for _, k in overflows)} value(s) became inf in "

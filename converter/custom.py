@@ -223,14 +223,16 @@ class SpecCheckpoint(Checkpoint):
 
 
 def open_spec_checkpoint(path: str | Path, spec: str | Path | Spec = "big-vision",
-                         config: str | Path | PaliGemmaConfig | None = None, *, allow_cut: bool = False) -> SpecCheckpoint:
-    """Open `path` (a `.npz`, a safetensors file or directory) through `spec` as native tensors (no data read)."""
+                         config: str | Path | PaliGemmaConfig | None = None, *, allow_cut: bool = False,
+                         npz_suffix: bool = True) -> SpecCheckpoint:
+    """Open `path` (a `.npz`, a safetensors file or directory) through `spec` as native tensors (no data read).
+    `npz_suffix=False` lets `--check` read an `.npz` output under its temporary name."""
     path = Path(path)
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     src = _Npz(path) if spec.format == "npz" else _Safetensors(path)
-    if spec.format == "npz" and path.suffix != ".npz":
+    if spec.format == "npz" and npz_suffix and path.suffix != ".npz":
         raise InputError(f"{path}: spec {spec.name!r} reads .npz files")
     # Training checkpoints nest the weights under the spec's prefix (big_vision "params/", next to "opt/...");
     # released ones are often bare.

@@ -293,6 +293,79 @@ def test_user_spec_with_offsets_on_disk(tmp_path, offset_spec):
         load_state_dict(tmp_path / "out")
 
 
+def _offset_source(tmp_path) -> dict:
+    cfg = CONFIGS["tiny"]
+    natives = {n: torch.randn(s) for n, s in native_shapes(cfg).items()}  # random norms: x - 1 + 1 rounds
+    (tmp_path / "src").mkdir()
+    save_file(layouts.from_native(natives, cfg, "hf-legacy"), tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
+    return natives
+
+
+def test_check_of_an_offset_spec_verifies_hashes_and_the_rounded_round_trip(tmp_path, offset_spec):
+    """`--check` on a spec with `add`: the rounded tensors must equal the in-memory round trip bit for bit (not the
+    source, which x - 1 + 1 cannot give back in fp32), and the rounding is reported."""
+    natives = _offset_source(tmp_path)
+    name = "text.blocks.0.attn_norm.weight"
+    assert not torch.equal(natives[name] - 1 + 1, natives[name])  # the case the check must handle
+    summary = convert_to_spec(tmp_path / "src", tmp_path / "out", offset_spec, check=True, quiet=True)
+    assert "tensor hashes verified" in summary.check and "equal the exact in-memory round trip" in summary.check
+    assert "largest |change|" in summary.check
+
+
+def test_failed_spec_check_leaves_no_destination_and_keeps_a_forced_one(tmp_path, offset_spec, monkeypatch):
+    """The check runs on the temporary output: a failure leaves no DST, and a --force'd DST untouched."""
+    from pgconv.converter import spec_write
+
+    _offset_source(tmp_path)
+    monkeypatch.setattr(spec_write, "_round_trip", lambda bound, natives, names: {
+        n: natives[n].load() + 1 for n in names})  # a wrong expectation: every rounded tensor fails the check
+    with pytest.raises(InputError, match="check failed"):
+        convert_to_spec(tmp_path / "src", tmp_path / "new", offset_spec, check=True, quiet=True)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep").write_text("x")
+    with pytest.raises(InputError, match="check failed"):
+        convert_to_spec(tmp_path / "src", tmp_path / "old", offset_spec, check=True, force=True, quiet=True)
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["keep"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "plus-one.toml", "src"]  # no temporary left
+
+
+def test_check_catches_a_corrupted_spec_output(tmp_path, offset_spec, monkeypatch):
+    """A byte changed on disk after writing (before the check): the manifest hash catches it."""
+    from pgconv.converter import spec_write
+
+    _offset_source(tmp_path)
+    real = spec_write._check
+
+    def corrupt_then_check(out, *args):
+        f = out / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+        return real(out, *args)
+
+    monkeypatch.setattr(spec_write, "_check", corrupt_then_check)
+    with pytest.raises(InputError, match="sha256 differs from the manifest"):
+        convert_to_spec(tmp_path / "src", tmp_path / "out", offset_spec, check=True, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_npz_check_reads_the_temporary_output(tmp_path):
+    """big_vision `.npz` with --check: read back under its temporary name before the rename."""
+    cfg = CONFIGS["tiny"]
+    natives = {n: torch.randn(s) for n, s in native_shapes(cfg).items()}
+    (tmp_path / "src").mkdir()
+    save_file(layouts.from_native(natives, cfg, "hf-legacy"), tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(to_hf_config(cfg, "float32")))
+    summary = convert_to_spec(tmp_path / "src", tmp_path / "out.npz", "big-vision", check=True, quiet=True,
+                              allow_cut=True)
+    assert summary.check.startswith("check: out.npz read back") and (tmp_path / "out.npz").is_file()
+    lossy = convert_to_spec(tmp_path / "src", tmp_path / "bf16.npz", "big-vision", dtype="bfloat16", quiet=True,
+                            allow_cut=True)
+    assert "lossy cast" in str(lossy) and "manifest" not in str(lossy)  # an .npz has no manifest to point to
+
+
 USER_SPEC = '''
 name = "flax-like"
 description = "hub names, but decoder projections stacked over layers and stored (in, out) like flax kernels"
