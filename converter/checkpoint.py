@@ -195,3 +195,29 @@ def open_checkpoint(path: str | Path, *, trusted_root: Path | None = None) -> Ch
     if config is not None and not isinstance(config, dict):
         raise InputError(f"{cfg_path}: not a JSON object")
     return Checkpoint(root, files, tensors, config, index, trusted, metadata)
+
+
+def source_spec(path: Path, trusted_root: Path | None, from_: str | Path | None, config: str | Path | None
+                ) -> str | Path | None:
+    """The spec a conversion reads SRC `path` through, or None to read it as a layout with its own config.json.
+
+    `--from` wins; a `.npz` is big_vision; a checkpoint without config.json is read through the spec of the layout
+    its names use, which takes `--config` (a preset or a config.json) or else the one preset its shapes match
+    exactly. `--config` next to an existing config.json is an error rather than silently ignored."""
+    if from_ is not None:
+        return from_
+    if path.suffix == ".npz":
+        return "big-vision"
+    root = path if path.is_dir() else path.parent
+    if (root / "config.json").exists():
+        if config is not None:
+            raise InputError(f"--config {config}: {root / 'config.json'} exists; --config is only for sources without "
+                             "one (a checkpoint without config.json, --from, .npz)")
+        return None
+    from pgconv.converter.layouts import detect_layout
+
+    try:
+        return detect_layout(open_checkpoint(path, trusted_root=trusted_root).tensors)
+    except InputError as e:
+        raise type(e)(f"{path}: {e}") from None
+

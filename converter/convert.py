@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
+from pgconv.converter.checkpoint import Checkpoint, open_checkpoint, source_spec
 from pgconv.converter.dtypes import parse_dtype
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.manifest import build_manifest, check_output, write_manifest
@@ -153,26 +153,24 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
     """Convert the PaliGemma checkpoint `src` (directory, weight file or hub id) into layout `to` at `dst`.
 
     Spec-defined formats (converter/spec.py): `to` may also be a spec (`big-vision`, a built-in spec name, or a
-    .toml/.json file), and `from_` reads SRC through one (a `.npz` SRC is read as big_vision); `config` (preset
-    name or config.json) is for sources without a config.json; `allow_vocab_cut` lets a vocabulary cut drop rows
-    that are not zero padding.
+    .toml/.json file), and `from_` reads SRC through one (a `.npz` SRC is read as big_vision, a checkpoint without
+    config.json through its layout's spec); `config` (preset name or config.json) is for sources without a
+    config.json; `allow_vocab_cut` lets a vocabulary cut drop rows that are not zero padding.
     """
-    if config is not None and from_ is None and Path(str(src)).suffix != ".npz":  # never silently ignored
-        raise InputError(f"--config {config}: only for sources read through a spec (--from, .npz); {src} is read "
-                         "with its own config.json")
+    start = time.perf_counter()
+    src_path, trusted = resolve_source(src)
+    from_ = source_spec(src_path, trusted, from_, config)
     if to not in LAYOUTS:  # a spec: custom writer (npz members / stacked tensors streamed layer by layer)
         from pgconv.converter.spec_write import convert_to_spec
 
-        return convert_to_spec(src, dst, to, from_=from_, config=config, dtype=dtype, force=force,
+        return convert_to_spec(src_path, dst, to, from_=from_, config=config, dtype=dtype, force=force,
                                allow_cut=allow_vocab_cut, check=check, untie=untie, quiet=quiet)
-    start = time.perf_counter()
-    src_path, trusted = resolve_source(src)
     # The spec machinery imports torch; a plain same-dtype layout conversion must not pay for it (RSS, start-up),
     # so it is imported only for spec sources and for files that carry pgconv provenance.
-    if from_ is not None or Path(str(src)).suffix == ".npz":  # custom.is_spec_source: read through a spec
+    if from_ is not None:
         from pgconv.converter.custom import open_spec_checkpoint
 
-        ckpt = open_spec_checkpoint(src_path, from_ or "big-vision", config, allow_cut=allow_vocab_cut)
+        ckpt = open_spec_checkpoint(src_path, from_, config, allow_cut=allow_vocab_cut)
     else:
         ckpt = open_checkpoint(src_path, trusted_root=trusted)
     cfg = ckpt.pg_config()

@@ -35,14 +35,9 @@ from pgconv.errors import InputError
 from pgconv.model.config import PRESETS, PaliGemmaConfig, from_hf_config, to_hf_config
 
 __all__ = ["SpecCheckpoint", "RowsSource", "open_spec_checkpoint", "resolve_config", "infer_preset", "provenance",
-           "check_provenance", "is_spec_source"]
+           "check_provenance"]
 
 _NP_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-def is_spec_source(src: str | Path, from_: str | None) -> bool:
-    """Whether SRC is read through a spec: `--from` given, or a big_vision `.npz`."""
-    return from_ is not None or Path(str(src)).suffix == ".npz"
 
 
 # ---------------------------------------------------------------------------------------------------------------

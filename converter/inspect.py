@@ -110,12 +110,13 @@ def inspect(path: str | Path, scan: bool = False, from_: str | Path | None = Non
     and the config is `config` (preset name or config.json), a config.json beside it, or the preset its shapes
     match. A file that does not fit the spec is unreadable input (InputError), like a malformed header.
     """
-    if config is not None and from_ is None and Path(str(path)).suffix != ".npz":
-        raise InputError(f"--config {config}: only for sources read through a spec (--from, .npz); {path} is read "
-                         "with its own config.json")
     if from_ is not None or Path(str(path)).suffix == ".npz":
         return _inspect_spec(Path(path), from_ or "big-vision", config, scan)
     src, trusted = resolve_source(path)
+    root = src if src.is_dir() else src.parent
+    if config is not None and (root / "config.json").exists():
+        raise InputError(f"--config {config}: {root / 'config.json'} exists; --config is only for sources without "
+                         "one (a checkpoint without config.json, --from, .npz)")
     ck = open_checkpoint(src, trusted_root=trusted)
     shapes = {n: t.meta.shape for n, t in ck.tensors.items()}
     dtypes = Counter(t.meta.dtype for t in ck.tensors.values())
@@ -128,13 +129,29 @@ def inspect(path: str | Path, scan: bool = False, from_: str | Path | None = Non
     except InputError as e:
         layout = None
         problems.append(str(e))
-    cfg, config = None, "absent"
+    cfg, given, config = None, config, "absent"
     if ck.config is not None:
         try:
             cfg, config = ck.pg_config(), "ok"
         except InputError as e:
             config = str(e)
             problems.append(config)
+    elif given is not None:  # a checkpoint without config.json, checked against the config the user names
+        from pgconv.converter.custom import resolve_config
+        from pgconv.converter.spec import load_spec
+
+        cfg, config = resolve_config(given, load_spec(layout or "native"), {}, str(src)), f"ok (--config {given})"
+    else:
+        problems.append(f"{root / 'config.json'}: missing (transformers, verify and generate need one; tensors not "
+                        "checked against a config; convert takes --config or the one preset the shapes match)")
+    if "pgconv.format" in ck.metadata and layout is not None:
+        # Written by a pgconv spec: read as the plain layout, an offset it applied would be skipped.
+        from pgconv.converter.custom import check_provenance
+
+        try:
+            check_provenance(ck.metadata, layout, False, str(src))
+        except InputError as e:
+            problems.append(str(e))
     report = InspectReport(str(src), ck.format, [p.name for p in ck.files], layout,
                            matching_presets(shapes, layout) if layout else [], config, len(ck.tensors),
                            dict(sorted(dtypes.items())), dict(sorted(dtype_bytes.items())),

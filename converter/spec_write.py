@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
-from pgconv.converter.custom import check_provenance, is_spec_source, open_spec_checkpoint, provenance
+from pgconv.converter.checkpoint import Checkpoint, open_checkpoint, source_spec
+from pgconv.converter.custom import check_provenance, open_spec_checkpoint, provenance
 from pgconv.converter.dtypes import code_of, is_widening, parse_dtype, torch_dtype
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.manifest import write_manifest
@@ -49,10 +49,11 @@ _NP_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": 
 def native_source(src: str | Path, from_: str | Path | None = None, config: str | Path | None = None, *,
                   allow_cut: bool = False) -> tuple[Checkpoint, PaliGemmaConfig, str, dict[str, SourceTensor]]:
     """(checkpoint, config, source format name, native name -> lazy tensor) for any supported SRC."""
-    if is_spec_source(src, from_):
-        ck = open_spec_checkpoint(Path(src), from_ or "big-vision", config, allow_cut=allow_cut)
-        return ck, ck.cfg, ck.spec.name, ck.tensors
     path, trusted = resolve_source(src)
+    from_ = source_spec(path, trusted, from_, config)
+    if from_ is not None:
+        ck = open_spec_checkpoint(path, from_, config, allow_cut=allow_cut)
+        return ck, ck.cfg, ck.spec.name, ck.tensors
     ck = open_checkpoint(path, trusted_root=trusted)
     cfg = ck.pg_config()
     try:

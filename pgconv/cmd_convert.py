@@ -19,7 +19,8 @@ __all__ = ["convert"]
 @click.option("--from", "from_", default=None, metavar="SPEC",
               help="Read SRC through a spec (name or .toml/.json file); a .npz SRC is read as big-vision.")
 @click.option("--config", default=None, metavar="PRESET|CONFIG.JSON",
-              help="Config for a source without config.json (default: the preset its shapes match exactly).")
+              help="Config for a source without config.json (a checkpoint that lacks one, --from, .npz); default: "
+                   "the preset its tensor shapes match exactly.")
 @click.option("--allow-vocab-cut", is_flag=True,
               help="Let a vocabulary cut (e.g. 257216 -> 257152 rows for big-vision) drop rows that are not zero.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,

@@ -220,3 +220,25 @@ def test_bin_source_converts(tmp_path):
     (tmp_path / "src" / "config.json").write_text(json.dumps(to_hf_config(cfg, "bfloat16")))
     convert(tmp_path / "src", tmp_path / "out", to="hf-legacy", quiet=True, check=True)
     assert _bitwise_equal(read_tensors(tmp_path / "out"), sd)
+
+
+@pytest.mark.parametrize("layout", ["hf-v5-save", "native"])
+def test_source_without_config_json_takes_config_or_the_matching_preset(tmp_path, layout):
+    """No config.json: read through the layout's spec with --config, or the one preset the shapes match; the output
+    gets the preset's config.json and the tensors bit for bit. --config next to a config.json is refused."""
+    cfg = PRESETS["tiny-pg2"]
+    sd = random_state(cfg, layout, "F32")
+    write_checkpoint(tmp_path / "src", cfg, sd, extra_files={"tokenizer.json": "{}"})
+    (tmp_path / "src" / "config.json").unlink()
+    for name, kwargs in (("inferred", {}), ("given", {"config": "tiny-pg2"})):
+        summary = convert(tmp_path / "src", tmp_path / name, to=layout, quiet=True, check=True, **kwargs)
+        assert summary.check and "bit for bit" in summary.check
+        assert _bitwise_equal(read_tensors(tmp_path / name), sd)
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        assert written["text_config"]["num_hidden_layers"] == cfg.text.num_layers
+        assert (tmp_path / name / "tokenizer.json").is_file()
+    with pytest.raises(InputError, match="does not match spec"):  # a preset whose shapes differ (Gemma vs Gemma 2)
+        convert(tmp_path / "src", tmp_path / "wrong", to=layout, quiet=True, config="tiny")
+    assert not (tmp_path / "wrong").exists()
+    with pytest.raises(InputError, match="config.json exists; --config is only for sources without one"):
+        convert(tmp_path / "given", tmp_path / "again", to="hf-legacy", quiet=True, config="tiny-pg2")

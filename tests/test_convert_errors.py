@@ -52,9 +52,10 @@ def _break(src: Path, case: str) -> str:
         data = (src / first).read_bytes()
         (src / first).write_bytes(data[:-10])
         return "truncated"
-    if case == "no config":
+    if case == "no config, shapes of no preset":  # without config.json the preset is inferred: none fits here
+        _break(src, "missing tensor")
         cfg_path.unlink()
-        return "config.json: missing"
+        return "no preset has exactly these hf-legacy tensor shapes"
     if case == "config not json":
         cfg_path.write_text("{oops")
         return "invalid JSON"
@@ -87,7 +88,7 @@ def _break(src: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["truncated shard", "no config", "config not json", "unknown model_type",
+@pytest.mark.parametrize("case", ["truncated shard", "no config, shapes of no preset", "config not json", "unknown model_type",
                                   "config contradicts weights", "missing tensor", "unexpected tensor"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, src, capsys, case):
     match = _break(src, case)

@@ -102,3 +102,38 @@ def test_config_option_is_only_for_spec_sources(tmp_path, capsys):
         main(["inspect", str(tmp_path / "ck"), "--config", "tiny"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "--config" in err
+
+
+def test_checkpoint_without_config_is_a_problem_unless_config_is_given(tmp_path, capsys):
+    cfg = PRESETS["tiny"]
+    write_checkpoint(tmp_path / "ck", cfg, random_state(cfg, "hf-legacy", "F32", bits=False))
+    (tmp_path / "ck" / "config.json").unlink()
+    r = inspect(tmp_path / "ck")
+    assert r.config == "absent" and r.presets == ["tiny"]
+    assert any("config.json: missing" in p for p in r.problems)
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(tmp_path / "ck")])
+    assert e.value.code == 1
+    given = inspect(tmp_path / "ck", config="tiny")
+    assert given.config == "ok (--config tiny)" and not given.problems
+    wrong = inspect(tmp_path / "ck", config="tiny-pg2")  # checked against the config named: its shapes differ
+    assert wrong.misshaped or wrong.missing or wrong.unexpected
+
+
+def test_spec_output_read_as_a_layout_is_a_problem(tmp_path):
+    """A file a spec wrote with offsets looks like its layout by name; read as that layout an offset is skipped."""
+    import dataclasses
+
+    from pgconv.converter.spec import Spec, dumps, layout_spec
+    from pgconv.converter.spec_ops import OpSpec
+    from pgconv.converter.spec_write import convert_to_spec
+
+    cfg = PRESETS["tiny"]
+    write_checkpoint(tmp_path / "src", cfg, random_state(cfg, "hf-legacy", "F32", bits=False))
+    rules = tuple(dataclasses.replace(r, ops=(OpSpec("add", 1.0),)) if r.native[0].endswith("attn_norm.weight") else r
+                  for r in layout_spec("hf-legacy").rules)
+    (tmp_path / "plus-one.toml").write_text(dumps(Spec("plus-one", rules)))
+    convert_to_spec(tmp_path / "src", tmp_path / "out", tmp_path / "plus-one.toml", quiet=True)
+    r = inspect(tmp_path / "out")
+    assert r.layout == "hf-legacy" and any("written by pgconv as format 'plus-one'" in p for p in r.problems)
+    assert not inspect(tmp_path / "out", from_=tmp_path / "plus-one.toml").problems
