@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pgconv.converter.layouts import key_map, to_native
+from pgconv.converter.layouts import from_native, key_map, to_native
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, from_hf_config
 
@@ -89,9 +89,10 @@ _CAST_THREADS = 4  # casts release the GIL; faulting in fresh memory goes faster
 
 
 def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """The checkpoint's tensors (stored names) with floating ones cast to `dtype`; None when every floating tensor is
-    already stored in `dtype` (transformers then maps the files without any copy). A stored tied `lm_head`
-    (checked equal to the embedding by `check_checkpoint`) is left out: transformers ties it anyway.
+    """The checkpoint's tensors (stored names; a `native`-layout checkpoint's renamed to transformers' in-memory
+    names, which transformers cannot derive from ours) with floating ones cast to `dtype`; None when every floating
+    tensor is already stored in `dtype` and the names are transformers' (it then maps the files without any copy). A
+    stored tied `lm_head` (checked equal to the embedding by `check_checkpoint`) is left out: transformers ties it.
 
     Each tensor is cast straight from a private memory map of its file (no copy of the source), and its source
     pages are unmapped right after (`MADV_DONTNEED`: they stay in the page cache, not in our resident set), so peak
@@ -106,10 +107,13 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
     from pgconv.converter.plan import plan_conversion
 
     ckpt = open_checkpoint(path)  # a hub snapshot's files link into the repo's blobs/: trusted by default
+    # transformers loads every HF layout by itself; pgconv's own names it cannot map, so those are renamed here.
+    plan = plan_conversion(ckpt.metas(), ckpt.pg_config(), "native")
+    rename = plan.src_layout == "native"
     floating = [t for t in ckpt.tensors.values() if torch_dtype(t.meta.dtype).is_floating_point]
-    if all(torch_dtype(t.meta.dtype) == dtype for t in floating):
+    if not rename and all(torch_dtype(t.meta.dtype) == dtype for t in floating):
         return None
-    drops = {d.source for d in plan_conversion(ckpt.metas(), ckpt.pg_config(), "native").drops}
+    drops = {d.source for d in plan.drops}
     names = [n for n in ckpt.tensors if n not in drops]
     # One private mapping per file (ACCESS_COPY: torch may view it as writable; never written, so no page is copied).
     # None: the file is empty or cannot be mapped (some network filesystems): its tensors are read into a buffer.
@@ -147,7 +151,8 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
         return out
 
     with ThreadPoolExecutor(_CAST_THREADS) as pool:
-        return dict(zip(names, pool.map(one, (ckpt.tensors[n] for n in names))))
+        state = dict(zip(names, pool.map(one, (ckpt.tensors[n] for n in names))))
+    return from_native(state, ckpt.pg_config(), REF_LAYOUT) if rename else state
 
 
 def _cast_pieces(src, dtype: torch.dtype, max_bytes: int = _CAST_CHUNK) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 report.json (schema_version 1) top level: `schema_version`, `passed`, `failures` (one line each), `checkpoint`,
 `checkpoint_path`, `family`, `dtype`, `device`, `probes_mode`, `max_new_tokens`, `tolerances` {source, version},
-`versions`, `timing`, `weights` {passed, mapped, bit_identical, shared, mismatched, layout, map[]},
+`versions`, `timing`, `weights` {passed, mapped, bit_identical, shared, mismatched, layout (the transformers
+in-memory names the map uses), checkpoint_layout, map[]},
 `first_divergence` {probe, kind, stack, layer, nrmse, max_abs, contributed_*, fp64, case} or null,
 `probes` [{name, kind, stack, layer, passed, verdict, max_abs, mean_abs, max_rel, rmse, cosine, nrmse, nmax,
 contributed_max_abs, contributed_nrmse, contributed_nmax, contributed_cosine, within_budget,
@@ -95,7 +96,7 @@ def terminal(report: dict[str, Any]) -> str:
     w = report["weights"]
     head = [f"pgconv verify: {report['checkpoint']} ({report['family']}, {report['dtype']}, {report['device']})",
             f"weights: {w['bit_identical']}/{w['mapped']} mapped tensors bit-identical, {w['shared']} shared storage"
-            f" (layout {w['layout']})", ""]
+            f" (checkpoint layout {w.get('checkpoint_layout', '?')}; transformers' names: {w['layout']})", ""]
     rows = [list(_COLUMNS)] + [_probe_cells(p) for p in report["probes"]]
     lg = report["logits"]
     tail = ["", f"logits: KL mean {fmt(lg['kl_mean'])} max {fmt(lg['kl_max'])}, top-1 {fmt(lg['top1_agreement'])}, "

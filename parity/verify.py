@@ -78,21 +78,22 @@ def _inputs(processor: Any, image: Path, prompt: str, device: str) -> dict:
     return {k: enc[k].to(device) for k in ("input_ids", "pixel_values", "token_type_ids", "attention_mask")}
 
 
-def _resolve(checkpoint: str | Path | None) -> Path:
+def _resolve(checkpoint: str | Path | None) -> tuple[Path, str]:
+    """(checkpoint directory, the layout its tensor names use)."""
     from pgconv.converter.fixture import default_checkpoint
     from pgconv.converter.hub import resolve_source
-
-    if checkpoint is None:
-        return default_checkpoint()
-    path, trusted = resolve_source(checkpoint)
-    if not path.is_dir():
-        raise InputError(f"{checkpoint}: not a checkpoint directory (expected config.json + weights)")
     from pgconv.converter.load import check_checkpoint
 
+    if checkpoint is None:
+        path, trusted = default_checkpoint(), None
+    else:
+        path, trusted = resolve_source(checkpoint)
+    if not path.is_dir():
+        raise InputError(f"{checkpoint}: not a checkpoint directory (expected config.json + weights)")
     # Our reader's checks first (headers, index paths, names, shapes, tied lm_head): transformers would follow
     # paths out of the checkpoint, ignore a differing tied lm_head, and raise its own errors (issue 8).
-    check_checkpoint(path, trusted)
-    return path
+    _, _, plan = check_checkpoint(path, trusted)
+    return path, plan.src_layout
 
 
 def verify(
@@ -125,7 +126,7 @@ def verify(
     from pgconv.parity.tolerances import load_tolerances
 
     tol = load_tolerances(tolerances)
-    path = _resolve(checkpoint)
+    path, layout = _resolve(checkpoint)
     cfg = read_config(path)
     from pgconv.model.processor import Processor
 
@@ -142,7 +143,7 @@ def verify(
     timing: dict[str, float] = {}
     ref = load_reference(path, getattr(torch, dtype), device)
     ours = build_candidate(ref, cfg)
-    weights = weight_parity(ours, ref, cfg)
+    weights = {**weight_parity(ours, ref, cfg), "checkpoint_layout": layout}
     timing["load"] = round(time.perf_counter() - t0, 4)
 
     from transformers import AutoProcessor
