@@ -12,6 +12,7 @@ import importlib
 import signal
 import sys
 import threading
+import traceback
 
 import click
 
@@ -94,8 +95,8 @@ def _main(argv: list[str] | None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except InputError as e:
-        if debug:
-            raise
+        if debug:  # the traceback, but still bad input's exit code (1 means a finding)
+            traceback.print_exc()
         click.echo(f"pgconv: error: {_one_line(str(e))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as e:

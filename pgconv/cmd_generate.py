@@ -33,7 +33,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 def generate(checkpoint: str | None, image: Path | None, prompt: str, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, dtype: str | None, device: str) -> None:
-    """Generate text for an image and a prompt with the PaliGemma CHECKPOINT (directory or hub id)."""
+    """Generate text for an image and a prompt with the PaliGemma CHECKPOINT (directory or hub id; default: the
+    built-in tiny random-weight checkpoint, for trying the command)."""
     import torch
 
     import pgconv
@@ -42,6 +43,8 @@ def generate(checkpoint: str | None, image: Path | None, prompt: str, max_new_to
     from pgconv.model.generate import generate as run
     from pgconv.model.processor import Processor
 
+    if temperature == 0 and (top_k is not None or top_p is not None):  # would be silently greedy
+        raise click.UsageError("--top-k/--top-p sample: give --temperature > 0 (temperature 0 is greedy decoding)")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: CUDA is not available (torch.cuda.is_available() is false)")
     if checkpoint is None:

@@ -79,3 +79,13 @@ def test_generate_input_errors(tiny_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "generate", str(tiny_dir), "--device", "cuda")
         assert code == 2 and "CUDA is not available" in err
+
+
+@pytest.mark.parametrize("option", [["--top-k", "5"], ["--top-p", "0.9"]])
+def test_sampling_options_without_temperature_are_refused(capsys, option):
+    """At the default temperature 0 decoding is greedy: --top-k/--top-p would be silently ignored."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--max-new-tokens", "1", *option])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--temperature" in err
+

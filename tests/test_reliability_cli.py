@@ -392,10 +392,14 @@ def test_exit_codes_end_to_end(tmp_path_factory, tmp_path):
 
 
 def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    """--debug adds the traceback, and bad input still exits 2 (exit 1 means a finding)."""
     from pgconv.cli import main
 
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(SystemExit) as e:
         main(["--debug", "inspect", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback (most recent call last)" in err and "InputError" in err
+    assert err.rstrip().splitlines()[-1].startswith("pgconv: error: ") and "no such file" in err
     res = run_cli(["inspect", tmp_path / "missing"], capsys)
     assert_one_line_error(res, "missing", "no such file")
 
