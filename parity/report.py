@@ -92,6 +92,38 @@ def _generation_lines(g: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _case_summaries(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line of facts per image/prompt case (the tables above are the worst row over all cases); empty for a
+    single case, which the top level already is."""
+    cases = report.get("cases") or []
+    if len(cases) < 2:
+        return []
+    out = []
+    for i, c in enumerate(cases):
+        failing = [p["name"] for p in c["probes"] if not p["passed"]]
+        reasons = [f"probe {failing[0]}" + (f" (+{len(failing) - 1})" if len(failing) > 1 else "")] if failing else []
+        reasons += ["logits"] if not c["logits"]["passed"] else []
+        reasons += ["generation"] if not c["generation"]["passed"] else []
+        fd = c.get("first_divergence")
+        out.append({"index": i + 1, "image": Path(c["image"]).name, "prompt": c["prompt"], "passed": not reasons,
+                    "reasons": reasons, "kl_mean": c["logits"]["kl_mean"],
+                    "tokens": "identical" if c["generation"]["tokens_equal"] else "differ",
+                    "text": c["generation"]["candidate_text"], "first_divergence": fd["probe"] if fd else "none"})
+    return out
+
+
+def _case_lines(report: dict[str, Any]) -> list[str]:
+    rows = _case_summaries(report)
+    if not rows:
+        return []
+    lines = ["", f"cases ({len(rows)}; the table above is each probe's worst case):"]
+    for r in rows:
+        verdict = "PASS" if r["passed"] else "FAIL (" + ", ".join(r["reasons"]) + ")"
+        lines.append(f"  {r['index']}. {r['image']} {r['prompt']!r}: {verdict}; KL mean {fmt(r['kl_mean'])}, tokens "
+                     f"{r['tokens']} {r['text']!r}, first divergence {r['first_divergence']}")
+    return lines
+
+
 def terminal(report: dict[str, Any]) -> str:
     w = report["weights"]
     head = [f"pgconv verify: {report['checkpoint']} ({report['family']}, {report['dtype']}, {report['device']})",
@@ -102,6 +134,7 @@ def terminal(report: dict[str, Any]) -> str:
     tail = ["", f"logits: KL mean {fmt(lg['kl_mean'])} max {fmt(lg['kl_max'])}, top-1 {fmt(lg['top1_agreement'])}, "
                 f"top-5 overlap {fmt(lg['top5_overlap'])}, decisive top-1 {fmt(lg['decisive_top1_agreement'])}"]
     tail += _generation_lines(report["generation"])
+    tail += _case_lines(report)
     fd = report["first_divergence"]
     if fd is None:
         tail.append("first divergence: none")
@@ -136,7 +169,16 @@ def markdown(report: dict[str, Any]) -> str:
               f"top-5 overlap {fmt(lg['top5_overlap'])}",
               f"**Generation:** {'identical tokens' if g['tokens_equal'] else 'tokens differ'}; "
               f"reference `{g['reference_text']!r}`, pgconv `{g['candidate_text']!r}`", "",
-              "| probe | verdict | max abs | nrmse | cosine | contributed nrmse | budget |",
+              ]
+    if cases := _case_summaries(report):
+        lines += [f"**Cases:** {len(cases)} (the probe table is each probe's worst case)", "",
+                  "| case | image | prompt | verdict | KL mean | tokens | first divergence |", "|---|---|---|---|---|---|---|"]
+        for r in cases:
+            verdict = "PASS" if r["passed"] else "**FAIL** (" + ", ".join(r["reasons"]) + ")"
+            lines.append(f"| {r['index']} | `{r['image']}` | `{r['prompt']}` | {verdict} | {fmt(r['kl_mean'])} | "
+                         f"{r['tokens']} | {r['first_divergence']} |")
+        lines.append("")
+    lines += ["| probe | verdict | max abs | nrmse | cosine | contributed nrmse | budget |",
               "|---|---|---|---|---|---|---|"]
     for p in report["probes"]:
         c = _probe_cells(p)
@@ -155,6 +197,10 @@ def junit(report: dict[str, Any]) -> str:
         cases.append((f"probe {p['name']}", p["passed"], msg))
     cases.append(("logits", report["logits"]["passed"], f"KL max {fmt(report['logits']['kl_max'])}"))
     cases.append(("generation", report["generation"]["passed"], "; ".join(_generation_lines(report["generation"]))))
+    for r in _case_summaries(report):
+        cases.append((f"case {r['index']}: {r['image']} {r['prompt']!r}", r["passed"],
+                      f"failing: {', '.join(r['reasons'])}; KL mean {fmt(r['kl_mean'])}; tokens {r['tokens']}; "
+                      f"first divergence {r['first_divergence']}"))
     failures = sum(not ok for _, ok, _ in cases)
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            f'<testsuites tests="{len(cases)}" failures="{failures}">',

@@ -139,3 +139,22 @@ def test_every_layout_verifies(tiny_checkpoint, tmp_path, layout):  # noqa: F811
     assert base["weights"]["checkpoint_layout"] == "hf-legacy"
     assert other["generation"]["reference_tokens"] == base["generation"]["reference_tokens"]
     assert other["logits"]["kl_mean"] == base["logits"]["kl_mean"]
+
+
+def test_several_cases_are_listed_one_by_one(capsys, tmp_path):
+    """Two prompts on the built-in image: the probe table folds them (worst row); each case also gets its own line in
+    the terminal, a row in report.md and a test case in junit.xml."""
+    code, out, _ = _cli(capsys, "--report", tmp_path, "--max-new-tokens", 2, "--probes", "coarse",
+                        "--prompt", "caption en", "--prompt", "answer en what is this?")
+    assert code == 0, out
+    assert "cases (2;" in out and "1. " in out and "'answer en what is this?': PASS" in out
+    md = (tmp_path / "report.md").read_text()
+    assert "**Cases:** 2" in md and "| 2 |" in md and "`answer en what is this?`" in md
+    names = [c.get("name") for c in ET.parse(tmp_path / "junit.xml").getroot().iter("testcase")]
+    assert sum(n.startswith("case ") for n in names) == 2
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [c["prompt"] for c in report["cases"]] == ["caption en", "answer en what is this?"]
+    single = verify(max_new_tokens=2, probes="coarse")
+    from pgconv.parity.report import markdown, terminal
+
+    assert "cases (" not in terminal(single) and "**Cases:**" not in markdown(single)
