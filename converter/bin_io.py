@@ -34,6 +34,10 @@ def read_bin(path: Path) -> tuple[dict[str, str], dict[str, SourceTensor]]:
     for name, t in sd.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise InputError(f"{path}: entry {name!r} is not a named tensor")
+        if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized:
+            # a sparse/quantized tensor, or one saved on the meta device (no data at all): nothing to convert
+            raise InputError(f"{path}: tensor {name!r} is not a dense CPU tensor (layout {t.layout}, device "
+                             f"{t.device.type})")
         if t.dtype not in {d.torch for d in DTYPES.values()}:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
         code = code_of(t.dtype)

@@ -28,6 +28,7 @@ Reader = Callable[[Path], tuple[dict[str, str], dict[str, SourceTensor]]]
 READERS: dict[str, Reader] = {".safetensors": read_safetensors, ".bin": read_bin}
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+PRECEDENCE = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 MANIFEST_NAME = "pgconv-manifest.json"
 # Non-weight files that travel with a checkpoint: config, generation config, tokenizer, processor config.
 COMPANION_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.md")
@@ -84,10 +85,14 @@ def read_json(path: Path) -> object:
             raise InputError(f"{path}: key {dup!r} appears twice")
         return dict(pairs)
 
+    if path.exists() and not path.is_file():  # a FIFO or device would block or stream forever
+        raise InputError(f"{path}: not a regular file")
     try:
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_dupes)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -113,6 +118,8 @@ def _member(root: Path, name: object, trusted_root: Path, what: str) -> Path:
     if not isinstance(name, str) or not name:
         raise InputError(f"{what}: {name!r} is not a file name")
     pure = PurePosixPath(name)
+    if not pure.parts:  # "." or "./": the directory itself
+        raise InputError(f"{what}: {name!r} is not a file name")
     if pure.is_absolute() or "\\" in name or ":" in pure.parts[0] or ".." in pure.parts:
         raise InputError(f"{what}: path {name!r} points outside the checkpoint directory")
     path = root / pure
@@ -166,13 +173,26 @@ def _from_index(index_path: Path, trusted_root: Path) -> tuple[tuple[Path, ...],
 def open_checkpoint(path: str | Path, *, trusted_root: Path | None = None) -> Checkpoint:
     """Headers of every weight file under `path`, cross-checked against the index; config.json parsed if present."""
     path = Path(path)
+    try:
+        return _open(path, trusted_root)
+    except OSError as e:  # an unreadable directory or file met while listing or probing (readers wrap their own)
+        raise InputError(f"{e.filename or path}: cannot read ({e.strerror or e})") from None
+
+
+def _open(path: Path, trusted_root: Path | None) -> Checkpoint:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     root = path if path.is_dir() else path.parent
     trusted = trusted_root or default_trusted_root(root)
     index = None
     if path.is_dir():
-        found = [n for n in INDEX_NAMES + SINGLE_NAMES if (path / n).exists()]
+        # transformers' precedence: safetensors before .bin, a single file before an index. A single file next to an
+        # index of the same format is refused: the two may hold different weights, and pgconv and transformers
+        # would then not even agree on what the checkpoint is.
+        found = [n for n in PRECEDENCE if (path / n).exists()]
+        for single, index in zip(SINGLE_NAMES, INDEX_NAMES):
+            if single in found and index in found:
+                raise InputError(f"{path}: holds both {single} and {index}; remove the one that is stale")
         if found:
             weights = _member(root, found[0], trusted, str(path))
         else:

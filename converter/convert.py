@@ -101,7 +101,8 @@ def _check_destination(dst: Path, src: Checkpoint, src_is_dir: bool, force: bool
         if not dst.is_dir() or dst.is_symlink():
             raise InputError(f"{dst}: exists and is not a directory; refusing to replace it")
     if not dst.parent.is_dir():
-        raise InputError(f"{dst.parent}: destination's parent directory does not exist")
+        raise InputError(f"{dst.parent}: destination's parent " + ("is not a directory" if dst.parent.exists() else
+                                                                             "directory does not exist"))
     if not os.access(dst.parent, os.W_OK | os.X_OK):
         raise InputError(f"{dst.parent}: not writable")
 
@@ -133,7 +134,12 @@ def _write_tree(tmp: Path, ckpt: Checkpoint, plan: Plan, shards: list, names: li
             text = json.dumps(rewrite_config(ckpt.config, dict(plan.config_changes)), indent=2, sort_keys=True) + "\n"
             (tmp / p.name).write_text(text, encoding="utf-8")
         else:
-            shutil.copyfile(p, tmp / p.name)
+            try:
+                shutil.copyfile(p, tmp / p.name)
+            except OSError as e:
+                if e.filename == str(p):  # the source file, not the destination: name it
+                    raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+                raise
     if ckpt.config is not None and "config.json" not in {p.name for p in companions}:
         # A source without a config.json file (big_vision .npz, spec formats) brings its config as data.
         text = json.dumps(rewrite_config(ckpt.config, dict(plan.config_changes)), indent=2, sort_keys=True) + "\n"

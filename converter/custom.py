@@ -76,8 +76,10 @@ class _Npz:
         self.files = (path,)
         try:
             self.metadata = json.loads(self.reader.comment or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             self.metadata = {}  # a comment someone else wrote: not ours
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            self.metadata = {}  # JSON, but not our provenance either
         self.shapes = {n: m.shape for n, m in self.reader.members.items()}
 
     def file_of(self, name: str) -> Path:

@@ -169,6 +169,8 @@ def inspect(path: str | Path, scan: bool = False, from_: str | Path | None = Non
         problems += [f"missing tensor {n}" for n in report.missing]
         problems += [f"unexpected tensor {n}" for n in report.unexpected]
         problems += [f"tensor {m['name']} has shape {m['shape']}, the config implies {m['expected']}" for m in report.misshaped]
+    problems += [f"tensor {n} has dtype {t.meta.dtype}; PaliGemma weights are floating point"
+                 for n, t in sorted(ck.tensors.items()) if t.meta.dtype not in FLOAT_CODES]
     if scan:
         report.nonfinite = _scan(ck)
         problems += [f"tensor {n}: {v['nan']} NaN, {v['inf']} Inf" for n, v in report.nonfinite.items()]

@@ -62,6 +62,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, SourceTensor
         raise InputError(f"{path}: safetensors header lists {e.args[0]!r} twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: safetensors header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

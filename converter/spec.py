@@ -125,6 +125,9 @@ def _rule_from_data(d: Any, where: str) -> Rule:
         if key not in d:
             raise SpecError(f"{where}: missing {key!r}")
     ops = []
+    if not isinstance(d.get("ops", []), list):
+        raise SpecError(f"{where}: ops must be a list of one-key tables like [{{transpose = [1, 0]}}], got "
+                        f"{d['ops']!r}")
     for j, op in enumerate(d.get("ops", []), 1):
         if not isinstance(op, dict) or len(op) != 1:
             raise SpecError(f"{where}: op {j} must be a one-key table like {{transpose = [1, 0]}}, got {op!r}")
@@ -254,6 +257,8 @@ def loads(text: str, fmt: str = "toml", origin: str = "<spec>") -> Spec:
         data = json.loads(text) if fmt == "json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise SpecError(f"{origin}: invalid {fmt.upper()} ({e})") from None
+    except RecursionError:
+        raise SpecError(f"{origin}: {fmt.upper()} nested too deeply") from None
     return spec_from_data(data, origin)
 
 

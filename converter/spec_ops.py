@@ -57,14 +57,20 @@ def evaluate(expr: int | str, symbols: Mapping[str, int]) -> int:
                 raise SpecError(f"unknown symbol {node.id!r} in {expr!r} (known: {', '.join(symbols)})")
             return symbols[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.FloorDiv) and right == 0:
+                raise SpecError(f"shape expression {expr!r} divides by zero")
+            return _BINOPS[type(node.op)](left, right)
         raise SpecError(f"shape expression {expr!r}: only integers, symbols, + - * // and parentheses are allowed")
 
     try:
         tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
-        raise SpecError(f"shape expression {expr!r} is not valid") from None
-    return ev(tree.body)
+    except (SyntaxError, RecursionError, MemoryError, ValueError):  # ValueError: e.g. a NUL byte in the string
+        raise SpecError(f"shape expression {expr[:80]!r} is not valid") from None
+    try:
+        return ev(tree.body)
+    except RecursionError:
+        raise SpecError(f"shape expression {expr[:80]!r} is nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ def _same(shapes: tuple[Shape, ...], what: str) -> Shape:
 
 
 def _transpose(arg, shapes, sym, ctx):
-    if not isinstance(arg, list) or sorted(arg) != list(range(len(arg))):
+    if not isinstance(arg, list) or any(isinstance(a, bool) or not isinstance(a, int) for a in arg) or \
+            sorted(arg) != list(range(len(arg))):
         raise SpecError(f"transpose {arg!r} is not a permutation of 0..n-1")
     inv = [arg.index(k) for k in range(len(arg))]
     for s in shapes:

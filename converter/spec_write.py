@@ -169,7 +169,8 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
     if (dst.exists() or dst.is_symlink()) and not force:
         raise InputError(f"{dst}: already exists (use --force to replace it)")
     if not dst.parent.is_dir():
-        raise InputError(f"{dst.parent}: destination's parent directory does not exist")
+        raise InputError(f"{dst.parent}: destination's parent " + ("is not a directory" if dst.parent.exists() else
+                                                                             "directory does not exist"))
     if not os.access(dst.parent, os.W_OK | os.X_OK):
         raise InputError(f"{dst.parent}: not writable")
     need = total + sum(p.stat().st_size for p in ck.companion_files()) + (1 << 20)
@@ -192,7 +193,12 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
                 (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, _NAMES[top]), indent=2) + "\n")
                 for p in ck.companion_files():
                     if p.name != "config.json":
-                        shutil.copyfile(p, tmp / p.name)
+                        try:
+                            shutil.copyfile(p, tmp / p.name)
+                        except OSError as e:
+                            if e.filename == str(p):  # the source file, not the destination: name it
+                                raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+                            raise
                 write_manifest(tmp, {"tool": "pgconv", "version": __version__, "source_layout": src_format,
                                      "target_layout": spec.name, "spec_digest": spec.digest,
                                      "source_files": [p.name for p in ck.files], "tensors": rows})

@@ -8,7 +8,6 @@ bit-identical values; the map itself goes into the report.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -31,13 +30,14 @@ REF_LAYOUT = "hf-5.6"  # transformers >= 5.6 in-memory parameter names
 
 
 def read_config(path: Path) -> PaliGemmaConfig:
+    from pgconv.converter.checkpoint import read_json
+
     cfg_path = path / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no config.json (expected a transformers PaliGemma checkpoint directory)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{cfg_path}: cannot read ({e})") from None
+    if not cfg_path.exists():
+        raise InputError(f"{path}: no config.json (expected a transformers PaliGemma checkpoint directory)")
+    raw = read_json(cfg_path)  # duplicate keys, deep nesting, non-regular files: one-line errors
+    if not isinstance(raw, dict):
+        raise InputError(f"{cfg_path}: not a JSON object")
     try:
         return from_hf_config(raw)
     except InputError as e:

@@ -78,6 +78,8 @@ def load_tolerances(path: str | Path | None = None) -> Tolerances:
         raise InputError(f"{p}: cannot read tolerance file ({e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise InputError(f"{p}: JSON nested too deeply") from None
     if not isinstance(override, dict):
         raise InputError(f"{p}: expected a JSON object like {DEFAULT_PATH.name}")
     unknown = sorted(set(override) - set(table))

@@ -319,3 +319,128 @@ def test_generate_refuses_with_one_line(tmp_path_factory, tmp_path, capsys, case
     src, needles = _damaged(tmp_path_factory, tmp_path, case)
     res = run_cli(["generate", src, "--max-new-tokens", "1"], capsys)
     assert_one_line_error(res, *[n for n in needles if n != str(src)])
+
+
+# -- found by an adversarial review (2026-11-28): each was a traceback, a hang or a silent choice ------------------
+
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+def _deep_config(d: Path) -> list[str]:
+    (d / "config.json").write_text(DEEP)
+    return ["config.json", "nested too deeply"]
+
+
+def _deep_header(d: Path) -> list[str]:
+    header, data = read_header(d / ST)
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()[:-1] + b', "x": ' + DEEP.encode() + b"}"
+    raw += b" " * (-len(raw) % 8)
+    write_raw(d / ST, raw, data)
+    return [ST, "nested too deeply"]
+
+
+def _dot_shard(d: Path) -> list[str]:
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "."
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return ["model.safetensors.index.json", "is not a file name"]
+
+
+def _index_and_single(d: Path) -> list[str]:
+    (d / ST).write_bytes(b"")  # a stale single file next to the shards: which one is the checkpoint?
+    return ["holds both", ST]
+
+
+REVIEW_CASES: dict[str, Callable[[Path], list[str]]] = {
+    "config.json nested too deeply": _deep_config,
+    "safetensors header nested too deeply": _deep_header,
+    "index shard name '.'": _dot_shard,
+    "index and single file both present": _index_and_single,
+}
+
+
+@pytest.mark.parametrize("case", REVIEW_CASES)
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_review_cases_are_one_line_errors(tmp_path_factory, tmp_path, capsys, case, command):
+    sharded = case in ("index shard name '.'", "index and single file both present")
+    src = fresh_copy((sharded_checkpoint if sharded else tiny_checkpoint)(tmp_path_factory), tmp_path / "src")
+    needles = REVIEW_CASES[case](src)
+    before = tree_digest(src)
+    argv = ["convert", src, tmp_path / "dst", "--to", "native", "--quiet"] if command == "convert" else ["inspect", src]
+    res = run_cli(argv, capsys)
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "dst").exists() and litter(tmp_path) == [] and tree_digest(src) == before
+
+
+def test_bin_with_a_meta_or_sparse_tensor_is_refused(tmp_path, capsys):
+    from pgconv.converter.bin_io import read_bin
+    from pgconv.errors import InputError
+
+    for name, t in (("meta", torch.zeros(4, device="meta")), ("sparse", torch.eye(3).to_sparse())):
+        path = tmp_path / f"{name}.bin"
+        torch.save({"w": t}, path)
+        with pytest.raises(InputError, match="not a dense CPU tensor"):
+            read_bin(path)
+
+
+def test_config_json_fifo_does_not_block(tmp_path_factory, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
+    (src / "config.json").unlink()
+    os.mkfifo(src / "config.json")
+    run = subprocess.run([sys.executable, "-c", "from pgconv.cli import main; main()", "inspect", str(src)],
+                         capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "not a regular file" in run.stderr, run.stderr
+
+
+def test_unreadable_companion_and_directory_name_the_source(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """Running as root, chmod cannot make a file unreadable: the OS errors are simulated where they are raised."""
+    import errno
+    import shutil as sh
+
+    src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
+    real = sh.copyfile
+
+    def copyfile(a, b, **kw):
+        if Path(a).name == "tokenizer.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(a))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(sh, "copyfile", copyfile)
+    res = run_cli(["convert", src, tmp_path / "dst", "--to", "native", "--quiet"], capsys)
+    assert_one_line_error(res, str(src / "tokenizer.json"), "cannot read", "Permission denied")
+    assert not (tmp_path / "dst").exists() and litter(tmp_path) == []
+    monkeypatch.undo()
+
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == src:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    (src / ST).rename(src / "weights.safetensors")  # no standard name: the directory must be listed
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    res = run_cli(["inspect", src], capsys)
+    assert_one_line_error(res, str(src), "cannot read", "Permission denied")
+
+
+def test_inspect_lists_integer_weights_as_a_problem(tmp_path_factory, tmp_path, capsys):
+    src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
+    sd = load_file(src / ST)
+    sd["language_model.model.norm.weight"] = sd["language_model.model.norm.weight"].to(torch.int64)
+    save_file(sd, src / ST, metadata={"format": "pt"})
+    res = run_cli(["inspect", src], capsys)
+    assert res.code == 1 and "language_model.model.norm.weight has dtype I64" in res.out
+
+
+def test_destination_under_a_regular_file(tmp_path_factory, tmp_path, capsys):
+    src = tiny_checkpoint(tmp_path_factory)
+    (tmp_path / "file").write_text("x")
+    res = run_cli(["convert", src, tmp_path / "file" / "dst", "--to", "native"], capsys)
+    assert_one_line_error(res, "file", "is not a directory")
