@@ -199,6 +199,10 @@ Q = rule_of("text.blocks.{i}.attn.q.weight")
      r"rule \d+ \('q.{i}' -> 'text.blocks.{i}.attn.q.weight'\): op 1 reshape\(\[96, 71\]\): reshape \[72, 96\]"),
     (with_rules((Q, Rule(("q.{i}",), ("text.blocks.{i}.attn.q.weight",), (OpSpec("transpose", [0, 0]),), ((72, 96),)))),
      r"op 1 transpose\(\[0, 0\]\): transpose \[0, 0\] is not a permutation"),
+    (with_rules((Q, Rule(("q.{i}",), ("text.blocks.{i}.attn.q.weight",), (OpSpec("transpose", [1.0, 0]),), ((72, 96),)))),
+     r"transpose \[1.0, 0\] is not a permutation"),
+    (with_rules((Q, Rule(("q.{i}",), ("text.blocks.{i}.attn.q.weight",), (OpSpec("reshape", ["N*H//0", 72]),), ((96, 72),)))),
+     r"divides by zero"),
     (with_rules((Q, Rule(("q.{i}",), ("text.blocks.{i}.attn.q.weight",), (OpSpec("transpose", [1, 0]),)))),
      r"give the file shape \(`shape = \[...\]`\)"),
     (with_rules((Q, Rule(("q.{i}",), ("text.blocks.{i}.attn.q.weight",), (), ((72, 96),)))),
@@ -232,6 +236,8 @@ def test_check_errors_name_the_rule_and_tensor(spec, message):
     ('name = "x"\n', r"no rules"),
     ('name = "x"\n[[rule]]\nfile = "a"\nnative = "b"\nshape = [true]\n', r"shape entries must be integers or expressions"),
     ('name = "x" x\n', r"x.toml: invalid TOML"),
+    ('name = "x"\n[[rule]]\nfile = "a"\nnative = "b"\nops = 5\n', r"rule 1: ops must be a list"),
+    ('x = ' + "[" * 20000 + "]" * 20000 + "\n", r"x.toml: TOML nested too deeply"),
 ])
 def test_parse_errors(text, message):
     with pytest.raises(SpecError, match=message):
