@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
+from pgconv.converter.checkpoint import Checkpoint, open_checkpoint, read_json
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.layouts import detect_layout, to_native
 from pgconv.converter.plan import Plan, plan_conversion
@@ -29,6 +29,10 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
     stored tied `lm_head` equal to the embedding. `pgconv verify` runs it before transformers opens the files."""
     ckpt = open_checkpoint(src, trusted_root=trusted_root)
     ckpt.companion_files()  # refuses a tokenizer/config file that links out of the checkpoint
+    gen = ckpt.root / "generation_config.json"
+    # transformers reads it for generate's eos/pad ids but falls back silently when it is broken: say so instead.
+    if gen.exists() and not isinstance(read_json(gen), dict):
+        raise InputError(f"{gen}: not a JSON object")
     cfg = ckpt.pg_config()
     try:
         plan = plan_conversion(ckpt.metas(), cfg, "native")

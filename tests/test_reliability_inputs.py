@@ -444,3 +444,16 @@ def test_destination_under_a_regular_file(tmp_path_factory, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     res = run_cli(["convert", src, tmp_path / "file" / "dst", "--to", "native"], capsys)
     assert_one_line_error(res, "file", "is not a directory")
+
+
+@pytest.mark.parametrize("text, needle", [("{", "invalid JSON"), ("[1]", "not a JSON object")])
+def test_broken_generation_config_is_refused_before_loading(tmp_path_factory, tmp_path, text, needle):
+    """transformers falls back silently from a broken generation_config.json (other eos ids than the file meant):
+    load (generate) and verify refuse it instead."""
+    from pgconv.converter.load import check_checkpoint
+    from pgconv.errors import InputError
+
+    src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
+    (src / "generation_config.json").write_text(text)
+    with pytest.raises(InputError, match=f"generation_config.json: {needle}"):
+        check_checkpoint(src)
