@@ -215,6 +215,9 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # full disk, permissions, read-only fs: one line, exit 2 (issue 8)
             raise InputError(f"{dst}: write failed ({e.strerror or e})") from None
+        lead = str(e).split(":", 1)[0]
+        if isinstance(e, InputError) and lead in natives:  # a runtime op check (a vocabulary cut) names the tensor
+            raise type(e)(f"{natives[lead].file}: {e}") from None
         raise
     names = [dst.name] if spec.format == "npz" else ["model.safetensors"]
     return ConvertSummary(str(src), dst, src_format, spec.name, len(files), total, names, time.perf_counter() - start,
