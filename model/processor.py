@@ -23,7 +23,9 @@ that lack it), and bad image files raise `InputError` instead of PIL exceptions.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse lone surrogates: Python turns undecodable argv bytes into them, and tokenizers raises a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 (undecodable character at position {e.start})") from None
+
+
 def _token_content(value: Any, default: str) -> str:
     if isinstance(value, dict):  # tokenizer_config.json may store AddedToken dicts
         return str(value.get("content", default))
@@ -88,12 +98,94 @@ def _token_content(value: Any, default: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, {} when the file does not exist; anything else unusable is an `InputError`."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        mode = path.stat().st_mode
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise InputError(f"{path}: cannot read JSON ({e})") from None
+    if not stat.S_ISREG(mode):  # a FIFO or device would block (or never end) in read_text
+        raise InputError(f"{path}: not a regular file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # json's C decoder recurses once per nesting level
+        raise InputError(f"{path}: cannot read JSON (nested too deeply)") from None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise InputError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {_json_type(data)}")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass, but `true` for a number is a broken file, not 1.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Largest image side / image-token count we accept from a preprocessor_config.json without a config.json to check it
+# against: PaliGemma uses 224/448/896 (256/1024/4096 tokens); far larger values only allocate gigabytes per image.
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_TOKENS = 65536
+
+
+def _preprocessor_options(pre: dict, path: Path) -> dict[str, Any]:
+    """Checked image options from preprocessor_config.json (`path`), with transformers' defaults for missing keys.
+
+    transformers would fail on (or silently misuse) every bad value refused here: a resample that is no PIL filter,
+    a mean/std of the wrong length, a zero std (inf/NaN pixels), a string for a boolean (truthy)."""
+
+    def bad(key: str, what: str) -> InputError:
+        return InputError(f"{path}: {key} must be {what}, got {json.dumps(pre[key])[:60]}")
+
+    opts: dict[str, Any] = {}
+    resample = pre.get("resample", Image.Resampling.BICUBIC)
+    if not _is_int(resample) or resample not in {int(r) for r in Image.Resampling}:
+        filters = ", ".join(f"{int(r)}={r.name}" for r in sorted(Image.Resampling))
+        raise bad("resample", f"a PIL resampling filter ({filters})")
+    opts["resample"] = int(resample)
+    opts["rescale_factor"] = pre.get("rescale_factor", 1 / 255)
+    if not _is_number(opts["rescale_factor"]) or opts["rescale_factor"] <= 0:
+        raise bad("rescale_factor", "a finite positive number")
+    for key in ("image_mean", "image_std"):
+        value = pre.get(key, [0.5, 0.5, 0.5])
+        # A single number applies to every channel, as in transformers' normalize().
+        values = value if isinstance(value, list) else [value]
+        if len(values) != (3 if isinstance(value, list) else 1) or not all(map(_is_number, values)):
+            raise bad(key, "a list of 3 finite numbers (or one number for every channel)")
+        if key == "image_std" and any(v <= 0 for v in values):
+            raise bad(key, "positive (pixels are divided by it)")
+        opts[key] = value
+    for key in ("do_resize", "do_rescale", "do_normalize"):
+        value = pre.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise bad(key, "true or false")
+        opts[key] = value is not False  # null (or missing) means transformers' default, true
+    size = pre.get("size")
+    if size is not None and not isinstance(size, dict):
+        raise bad("size", 'an object {"height": H, "width": W}')
+    for side in ("height", "width"):
+        value = (size or {}).get(side)
+        if value is not None and (not _is_int(value) or not 1 <= value <= MAX_IMAGE_SIDE):
+            raise InputError(f"{path}: size.{side} must be an integer from 1 to {MAX_IMAGE_SIDE}, "
+                             f"got {json.dumps(value)[:60]}")
+    if size and "height" in size and "width" in size:
+        opts["image_size"] = (int(size["height"]), int(size["width"]))
+    n = pre.get("image_seq_length")
+    if n is not None and (not _is_int(n) or not 1 <= n <= MAX_IMAGE_TOKENS):
+        raise bad("image_seq_length", f"an integer from 1 to {MAX_IMAGE_TOKENS}")
+    opts["image_seq_length"] = n
+    return opts
 
 
 class Processor:
@@ -163,37 +255,39 @@ class Processor:
             raise InputError(f"{tok_path}: cannot load tokenizer ({e})") from None
         if config is None and (d / "config.json").is_file():
             config = from_hf_config(_read_json(d / "config.json"))
-        pre = _read_json(d / "preprocessor_config.json")
-        tcfg = {**_read_json(d / "special_tokens_map.json"), **_read_json(d / "tokenizer_config.json")}
-        size = pre.get("size") or {}
-        if "height" in size and "width" in size:
-            image_size = (int(size["height"]), int(size["width"]))
+        pre_path = d / "preprocessor_config.json"
+        opts = _preprocessor_options(_read_json(pre_path), pre_path)
+        tc_path, map_path = d / "tokenizer_config.json", d / "special_tokens_map.json"
+        tc = _read_json(tc_path)
+        tcfg = {**_read_json(map_path), **tc}
+        if "image_size" in opts:
+            image_size = opts.pop("image_size")
         elif config is not None:
             image_size = (config.vision.image_size,) * 2
         else:
             raise InputError(f"{d}: preprocessor_config.json has no size and there is no config.json to take it from")
         if config is not None and image_size != (config.vision.image_size,) * 2:
-            raise InputError(f"{d}: preprocessor size {image_size} does not match the model's image_size {config.vision.image_size}")
-        n_tokens = pre.get("image_seq_length", config.num_image_tokens if config is not None else None)
+            raise InputError(f"{pre_path}: size {image_size} does not match the model's image_size {config.vision.image_size}")
+        n_tokens = opts.pop("image_seq_length")
+        if n_tokens is None and config is not None:
+            n_tokens = config.num_image_tokens
         if n_tokens is None:
             raise InputError(f"{d}: preprocessor_config.json has no image_seq_length and there is no config.json")
-        if config is not None and int(n_tokens) != config.num_image_tokens:
-            raise InputError(f"{d}: image_seq_length={n_tokens} but the model expects {config.num_image_tokens} image tokens")
+        if config is not None and n_tokens != config.num_image_tokens:
+            raise InputError(f"{pre_path}: image_seq_length={n_tokens} but the model expects {config.num_image_tokens} image tokens")
         # transformers: tokenizer_config padding_side wins, then tokenizer.json padding, then the class default
         # (GemmaTokenizer: left; PreTrainedTokenizerBase: right).
         default_side = "left" if str(tcfg.get("tokenizer_class", "GemmaTokenizer")).startswith("Gemma") else "right"
         side = tcfg.get("padding_side") or str((tokenizer.padding or {}).get("direction", default_side)).lower()
+        if tcfg.get("padding_side") not in (None, "left", "right"):
+            where = tc_path if "padding_side" in tc else map_path
+            got = json.dumps(tcfg["padding_side"])[:60]
+            raise InputError(f"{where}: padding_side must be \"left\" or \"right\", got {got}")
         proc = cls(
             tokenizer,
             image_size=image_size,
-            num_image_tokens=int(n_tokens),
-            image_mean=pre.get("image_mean", (0.5, 0.5, 0.5)),
-            image_std=pre.get("image_std", (0.5, 0.5, 0.5)),
-            rescale_factor=pre.get("rescale_factor", 1 / 255),
-            resample=pre.get("resample", Image.Resampling.BICUBIC),
-            do_resize=pre.get("do_resize", True) is not False,
-            do_rescale=pre.get("do_rescale", True) is not False,
-            do_normalize=pre.get("do_normalize", True) is not False,
+            num_image_tokens=n_tokens,
+            **opts,
             padding_side=side,
             bos_token=_token_content(tcfg.get("bos_token"), "<bos>"),
             eos_token=_token_content(tcfg.get("eos_token"), "<eos>"),
@@ -275,11 +369,13 @@ class Processor:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {i} is {type(prompt).__name__}, not a string")
+            _check_utf8(prompt, f"prompt {i}")
             ids = self.tokenizer.encode(self.prefix_text(prompt), add_special_tokens=False).ids
             types = [0] * len(ids)
             if suffixes is not None:
                 if not isinstance(suffixes[i], str):
                     raise InputError(f"suffix {i} is {type(suffixes[i]).__name__}, not a string")
+                _check_utf8(suffixes[i], f"suffix {i}")
                 if IMAGE_TOKEN in suffixes[i]:  # transformers rejects it too (image token count mismatch)
                     raise InputError(f"suffix {suffixes[i][:60]!r} contains {IMAGE_TOKEN}; image tokens belong in the prompt")
                 tail = self.tokenizer.encode(suffixes[i] + self.eos_token, add_special_tokens=False).ids

@@ -54,11 +54,33 @@ def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[P
 
     imgs = [Path(i) for i in images] or [default_image()]
     texts = list(prompts) or [DEFAULT_PROMPT]
+    for text in texts:
+        try:  # undecodable argv bytes arrive as lone surrogates; tokenizers would raise a TypeError on them
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"prompt {text[:60]!r} (--prompt): not valid UTF-8 (undecodable byte at character "
+                             f"{e.start})") from None
     if len(imgs) == len(texts):
         return list(zip(imgs, texts))
     if len(imgs) == 1 or len(texts) == 1:
         return [(i, t) for i in imgs for t in texts]
     raise InputError(f"got {len(imgs)} images and {len(texts)} prompts: give as many of each, or one of either")
+
+
+def _check_lengths(cases: list[tuple[Path, str]], processor: Any, cfg: Any, max_new_tokens: int) -> None:
+    """Prompt plus generated tokens must fit the text model's positions: a larger --max-new-tokens only sizes both
+    models' KV caches for it (terabytes for 10**11) and then fails. `processor` is ours, or None when the checkpoint
+    has no tokenizer.json (then the image tokens, <bos> and the newline are a lower bound on the prompt)."""
+    limit = cfg.text.max_position_embeddings
+    for _, prompt in cases:
+        n = processor.encode([prompt])["input_ids"].shape[1] if processor is not None else cfg.num_image_tokens + 2
+        if n >= limit:
+            raise InputError(f"prompt {prompt[:60]!r} (--prompt): {n} tokens (image tokens included) but the model "
+                             f"has only {limit} positions (max_position_embeddings)")
+        if n + max_new_tokens > limit:
+            raise InputError(f"max_new_tokens={max_new_tokens} (--max-new-tokens): the prompt {prompt[:60]!r} is {n} "
+                             f"tokens and the model has {limit} positions (max_position_embeddings), so at most "
+                             f"{limit - n} new tokens fit")
 
 
 def _inputs(processor: Any, image: Path, prompt: str, device: str) -> dict:
@@ -132,14 +154,16 @@ def verify(
 
     # Tokenizer and preprocessor files against config.json before any weight is loaded (a directory with only a
     # sentencepiece tokenizer.model is left to transformers' processor).
+    ours_processor = None
     if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
-        Processor.from_pretrained(path, config=cfg)
+        ours_processor = Processor.from_pretrained(path, config=cfg)
     cases = _cases(images, prompts)
     for image, prompt in cases:  # before the (possibly minutes-long) load, not after it
         if not Path(image).is_file():
             raise InputError(f"{image}: image not found")
         if "<image>" in prompt:
             raise InputError(f"prompt {prompt!r}: do not put <image> in the prompt; pass images with --image")
+    _check_lengths(cases, ours_processor, cfg, max_new_tokens)
     timing: dict[str, float] = {}
     ref = load_reference(path, getattr(torch, dtype), device)
     ours = build_candidate(ref, cfg)

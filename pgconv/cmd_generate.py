@@ -6,6 +6,7 @@ the built-in test image. Thin: load (`pgconv.load`), process (`Processor`), `gen
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -17,18 +18,52 @@ __all__ = ["generate"]
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: NaN passes every bound comparison, and a NaN or infinite
+    temperature / top-p turns the sampling distribution into NaNs (a torch.multinomial traceback)."""
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def _utf8_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # Python decodes undecodable argv bytes to lone surrogates, which tokenizers refuses with a TypeError.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise click.BadParameter(f"not valid UTF-8 (undecodable byte at character {e.start})", ctx, param) from None
+    return value
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
+    """The prompt plus every new token must fit the text model's positions (max_position_embeddings); a larger
+    --max-new-tokens would only size the KV cache for it (terabytes for 10**11 tokens) and then fail."""
+    if prompt_tokens >= max_positions:
+        raise InputError(f"--prompt: the prompt is {prompt_tokens} tokens (image tokens included) but the model "
+                         f"has only {max_positions} positions (max_position_embeddings)")
+    if prompt_tokens + max_new_tokens > max_positions:
+        raise InputError(f"--max-new-tokens {max_new_tokens}: the prompt is {prompt_tokens} tokens and the model has "
+                         f"{max_positions} positions (max_position_embeddings), so at most "
+                         f"{max_positions - prompt_tokens} new tokens fit")
+
+
 @click.command("generate")
 @click.argument("checkpoint", required=False)
 @click.option("--image", "image", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Image file (default: the built-in test image).")
-@click.option("--prompt", default="caption en", show_default=True, help="Text prompt (PaliGemma task prefix).")
+@click.option("--prompt", default="caption en", show_default=True, callback=_utf8_prompt,
+              help="Text prompt (PaliGemma task prefix).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloatRange(min=0.0),
               help="0 = greedy.")
 @click.option("--top-k", default=None, type=click.IntRange(min=1), help="Sample from the k most likely tokens.")
-@click.option("--top-p", default=None, type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+@click.option("--top-p", default=None, type=FiniteFloatRange(min=0.0, max=1.0, min_open=True),
               help="Nucleus sampling mass.")
-@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+# torch.Generator.manual_seed takes a 64-bit seed (negative ones alias to 2**64 + seed).
+@click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1), help="Seed for sampling.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Compute dtype (default: the checkpoint's).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 def generate(checkpoint: str | None, image: Path | None, prompt: str, max_new_tokens: int, temperature: float,
@@ -40,6 +75,7 @@ def generate(checkpoint: str | None, image: Path | None, prompt: str, max_new_to
     import pgconv
     from pgconv.converter.fixture import default_checkpoint, default_image
     from pgconv.converter.hub import resolve_source
+    from pgconv.converter.load import check_checkpoint
     from pgconv.model.generate import generate as run
     from pgconv.model.processor import Processor
 
@@ -51,9 +87,13 @@ def generate(checkpoint: str | None, image: Path | None, prompt: str, max_new_to
         source = default_checkpoint()
     else:
         source, _ = resolve_source(checkpoint)  # a hub id becomes its local snapshot (for the tokenizer files)
-    model = pgconv.load(source, dtype=getattr(torch, dtype) if dtype else None, device=device)
-    processor = Processor.from_pretrained(source if source.is_dir() else source.parent, config=model.cfg)
+    # Config, processor and inputs first (headers only): bad tokenizer files, images, prompts or lengths are
+    # refused before the weights are read.
+    _, cfg, _ = check_checkpoint(*resolve_source(source))
+    processor = Processor.from_pretrained(source if source.is_dir() else source.parent, config=cfg)
     inputs = processor(image if image is not None else default_image(), prompt)
+    check_length(inputs["input_ids"].shape[1], max_new_tokens, cfg.text.max_position_embeddings)
+    model = pgconv.load(source, dtype=getattr(torch, dtype) if dtype else None, device=device)
     weight = model.text.embed.weight
     stream = processor.stream_decoder()
 

@@ -89,3 +89,116 @@ def test_sampling_options_without_temperature_are_refused(capsys, option):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "--temperature" in err
 
+
+
+# -- bad input is one line, exit 2, for generate and (before any model is loaded) verify ----------------------------
+
+
+def assert_one_line_error(code: int, err: str, *names: str) -> None:
+    assert code == 2, err
+    assert err.startswith("pgconv: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in err, err
+
+
+def _broken_copy(tiny_dir, tmp_path, name: str, content: str):
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    (d / name).unlink()
+    (d / name).write_text(content)
+    return d
+
+
+def _preprocessor(tiny_dir, **changes) -> str:
+    import json
+
+    pre = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    return json.dumps({**pre, **changes})
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+@pytest.mark.parametrize(("key", "value"), [("resample", 99), ("rescale_factor", "x"), ("image_mean", [0.5]),
+                                            ("image_std", [0, 0, 0]), ("do_normalize", "yes"),
+                                            ("image_seq_length", 0), ("size", {"height": 10**9, "width": 28})])
+def test_bad_preprocessor_config_is_one_line(tiny_dir, tmp_path, capsys, command, key, value):
+    d = _broken_copy(tiny_dir, tmp_path, "preprocessor_config.json", _preprocessor(tiny_dir, **{key: value}))
+    code, out, err = run(capsys, command, str(d), "--max-new-tokens", "1")
+    assert_one_line_error(code, err, "preprocessor_config.json", key)
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"])
+@pytest.mark.parametrize(("content", "problem"), [("[]", "expected a JSON object"),
+                                                  ("[" * 50000 + "]" * 50000, "nested too deeply")])
+def test_json_file_not_an_object_is_one_line(tiny_dir, tmp_path, capsys, command, name, content, problem):
+    d = _broken_copy(tiny_dir, tmp_path, name, content)
+    code, _, err = run(capsys, command, str(d), "--max-new-tokens", "1")
+    assert_one_line_error(code, err, name, problem)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_fifo_config_file_is_refused_not_read(tiny_dir, tmp_path, capsys, command):
+    import os
+
+    d = _broken_copy(tiny_dir, tmp_path, "preprocessor_config.json", "")
+    (d / "preprocessor_config.json").unlink()
+    os.mkfifo(d / "preprocessor_config.json")  # reading it would block forever
+    code, _, err = run(capsys, command, str(d), "--max-new-tokens", "1")
+    assert_one_line_error(code, err, "preprocessor_config.json", "not a regular file")
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_prompt_that_is_not_utf8_is_one_line(tiny_dir, capsys, command):
+    # What Python makes of `--prompt "$(printf 'a\xffb')"` (undecodable argv bytes become lone surrogates).
+    code, _, err = run(capsys, command, str(tiny_dir), "--prompt", "a\udcffb", "--max-new-tokens", "1")
+    assert_one_line_error(code, err, "--prompt", "UTF-8")
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+    ("--top-p", "nan"), ("--top-p", "inf"), ("--top-p", "0"),
+    ("--seed", "99999999999999999999999"), ("--seed", "18446744073709551616"), ("--seed", "-1"),
+])
+def test_bad_sampling_options_are_one_line(tiny_dir, capsys, option, value):
+    argv = ["generate", str(tiny_dir), "--max-new-tokens", "1", "--temperature", "1", option, value]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, option)
+
+
+def test_largest_seed_is_accepted(tiny_dir, capsys):
+    code, out, err = run(capsys, "generate", str(tiny_dir), "--max-new-tokens", "2", "--temperature", "1",
+                         "--seed", str(2**64 - 1))
+    assert code == 0 and out.endswith("\n"), err
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+@pytest.mark.parametrize("n", ["491", "100000000000"])
+def test_max_new_tokens_beyond_the_model_positions_is_one_line(tiny_dir, capsys, command, n):
+    # tiny: 512 positions; "caption en" is 16 image tokens + <bos> + 5 text tokens = 22, so 490 new tokens fit.
+    code, _, err = run(capsys, command, str(tiny_dir), "--max-new-tokens", n)
+    assert_one_line_error(code, err, "--max-new-tokens", "512 positions", "at most 490 new tokens")
+
+
+def test_check_length_boundary():
+    from pgconv.cmd_generate import check_length
+    from pgconv.errors import InputError
+
+    check_length(22, 490, 512)
+    with pytest.raises(InputError, match="at most 490 new tokens fit"):
+        check_length(22, 491, 512)
+    with pytest.raises(InputError, match="--prompt: the prompt is 512 tokens"):
+        check_length(512, 1, 512)
+
+
+def test_verify_api_refuses_non_utf8_prompt_and_long_generation(tiny_dir):
+    """The library entry point checks too (the CLI's own callback catches the prompt first)."""
+    from pgconv.errors import InputError
+    from pgconv.parity.verify import verify
+
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        verify(tiny_dir, prompts=["a\udcffb"])
+    with pytest.raises(InputError, match="at most 490 new tokens fit"):
+        verify(tiny_dir, max_new_tokens=491)

@@ -4,6 +4,9 @@ pixel_values for every PIL mode we accept, identical input_ids / attention_mask 
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
 import struct
 import zlib
 
@@ -240,3 +243,101 @@ def test_bad_image_files(ours, tmp_path, monkeypatch):
         ours(bomb, "caption en")
     with pytest.raises(InputError, match="expected a PIL image"):
         ours(np.zeros((4, 4, 3), np.uint8), "caption en")
+
+
+PROCESSOR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "preprocessor_config.json")
+
+
+def _processor_dir(tiny_dir, tmp_path, name: str | None = None, content: str | bytes | None = None):
+    """The tiny fixture's processor files (no weights) in tmp_path, with `name` replaced by `content`."""
+    for f in PROCESSOR_FILES:
+        (tmp_path / f).write_bytes((tiny_dir / f).read_bytes())
+    if name is not None:
+        (tmp_path / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    return tmp_path
+
+
+def _with_preprocessor(tiny_dir, tmp_path, **changes):
+    pre = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    pre.update(changes)
+    return _processor_dir(tiny_dir, tmp_path, "preprocessor_config.json", json.dumps(pre))
+
+
+BAD_PREPROCESSOR = [
+    ("resample", 99), ("resample", True), ("resample", "bicubic"), ("resample", [3]),
+    ("rescale_factor", "x"), ("rescale_factor", float("nan")), ("rescale_factor", 0), ("rescale_factor", -1),
+    ("image_mean", [0.5]), ("image_mean", [0.5, 0.5, 0.5, 0.5]), ("image_mean", ["a", 0.5, 0.5]),
+    ("image_mean", [float("inf"), 0.5, 0.5]), ("image_mean", {"r": 0.5}),
+    ("image_std", [0, 0, 0]), ("image_std", [0.5, -0.5, 0.5]), ("image_std", 0), ("image_std", [None, 1, 1]),
+    ("do_resize", "no"), ("do_rescale", 1), ("do_normalize", "false"),
+    ("size", [28, 28]), ("size", {"height": 1e9, "width": 28}), ("size", {"height": 28, "width": 0}),
+    ("size", {"height": "28", "width": 28}), ("image_seq_length", -1), ("image_seq_length", "16"),
+    ("image_seq_length", 16.0), ("image_seq_length", 10**12),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_PREPROCESSOR)
+def test_bad_preprocessor_values_name_file_and_key(tiny_dir, tmp_path, key, value):
+    d = _with_preprocessor(tiny_dir, tmp_path, **{key: value})
+    with pytest.raises(InputError, match=rf"preprocessor_config\.json: {key}\b") as e:
+        Processor.from_pretrained(d)
+    assert type(e.value) is InputError and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [("image_mean", 0.5), ("image_std", 0.5), ("do_resize", None),
+                                            ("do_rescale", None), ("resample", 2), ("rescale_factor", 1)])
+def test_preprocessor_values_transformers_accepts(tiny_dir, tmp_path, key, value):
+    """A scalar mean/std (one value for every channel), null booleans (the default), any PIL filter are fine."""
+    proc = Processor.from_pretrained(_with_preprocessor(tiny_dir, tmp_path, **{key: value}))
+    assert proc.preprocess([default_image()]).isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                                  "config.json"])
+@pytest.mark.parametrize(("content", "problem"), [
+    ("[]", "expected a JSON object, got an array"),
+    ('"text"', "expected a JSON object, got a string"),
+    ("null", "expected a JSON object, got null"),
+    ("[" * 50000 + "]" * 50000, "nested too deeply"),
+    (b"{\"a\": \"\xff\"}", "cannot read JSON"),
+    ("{", "cannot read JSON"),
+])
+def test_json_files_must_be_readable_objects(tiny_dir, tmp_path, name, content, problem):
+    d = _processor_dir(tiny_dir, tmp_path, name, content)
+    with pytest.raises(InputError, match=re.escape(f"{name}: ")) as e:
+        Processor.from_pretrained(d)
+    assert problem in str(e.value) and type(e.value) is InputError and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("name", ["preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"])
+def test_non_regular_json_file_is_refused(tiny_dir, tmp_path, name):
+    """A FIFO would block read_text forever (nobody writes to it); a directory is no file either."""
+    d = _processor_dir(tiny_dir, tmp_path)
+    (d / name).unlink()
+    os.mkfifo(d / name)
+    with pytest.raises(InputError, match=re.escape(f"{name}: not a regular file")):
+        Processor.from_pretrained(d)
+    (d / name).unlink()
+    (d / name).mkdir()
+    with pytest.raises(InputError, match=re.escape(f"{name}: not a regular file")):
+        Processor.from_pretrained(d)
+
+
+@pytest.mark.parametrize("value", ["middle", 5, ["left"]])
+def test_bad_padding_side_names_the_file(tiny_dir, tmp_path, value):
+    tc = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    tc["padding_side"] = value
+    d = _processor_dir(tiny_dir, tmp_path, "tokenizer_config.json", json.dumps(tc))
+    with pytest.raises(InputError, match=r"tokenizer_config\.json: padding_side must be"):
+        Processor.from_pretrained(d)
+
+
+@pytest.mark.parametrize("text", ["a\udcffb", "\udc80", "ok \ud800"])
+def test_prompt_and_suffix_must_be_utf8(ours, text):
+    """Undecodable argv bytes reach Python as lone surrogates; tokenizers would raise a TypeError on them."""
+    with pytest.raises(InputError, match="prompt 0 is not valid UTF-8"):
+        ours.encode([text])
+    with pytest.raises(InputError, match="suffix 0 is not valid UTF-8"):
+        ours.encode(["caption en"], [text])
