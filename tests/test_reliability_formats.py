@@ -151,7 +151,7 @@ PROCESSOR_CASES = {
     "image_seq_length wrong": (lambda d: _edit_json(d / "preprocessor_config.json", image_seq_length=5),
                                ["image_seq_length=5", "16 image tokens"]),
     "image size wrong": (lambda d: _edit_json(d / "preprocessor_config.json", size={"height": 56, "width": 56}),
-                         ["preprocessor size"]),
+                         ["preprocessor_config.json", "does not match the model's image_size"]),
     "image token id wrong": (lambda d: _edit_json(d / "config.json", image_token_index=7),
                              ["<image>", "image_token_index=7"]),
 }
