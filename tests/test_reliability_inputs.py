@@ -457,3 +457,24 @@ def test_broken_generation_config_is_refused_before_loading(tmp_path_factory, tm
     (src / "generation_config.json").write_text(text)
     with pytest.raises(InputError, match=f"generation_config.json: {needle}"):
         check_checkpoint(src)
+
+
+def test_bin_with_a_corrupted_tensor_byte_is_refused(tmp_path):
+    """torch.load(mmap=True) never checks the zip CRC of tensor bytes: read_bin does (one flipped byte)."""
+    import struct
+    import zipfile
+
+    from pgconv.converter.bin_io import read_bin
+    from pgconv.errors import InputError
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    assert set(read_bin(path)[1]) == {"w"}
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + 100] ^= 0xFF  # a byte of the tensor's storage
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="corrupt zip archive.*CRC"):
+        read_bin(path)
