@@ -190,9 +190,9 @@ def _open(path: Path, trusted_root: Path | None) -> Checkpoint:
         # index of the same format is refused: the two may hold different weights, and pgconv and transformers
         # would then not even agree on what the checkpoint is.
         found = [n for n in PRECEDENCE if (path / n).exists()]
-        for single, index in zip(SINGLE_NAMES, INDEX_NAMES):
-            if single in found and index in found:
-                raise InputError(f"{path}: holds both {single} and {index}; remove the one that is stale")
+        for single, index_name in zip(SINGLE_NAMES, INDEX_NAMES):
+            if single in found and index_name in found:
+                raise InputError(f"{path}: holds both {single} and {index_name}; remove the one that is stale")
         if found:
             weights = _member(root, found[0], trusted, str(path))
         else:
@@ -229,15 +229,17 @@ def source_spec(path: Path, trusted_root: Path | None, from_: str | Path | None,
     if path.suffix == ".npz":
         return "big-vision"
     root = path if path.is_dir() else path.parent
-    if (root / "config.json").exists():
+    cfg_path = root / "config.json"
+    if cfg_path.exists() or cfg_path.is_symlink():  # a dangling link (an interrupted download) is not "no config"
         if config is not None:
             raise InputError(f"--config {config}: {root / 'config.json'} exists; --config is only for sources without "
                              "one (a checkpoint without config.json, --from, .npz)")
         return None
     from pgconv.converter.layouts import detect_layout
 
+    tensors = open_checkpoint(path, trusted_root=trusted_root).tensors  # its errors name their file already
     try:
-        return detect_layout(open_checkpoint(path, trusted_root=trusted_root).tensors)
+        return detect_layout(tensors)
     except InputError as e:
         raise type(e)(f"{path}: {e}") from None
 

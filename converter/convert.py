@@ -51,10 +51,13 @@ class ConvertSummary:
     config_changes: dict = field(default_factory=dict)
     check: str | None = None
     manifest: bool = True  # False for a single-file output (.npz): no pgconv-manifest.json to point to
+    config_note: str | None = None  # where the config came from when the source has no config.json
 
     def __str__(self) -> str:
         lines = [f"{self.src} ({self.src_layout}) -> {self.dst} ({self.dst_layout}): {self.tensors} tensors, "
                  f"{self.bytes / 1e6:.1f} MB in {len(self.files)} file(s), {self.seconds:.1f} s"]
+        if self.config_note:
+            lines.append(self.config_note)
         if self.dropped:
             lines.append("dropped (tied, identical to the embedding): " + ", ".join(self.dropped))
         if self.config_changes:
@@ -87,6 +90,21 @@ def rewrite_config(config: dict, changes: dict) -> dict:
             if "tie_word_embeddings" in d or d is out:
                 d["tie_word_embeddings"] = changes["tie_word_embeddings"]
     return out
+
+
+def config_note(src: Path, config: str | Path | None, cfg) -> str | None:
+    """What the summary says when SRC has no config.json: its config was --config or a preset inferred from the
+    tensor shapes, and every field the shapes cannot show (eos ids, image token id, soft-caps) is that preset's."""
+    from pgconv.model.config import PRESETS
+
+    root = src if src.is_dir() else src.parent
+    if (root / "config.json").exists():
+        return None
+    if config is not None:
+        return f"config: none in the source; --config {config} used"
+    name = next((n for n, c in PRESETS.items() if c == cfg), None)
+    return (f"config: none in the source; preset {name!r} inferred from the tensor shapes (its eos/image token ids and "
+            "other non-shape fields are assumed; --config to choose)") if name else None
 
 
 def _check_destination(dst: Path, src: Checkpoint, src_is_dir: bool, force: bool) -> None:
@@ -213,7 +231,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
             records = _write_tree(tmp, ckpt, plan, shards, names, quiet, untie)
         except OSError as e:
             raise InputError(f"{dst}: write failed ({e.strerror or e})") from None
-        report = check_output(tmp, ckpt, plan) if check else None
+        report = check_output(tmp, ckpt, plan, shown=dst) if check else None
         if dst.exists():
             dst.rename(old)
         tmp.rename(dst)
@@ -224,10 +242,12 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
             old.rename(dst)  # put a --force'd destination back
         raise
     shutil.rmtree(old, ignore_errors=True)
+    note = config_note(src_path, config, cfg) if from_ is not None else None
     return ConvertSummary(
         str(src), dst, ckpt.spec.name if getattr(ckpt, "spec", None) else plan.src_layout, plan.dst_layout, len(records), plan.total_bytes, names,
         time.perf_counter() - start, copied=sum(r.copied for r in records),
         lossy=[(r.target.name, r.max_abs_diff, r.fp16_overflow) for r in records
                if (r.max_abs_diff or 0) > 0 or r.fp16_overflow],
         dropped=[d.source for d in plan.drops], config_changes=dict(plan.config_changes), check=report,
+        config_note=note,
     )

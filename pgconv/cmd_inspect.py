@@ -19,8 +19,9 @@ __all__ = ["inspect"]
 @click.option("--scan", is_flag=True, help="Also read every value and count NaN/Inf.")
 @click.option("--from", "from_", metavar="SPEC", help="Read PATH through a spec (built-in name or .toml/.json file); "
               "a .npz is read as big-vision.")
-@click.option("--config", metavar="PRESET|FILE", help="Config for a spec-read source (preset name or config.json); "
-              "default: config.json beside it, else the preset its shapes match.")
+@click.option("--config", metavar="PRESET|FILE", help="Config (preset name or config.json) for a source without "
+              "config.json: a spec-read source (default: the preset its shapes match) or a checkpoint that lacks one "
+              "(default: none, reported as a problem).")
 def inspect(path: str, as_json: bool, scan: bool, from_: str | None, config: str | None) -> None:
     """Describe the checkpoint PATH (directory, weight file, .npz or hub id); exit 1 if it has problems."""
     from pgconv.converter.inspect import inspect as run

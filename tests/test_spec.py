@@ -308,15 +308,32 @@ def _offset_source(tmp_path) -> dict:
     return natives
 
 
-def test_check_of_an_offset_spec_verifies_hashes_and_the_rounded_round_trip(tmp_path, offset_spec):
-    """`--check` on a spec with `add`: the rounded tensors must equal the in-memory round trip bit for bit (not the
-    source, which x - 1 + 1 cannot give back in fp32), and the rounding is reported."""
+def test_check_of_an_offset_spec_verifies_hashes_and_bounds_the_rounding(tmp_path, offset_spec):
+    """`--check` on a spec with `add`: x - 1 + 1 cannot give the source back bit for bit in fp32, so those tensors
+    are held to the rounding of the two steps and their change is reported."""
     natives = _offset_source(tmp_path)
     name = "text.blocks.0.attn_norm.weight"
     assert not torch.equal(natives[name] - 1 + 1, natives[name])  # the case the check must handle
     summary = convert_to_spec(tmp_path / "src", tmp_path / "out", offset_spec, check=True, quiet=True)
-    assert "tensor hashes verified" in summary.check and "equal the exact in-memory round trip" in summary.check
-    assert "largest |change|" in summary.check
+    assert "tensor hashes verified" in summary.check and "through `add`, where x - c + c rounds" in summary.check
+    assert "largest change" in summary.check
+
+
+def _offset_spec(tmp_path, c: float) -> Path:
+    norms = ("attn_norm.weight", "mlp_norm.weight")
+    rules = tuple(dataclasses.replace(r, ops=(OpSpec("add", c),)) if r.native[0].endswith(norms) else r
+                  for r in layout_spec("hf-legacy").rules)
+    path = tmp_path / f"offset-{c:g}.toml"
+    path.write_text(dumps(Spec(f"offset-{c:g}", rules)))
+    return path
+
+
+def test_check_fails_an_add_that_destroys_the_values(tmp_path):
+    """An offset far above the values (1e30 in fp32) keeps nothing of them; the check must not call that rounding."""
+    _offset_source(tmp_path)
+    with pytest.raises(InputError, match=r"moved by up to .* through the spec's add of 1e\+30"):
+        convert_to_spec(tmp_path / "src", tmp_path / "out", _offset_spec(tmp_path, 1e30), check=True, quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_spec_check_leaves_no_destination_and_keeps_a_forced_one(tmp_path, offset_spec, monkeypatch):
@@ -324,9 +341,16 @@ def test_failed_spec_check_leaves_no_destination_and_keeps_a_forced_one(tmp_path
     from pgconv.converter import spec_write
 
     _offset_source(tmp_path)
-    monkeypatch.setattr(spec_write, "_round_trip", lambda bound, natives, names: {
-        n: natives[n].load() + 1 for n in names})  # a wrong expectation: every rounded tensor fails the check
-    with pytest.raises(InputError, match="check failed"):
+    real_open = spec_write.open_spec_checkpoint
+
+    def off_by_a_lot(*args, **kwargs):  # the read-back moves every rounded tensor far beyond its rounding
+        ck = real_open(*args, **kwargs)
+        t = ck.tensors["text.blocks.0.attn_norm.weight"]
+        ck.tensors["text.blocks.0.attn_norm.weight"] = dataclasses.replace(t, loader=lambda t=t: t.load() + 1)
+        return ck
+
+    monkeypatch.setattr(spec_write, "open_spec_checkpoint", off_by_a_lot)
+    with pytest.raises(InputError, match="check failed.*more than the rounding"):
         convert_to_spec(tmp_path / "src", tmp_path / "new", offset_spec, check=True, quiet=True)
     assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()
