@@ -217,7 +217,7 @@ _SIZE_LIMITS: dict[str, int] = {
     "projection_dim": 65536,
 }
 # Image tokens per image: 896 px / 14 gives 4096; this allows e.g. 8192 px / 16 but not 8192 px / 1 (67M tokens).
-_MAX_IMAGE_TOKENS = 1 << 18
+MAX_IMAGE_TOKENS = 1 << 18
 # The torch dtype names transformers writes as `dtype` / `torch_dtype` (str(torch.dtype) without "torch.") for the
 # floating types a checkpoint can be stored in.
 _HF_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -426,9 +426,9 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
     )
     if vision.image_size % vision.patch_size:
         raise ConfigError(f"vision_config.image_size={vision.image_size} is not a multiple of patch_size={vision.patch_size}")
-    if vision.num_patches > _MAX_IMAGE_TOKENS:
+    if vision.num_patches > MAX_IMAGE_TOKENS:
         raise ConfigError(f"vision_config: image_size={vision.image_size} / patch_size={vision.patch_size} gives "
-                          f"{vision.num_patches} image tokens (at most {_MAX_IMAGE_TOKENS})")
+                          f"{vision.num_patches} image tokens (at most {MAX_IMAGE_TOKENS})")
     if vision.hidden_size % vision.num_heads:
         # SigLIP attention splits hidden_size evenly across heads; a remainder would silently drop channels.
         raise ConfigError(f"vision_config: hidden_size={vision.hidden_size} is not a multiple of num_attention_heads={vision.num_heads}")

@@ -19,8 +19,22 @@ from pgconv.errors import InputError
 from pgconv.model import ops
 from pgconv.model.paligemma import PaliGemma
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["generate", "sample_next", "check_length"]
 
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: int, prompt: str = "--prompt",
+                 new: str = "--max-new-tokens") -> None:
+    """The prompt plus every new token must fit the text model's positions (max_position_embeddings): a larger
+    max_new_tokens would only size the KV cache for it (terabytes for 10**11 tokens) and then fail. `prompt` and
+    `new` name the inputs in the error (options for the CLI)."""
+    if prompt_tokens >= max_positions:
+        raise InputError(f"{prompt}: the prompt is {prompt_tokens} tokens (image tokens included) but the model "
+                         f"has only {max_positions} positions (max_position_embeddings)")
+    if prompt_tokens + max_new_tokens > max_positions:
+        raise InputError(f"{new} {max_new_tokens}: the prompt is {prompt_tokens} tokens and the model has "
+                         f"{max_positions} positions (max_position_embeddings), so at most "
+                         f"{max_positions - prompt_tokens} new tokens fit")
 
 def _filter_top_k(logits: Tensor, k: int) -> Tensor:
     k = min(k, logits.shape[-1])

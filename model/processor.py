@@ -37,9 +37,9 @@ from tokenizers import AddedToken, Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from pgconv.errors import InputError
-from pgconv.model.config import PaliGemmaConfig, from_hf_config
+from pgconv.model.config import MAX_IMAGE_TOKENS as CONFIG_MAX_IMAGE_TOKENS, PaliGemmaConfig, from_hf_config
 
-__all__ = ["Processor", "ImageInput", "IMAGE_TOKEN", "load_image", "to_rgb"]
+__all__ = ["Processor", "ImageInput", "IMAGE_TOKEN", "load_image", "to_rgb", "check_utf8"]
 
 IMAGE_TOKEN = "<image>"
 EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
@@ -83,7 +83,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _check_utf8(text: str, what: str) -> None:
+def check_utf8(text: str, what: str) -> None:
     """Refuse lone surrogates: Python turns undecodable argv bytes into them, and tokenizers raises a TypeError."""
     try:
         text.encode("utf-8")
@@ -136,7 +136,7 @@ def _is_number(value: Any) -> bool:
 # Largest image side / image-token count we accept from a preprocessor_config.json without a config.json to check it
 # against: PaliGemma uses 224/448/896 (256/1024/4096 tokens); far larger values only allocate gigabytes per image.
 MAX_IMAGE_SIDE = 8192
-MAX_IMAGE_TOKENS = 65536
+MAX_IMAGE_TOKENS = CONFIG_MAX_IMAGE_TOKENS  # the same cap as config.json's image size / patch size
 
 
 def _preprocessor_options(pre: dict, path: Path) -> dict[str, Any]:
@@ -149,16 +149,20 @@ def _preprocessor_options(pre: dict, path: Path) -> dict[str, Any]:
         return InputError(f"{path}: {key} must be {what}, got {json.dumps(pre[key])[:60]}")
 
     opts: dict[str, Any] = {}
-    resample = pre.get("resample", Image.Resampling.BICUBIC)
+    def get(key: str, default: Any) -> Any:  # null means transformers' default, like a missing key
+        value = pre.get(key)
+        return default if value is None else value
+
+    resample = get("resample", Image.Resampling.BICUBIC)
     if not _is_int(resample) or resample not in {int(r) for r in Image.Resampling}:
         filters = ", ".join(f"{int(r)}={r.name}" for r in sorted(Image.Resampling))
         raise bad("resample", f"a PIL resampling filter ({filters})")
     opts["resample"] = int(resample)
-    opts["rescale_factor"] = pre.get("rescale_factor", 1 / 255)
+    opts["rescale_factor"] = get("rescale_factor", 1 / 255)
     if not _is_number(opts["rescale_factor"]) or opts["rescale_factor"] <= 0:
         raise bad("rescale_factor", "a finite positive number")
     for key in ("image_mean", "image_std"):
-        value = pre.get(key, [0.5, 0.5, 0.5])
+        value = get(key, [0.5, 0.5, 0.5])
         # A single number applies to every channel, as in transformers' normalize().
         values = value if isinstance(value, list) else [value]
         if len(values) != (3 if isinstance(value, list) else 1) or not all(map(_is_number, values)):
@@ -369,13 +373,13 @@ class Processor:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {i} is {type(prompt).__name__}, not a string")
-            _check_utf8(prompt, f"prompt {i}")
+            check_utf8(prompt, f"prompt {i}")
             ids = self.tokenizer.encode(self.prefix_text(prompt), add_special_tokens=False).ids
             types = [0] * len(ids)
             if suffixes is not None:
                 if not isinstance(suffixes[i], str):
                     raise InputError(f"suffix {i} is {type(suffixes[i]).__name__}, not a string")
-                _check_utf8(suffixes[i], f"suffix {i}")
+                check_utf8(suffixes[i], f"suffix {i}")
                 if IMAGE_TOKEN in suffixes[i]:  # transformers rejects it too (image token count mismatch)
                     raise InputError(f"suffix {suffixes[i][:60]!r} contains {IMAGE_TOKEN}; image tokens belong in the prompt")
                 tail = self.tokenizer.encode(suffixes[i] + self.eos_token, add_special_tokens=False).ids

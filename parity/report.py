@@ -175,8 +175,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "| case | image | prompt | verdict | KL mean | tokens | first divergence |", "|---|---|---|---|---|---|---|"]
         for r in cases:
             verdict = "PASS" if r["passed"] else "**FAIL** (" + ", ".join(r["reasons"]) + ")"
-            lines.append(f"| {r['index']} | `{r['image']}` | `{r['prompt']}` | {verdict} | {fmt(r['kl_mean'])} | "
-                         f"{r['tokens']} | {r['first_divergence']} |")
+            lines.append(f"| {r['index']} | {_md_code(r['image'])} | {_md_code(r['prompt'])} | {verdict} | "
+                         f"{fmt(r['kl_mean'])} | {r['tokens']} | {r['first_divergence']} |")
         lines.append("")
     lines += ["| probe | verdict | max abs | nrmse | cosine | contributed nrmse | budget |",
               "|---|---|---|---|---|---|---|"]
@@ -186,6 +186,12 @@ def markdown(report: dict[str, Any]) -> str:
         c[-1] = c[-1].replace("  <-- FAIL", "")
         lines.append("| " + " | ".join(f"`{c[0]}`" if i == 0 else c[i] for i in range(len(c))) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _md_code(text: str) -> str:
+    """`text` as an inline code span inside a table cell: a `|` would end the cell and a backtick the span."""
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def junit(report: dict[str, Any]) -> str:

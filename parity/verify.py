@@ -51,15 +51,12 @@ def _check_report_dir(directory: Path) -> None:
 
 def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[Path, str]]:
     from pgconv.converter.fixture import default_image
+    from pgconv.model.processor import check_utf8
 
     imgs = [Path(i) for i in images] or [default_image()]
     texts = list(prompts) or [DEFAULT_PROMPT]
     for text in texts:
-        try:  # undecodable argv bytes arrive as lone surrogates; tokenizers would raise a TypeError on them
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InputError(f"prompt {text[:60]!r} (--prompt): not valid UTF-8 (undecodable byte at character "
-                             f"{e.start})") from None
+        check_utf8(text, f"prompt {text[:60]!r} (--prompt)")
     if len(imgs) == len(texts):
         return list(zip(imgs, texts))
     if len(imgs) == 1 or len(texts) == 1:
@@ -68,19 +65,14 @@ def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[P
 
 
 def _check_lengths(cases: list[tuple[Path, str]], processor: Any, cfg: Any, max_new_tokens: int) -> None:
-    """Prompt plus generated tokens must fit the text model's positions: a larger --max-new-tokens only sizes both
-    models' KV caches for it (terabytes for 10**11) and then fails. `processor` is ours, or None when the checkpoint
-    has no tokenizer.json (then the image tokens, <bos> and the newline are a lower bound on the prompt)."""
-    limit = cfg.text.max_position_embeddings
+    """`check_length` for every case, before any model loads. `processor` is ours, or None when the checkpoint has
+    no tokenizer.json (then the image tokens, <bos> and the newline are a lower bound on the prompt)."""
+    from pgconv.model.generate import check_length
+
     for _, prompt in cases:
         n = processor.encode([prompt])["input_ids"].shape[1] if processor is not None else cfg.num_image_tokens + 2
-        if n >= limit:
-            raise InputError(f"prompt {prompt[:60]!r} (--prompt): {n} tokens (image tokens included) but the model "
-                             f"has only {limit} positions (max_position_embeddings)")
-        if n + max_new_tokens > limit:
-            raise InputError(f"max_new_tokens={max_new_tokens} (--max-new-tokens): the prompt {prompt[:60]!r} is {n} "
-                             f"tokens and the model has {limit} positions (max_position_embeddings), so at most "
-                             f"{limit - n} new tokens fit")
+        check_length(n, max_new_tokens, cfg.text.max_position_embeddings, prompt=f"prompt {prompt[:60]!r} (--prompt)",
+                     new="max_new_tokens (--max-new-tokens)")
 
 
 def _inputs(processor: Any, image: Path, prompt: str, device: str) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from pgconv.errors import InputError
+from pgconv.model.generate import check_length
 
 __all__ = ["generate"]
 
@@ -30,24 +31,13 @@ class FiniteFloatRange(click.FloatRange):
 
 
 def _utf8_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    # Python decodes undecodable argv bytes to lone surrogates, which tokenizers refuses with a TypeError.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise click.BadParameter(f"not valid UTF-8 (undecodable byte at character {e.start})", ctx, param) from None
+    from pgconv.model.processor import check_utf8
+
+    try:  # before any file is read; the processor refuses it too, for API callers
+        check_utf8(value, "the prompt")
+    except InputError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
     return value
-
-
-def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
-    """The prompt plus every new token must fit the text model's positions (max_position_embeddings); a larger
-    --max-new-tokens would only size the KV cache for it (terabytes for 10**11 tokens) and then fail."""
-    if prompt_tokens >= max_positions:
-        raise InputError(f"--prompt: the prompt is {prompt_tokens} tokens (image tokens included) but the model "
-                         f"has only {max_positions} positions (max_position_embeddings)")
-    if prompt_tokens + max_new_tokens > max_positions:
-        raise InputError(f"--max-new-tokens {max_new_tokens}: the prompt is {prompt_tokens} tokens and the model has "
-                         f"{max_positions} positions (max_position_embeddings), so at most "
-                         f"{max_positions - prompt_tokens} new tokens fit")
 
 
 @click.command("generate")

@@ -183,7 +183,7 @@ def test_max_new_tokens_beyond_the_model_positions_is_one_line(tiny_dir, capsys,
 
 
 def test_check_length_boundary():
-    from pgconv.cmd_generate import check_length
+    from pgconv.model.generate import check_length
     from pgconv.errors import InputError
 
     check_length(22, 490, 512)

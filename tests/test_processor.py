@@ -341,3 +341,21 @@ def test_prompt_and_suffix_must_be_utf8(ours, text):
         ours.encode([text])
     with pytest.raises(InputError, match="suffix 0 is not valid UTF-8"):
         ours.encode(["caption en"], [text])
+
+
+def test_null_preprocessor_values_mean_transformers_defaults(tmp_path):
+    """transformers reads a null resample/mean/std/rescale as the class default, like a missing key."""
+    import json
+    import shutil
+
+    from pgconv.converter.fixture import default_checkpoint, default_image
+
+    src = tmp_path / "ck"
+    shutil.copytree(default_checkpoint(), src)
+    pre = json.loads((src / "preprocessor_config.json").read_text())
+    base = Processor.from_pretrained(src)
+    pre.update(resample=None, image_mean=None, image_std=None, rescale_factor=None)
+    (src / "preprocessor_config.json").write_text(json.dumps(pre))
+    nulls = Processor.from_pretrained(src)
+    image = default_image()
+    assert torch.equal(nulls([image], ["caption en"])["pixel_values"], base([image], ["caption en"])["pixel_values"])

@@ -158,3 +158,9 @@ def test_several_cases_are_listed_one_by_one(capsys, tmp_path):
     from pgconv.parity.report import markdown, terminal
 
     assert "cases (" not in terminal(single) and "**Cases:**" not in markdown(single)
+
+
+def test_case_table_cells_survive_pipes_and_backticks():
+    from pgconv.parity.report import _md_code
+
+    assert _md_code("a | b") == "`a \\| b`" and _md_code("x`y") == "`` x`y ``" and _md_code("l1\nl2") == "`l1 l2`"
