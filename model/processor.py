@@ -118,6 +118,23 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _image_processor_config(d: Path) -> tuple[Path, dict]:
+    """(file, image processor settings) as transformers 5 finds them: the `image_processor` object nested in
+    processor_config.json (what its PaliGemmaProcessor.save_pretrained writes, with no preprocessor_config.json),
+    else preprocessor_config.json (the hub's and transformers 4.x's file)."""
+    proc_path = d / "processor_config.json"
+    proc = _read_json(proc_path)
+    nested = proc.get("image_processor")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise InputError(f"{proc_path}: image_processor must be a JSON object, got {_json_type(nested)}")
+        if "image_seq_length" not in nested and "image_seq_length" in proc:  # some saves keep it at the top
+            nested = {**nested, "image_seq_length": proc["image_seq_length"]}
+        return proc_path, nested
+    pre_path = d / "preprocessor_config.json"
+    return pre_path, _read_json(pre_path)
+
+
 def _json_type(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
              dict: "an object", type(None): "null"}
@@ -243,7 +260,8 @@ class Processor:
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, config: PaliGemmaConfig | None = None) -> "Processor":
-        """Read tokenizer.json, tokenizer_config.json, preprocessor_config.json and config.json from `directory`
+        """Read tokenizer.json, tokenizer_config.json, the image processor settings (processor_config.json's nested
+        `image_processor`, else preprocessor_config.json, as transformers 5) and config.json from `directory`
         (a checkpoint directory, or a hub id resolved like every other command: from the cache when offline)."""
         from pgconv.converter.hub import resolve_source
 
@@ -259,8 +277,8 @@ class Processor:
             raise InputError(f"{tok_path}: cannot load tokenizer ({e})") from None
         if config is None and (d / "config.json").is_file():
             config = from_hf_config(_read_json(d / "config.json"))
-        pre_path = d / "preprocessor_config.json"
-        opts = _preprocessor_options(_read_json(pre_path), pre_path)
+        pre_path, pre = _image_processor_config(d)
+        opts = _preprocessor_options(pre, pre_path)
         tc_path, map_path = d / "tokenizer_config.json", d / "special_tokens_map.json"
         tc = _read_json(tc_path)
         tcfg = {**_read_json(map_path), **tc}

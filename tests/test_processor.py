@@ -359,3 +359,26 @@ def test_null_preprocessor_values_mean_transformers_defaults(tmp_path):
     nulls = Processor.from_pretrained(src)
     image = default_image()
     assert torch.equal(nulls([image], ["caption en"])["pixel_values"], base([image], ["caption en"])["pixel_values"])
+
+
+def test_nested_processor_config_written_by_transformers_5_is_read(tiny_dir, tmp_path):
+    """transformers 5's PaliGemmaProcessor.save_pretrained writes the image settings only as processor_config.json's
+    `image_processor`; pgconv reads them there first, as transformers does (defaults would differ silently)."""
+    import shutil
+
+    d = tmp_path / "resaved"
+    shutil.copytree(tiny_dir, d)
+    (d / "preprocessor_config.json").unlink()
+    hp = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir)
+    hp.image_processor.image_mean, hp.image_processor.image_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    hp.image_processor.resample = 0
+    hp.save_pretrained(d)
+    assert not (d / "preprocessor_config.json").exists() and "image_processor" in json.loads(
+        (d / "processor_config.json").read_text())
+    hf2 = transformers.PaliGemmaProcessor.from_pretrained(d)
+    image = _random_image("RGB", (37, 23), seed=5)
+    ref = hf2(images=image, text="<image>caption en", return_tensors="pt")["pixel_values"]
+    got = Processor.from_pretrained(d)([image], ["caption en"])["pixel_values"]
+    assert torch.equal(got, ref)
+    base = Processor.from_pretrained(tiny_dir)([image], ["caption en"])["pixel_values"]
+    assert not torch.equal(got, base)  # the nested settings were used, not defaults
