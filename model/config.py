@@ -294,9 +294,10 @@ def _object(d: dict, key: str, where: str = "") -> dict:
 
 
 def _first(key: str, *scopes: tuple[str, dict]) -> tuple[Any, str] | None:
-    """(value, name) from the first scope (where, dict) that states `key`."""
+    """(value, name) from the first scope (where, dict) that states `key` with a value: null means unset, as in
+    transformers (a 4.x `to_dict()` writes `"bos_token_id": null` at the top next to the text config's real id)."""
     for where, d in scopes:
-        if key in d:
+        if d.get(key) is not None:
             return d[key], _name(where, key)
     return None
 
@@ -333,10 +334,11 @@ def _rope_theta(tc: dict) -> float:
     return _float(tc, "rope_theta", "text_config", 10000.0)
 
 
-def _activation(d: dict, keys: tuple[str, ...], where: str) -> None:
+def _activation(d: dict, keys: tuple[str, ...], where: str, legacy_gelu: bool = False) -> None:
+    allowed = _TANH_GELU_ALIASES | ({"gelu"} if legacy_gelu else set())
     for key in keys:
         act = d.get(key)
-        if act is not None and (not isinstance(act, str) or act not in _TANH_GELU_ALIASES):
+        if act is not None and (not isinstance(act, str) or act not in allowed):
             raise ConfigError(f"{where}.{key}={_shown(act)} is not supported: PaliGemma uses {TANH_GELU}")
 
 
@@ -365,7 +367,11 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
         raise ConfigError("vision_config.vision_use_head must be false for PaliGemma (the MAP head is not part of the model)")
     if _bool(tc, "attention_bias", "text_config", False):
         raise ConfigError("text_config.attention_bias=true is not supported (Gemma has no attention biases)")
-    _activation(tc, ("hidden_act", "hidden_activation"), "text_config")
+    if family == "gemma":
+        # transformers 5's GemmaConfig turns the official releases' legacy hidden_act "gelu" into the tanh
+        # approximation; 4.x read hidden_activation first. Gemma2 reads only hidden_activation.
+        _activation(tc, ("hidden_act",), "text_config", legacy_gelu=True)
+    _activation(tc, ("hidden_activation",), "text_config")
     _activation(vc, ("hidden_act",), "vision_config")
     for where, sub in (("", d), ("text_config", tc), ("vision_config", vc)):
         _check_dtypes(sub, where)
@@ -452,7 +458,9 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
     return PaliGemmaConfig(
         vision=vision,
         text=text,
-        image_token_index=_token_id(image, "image_token_index", 257152, vocab),
+        # transformers swaps an image id past the vocabulary for 0 before the embedding lookup (so does
+        # PaliGemma.embed): pi0/openpi-style configs put it at vocab_size.
+        image_token_index=_token_id(image, "image_token_index", 257152, _SIZE_LIMITS["vocab_size"]),
         pad_token_id=_token_id(pad, "pad_token_id", 0, vocab),
         bos_token_id=_token_id(_first("bos_token_id", ("", d), (T, tc)), "bos_token_id", 2, vocab),
         eos_token_ids=eos_ids,

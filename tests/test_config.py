@@ -77,7 +77,8 @@ def test_pg2_top_level_hidden_size_is_not_text_hidden():
     [
         (lambda d: d["vision_config"].pop("vision_use_head"), "vision_use_head"),
         (lambda d: d["vision_config"].update(vision_use_head=True), "vision_use_head"),
-        (lambda d: d["text_config"].update(hidden_act="gelu"), "hidden_act"),
+        (lambda d: d["text_config"].update(hidden_act="relu"), "hidden_act"),
+        (lambda d: d["text_config"].update(hidden_activation="gelu"), "hidden_activation"),  # exact gelu in 4.x
         (lambda d: d["text_config"].update(hidden_activation="relu"), "hidden_activation"),
         (lambda d: d["text_config"].update(model_type="llama"), "model_type"),
         (lambda d: d.update(model_type="llava"), "model_type"),
@@ -168,7 +169,8 @@ _NAN, _INF = float("nan"), float("inf")
         ("vision_config.num_channels", 0, "out of range"),
         ("projection_dim", 2048.0, "expected an integer"),
         ("image_token_index", "257152", "expected an integer"),
-        ("image_token_index", 257216, "out of range"),
+        ("image_token_index", 1 << 22, "out of range"),
+        ("image_token_index", -1, "out of range"),
         ("bos_token_id", -1, "out of range"),
         ("text_config.eos_token_id", [1, "x"], "expected an integer"),
         ("text_config.eos_token_id", [], "non-empty"),
@@ -287,3 +289,19 @@ def test_accepted_dtypes_and_bounds_edges():
     d["text_config"].update(dtype="float32", num_hidden_layers=1024, rms_norm_eps=1, rope_theta=1e6)
     cfg = from_hf_config(d)
     assert (cfg.text.num_layers, cfg.text.rms_norm_eps, cfg.text.rope_theta) == (1024, 1.0, 1e6)
+
+
+def test_values_transformers_accepts_are_read_like_transformers():
+    """Found by a valid-input review: transformers reads each of these, so pgconv must too."""
+    d = _hub_pg1()
+    d["text_config"]["hidden_act"] = "gelu"  # Gemma's legacy value: transformers 5 maps it to the tanh form
+    d["bos_token_id"] = None  # a 4.x to_dict() writes top-level nulls next to the text config's real ids
+    d["text_config"]["bos_token_id"] = 2
+    d["eos_token_id"] = None
+    d["image_token_index"] = d["text_config"]["vocab_size"]  # pi0/openpi: swapped for 0 before the lookup
+    cfg = from_hf_config(d)
+    assert cfg.bos_token_id == 2 and cfg.eos_token_ids == (1,) and cfg.image_token_index == 257216
+    pg2 = _hub_pg2()
+    pg2["text_config"]["hidden_act"] = "gelu"  # Gemma2 reads only hidden_activation
+    assert from_hf_config(pg2).text.family == "gemma2"
+

@@ -260,3 +260,15 @@ def test_suffix_decoded_in_any_chunking_equals_one_full_forward(chunks, seed):
 def _chunking_model() -> PaliGemma:
     torch.manual_seed(5)
     return pair(CONFIGS["tiny-pg2"], seed=5)[1]
+
+
+@torch.no_grad()
+def test_image_token_past_the_vocabulary_matches_transformers():
+    """pi0/openpi-style configs put the image id at vocab_size: transformers swaps it for 0 before the embedding
+    lookup and so does PaliGemma.embed, so logits agree (and nothing indexes past the table)."""
+    cfg = dataclasses.replace(CONFIGS["tiny"], image_token_index=CONFIGS["tiny"].text.vocab_size)
+    hf, ours = pair(cfg, seed=3)
+    inp = make_inputs(cfg, [5], suffix_len=2)
+    assert int(inp["input_ids"].max()) == cfg.text.vocab_size
+    diff = max_abs(hf(**inp).logits, ours(**inp))
+    assert diff <= FP32_TOL, diff
