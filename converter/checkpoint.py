@@ -186,13 +186,10 @@ def _open(path: Path, trusted_root: Path | None) -> Checkpoint:
     trusted = trusted_root or default_trusted_root(root)
     index = None
     if path.is_dir():
-        # transformers' precedence: safetensors before .bin, a single file before an index. A single file next to an
-        # index of the same format is refused: the two may hold different weights, and pgconv and transformers
-        # would then not even agree on what the checkpoint is.
+        # transformers' precedence: safetensors before .bin, a single file before an index (a re-save into the same
+        # directory leaves the other behind), so that pgconv and transformers read the same weights; `pgconv
+        # inspect` lists the ignored file as a problem.
         found = [n for n in PRECEDENCE if (path / n).exists()]
-        for single, index_name in zip(SINGLE_NAMES, INDEX_NAMES):
-            if single in found and index_name in found:
-                raise InputError(f"{path}: holds both {single} and {index_name}; remove the one that is stale")
         if found:
             weights = _member(root, found[0], trusted, str(path))
         else:

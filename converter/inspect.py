@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pgconv.converter.checkpoint import Checkpoint, open_checkpoint
+from pgconv.converter.checkpoint import PRECEDENCE, Checkpoint, open_checkpoint
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.dtypes import FLOAT_CODES
 from pgconv.converter.layouts import LAYOUTS, TEXT_TENSORS, detect_layout
@@ -169,6 +169,10 @@ def inspect(path: str | Path, scan: bool = False, from_: str | Path | None = Non
         problems += [f"missing tensor {n}" for n in report.missing]
         problems += [f"unexpected tensor {n}" for n in report.unexpected]
         problems += [f"tensor {m['name']} has shape {m['shape']}, the config implies {m['expected']}" for m in report.misshaped]
+    if src.is_dir():
+        present = [n for n in PRECEDENCE if (src / n).exists()]
+        problems += [f"{src / n}: ignored, {present[0]} takes precedence (as in transformers); remove it if stale"
+                     for n in present[1:]]
     problems += [f"tensor {n} has dtype {t.meta.dtype}; PaliGemma weights are floating point"
                  for n, t in sorted(ck.tensors.items()) if t.meta.dtype not in FLOAT_CODES]
     if scan:

@@ -51,11 +51,16 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
 
 
 def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PaliGemmaConfig, dict[str, torch.Tensor]]:
-    """(config, native state dict) of a checkpoint directory, weight file or hub id; optionally cast to `dtype`.
+    """(config, native state dict) of a checkpoint directory, weight file or hub id; optionally cast to `dtype`
+    (without one, a checkpoint stored in several float dtypes is cast to float32, as transformers loads it).
 
     Tensors are read one at a time (and cast right away), so peak memory is the result plus one tensor.
     """
     ckpt, cfg, plan = check_checkpoint(*resolve_source(path))
+    if dtype is None:
+        stored = {ckpt.tensors[s.sources[0]].meta.dtype for s in plan.steps}
+        if len(stored) > 1:  # e.g. bf16 weights with fp32 norms (openpi): one compute dtype, wide enough for all
+            dtype = torch.float64 if "F64" in stored else torch.float32
     sd: dict[str, torch.Tensor] = {}
     for step in plan.steps:
         t = ckpt.tensors[step.sources[0]].load()

@@ -113,3 +113,27 @@ def test_config_json_is_the_source_of_truth(tmp_path):
     data["text_config"]["rope_parameters"]["rope_theta"] = 1234.0
     (tmp_path / "ck" / "config.json").write_text(json.dumps(data))
     assert load(tmp_path / "ck").cfg.text.rope_theta == 1234.0
+
+
+def test_mixed_dtype_checkpoint_loads_in_one_dtype(tmp_path):
+    """bf16 weights with fp32 norms (openpi style): without a dtype, everything is float32 (as transformers loads it),
+    instead of a model whose matmuls mix dtypes."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pgconv.converter.fixture import make_fixture
+    from pgconv.converter.load import load
+
+    src = make_fixture(tmp_path / "ck", "tiny")
+    sd = load_file(src / "model.safetensors")
+    sd = {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in sd.items()}
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    assert len({v.dtype for v in sd.values()}) == 2
+    model = load(src)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.tensor([[model.cfg.image_token_index] * model.cfg.num_image_tokens + [2, 5, 6]])
+    pixels = torch.zeros(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, pixels, torch.zeros_like(ids), torch.ones_like(ids))).all()
+    assert json.loads((src / "config.json").read_text())  # untouched source

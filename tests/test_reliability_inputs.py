@@ -347,23 +347,17 @@ def _dot_shard(d: Path) -> list[str]:
     return ["model.safetensors.index.json", "is not a file name"]
 
 
-def _index_and_single(d: Path) -> list[str]:
-    (d / ST).write_bytes(b"")  # a stale single file next to the shards: which one is the checkpoint?
-    return ["holds both", ST]
-
-
 REVIEW_CASES: dict[str, Callable[[Path], list[str]]] = {
     "config.json nested too deeply": _deep_config,
     "safetensors header nested too deeply": _deep_header,
     "index shard name '.'": _dot_shard,
-    "index and single file both present": _index_and_single,
 }
 
 
 @pytest.mark.parametrize("case", REVIEW_CASES)
 @pytest.mark.parametrize("command", ["convert", "inspect"])
 def test_review_cases_are_one_line_errors(tmp_path_factory, tmp_path, capsys, case, command):
-    sharded = case in ("index shard name '.'", "index and single file both present")
+    sharded = case == "index shard name '.'"
     src = fresh_copy((sharded_checkpoint if sharded else tiny_checkpoint)(tmp_path_factory), tmp_path / "src")
     needles = REVIEW_CASES[case](src)
     before = tree_digest(src)
@@ -478,3 +472,19 @@ def test_bin_with_a_corrupted_tensor_byte_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match="corrupt zip archive.*CRC"):
         read_bin(path)
+
+
+def test_single_file_next_to_shards_wins_as_in_transformers(tmp_path_factory, tmp_path, capsys):
+    """A re-save into the same directory leaves the other format behind: like transformers, the single file is read
+    (so both read the same weights), and inspect lists the ignored index."""
+    from pgconv.converter.load import load_state_dict
+
+    src = fresh_copy(sharded_checkpoint(tmp_path_factory), tmp_path / "src")
+    single = load_file(tiny_checkpoint(tmp_path_factory) / ST)
+    single = {k: v + 1 for k, v in single.items()}  # different weights: which file was read is visible
+    save_file(single, src / ST, metadata={"format": "pt"})
+    _, sd = load_state_dict(src)
+    assert torch.equal(sd["text.norm.weight"], single["language_model.model.norm.weight"])
+    res = run_cli(["inspect", src], capsys)
+    assert res.code == 1 and "model.safetensors.index.json: ignored, model.safetensors takes precedence" in res.out
+
