@@ -438,11 +438,13 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
     if vision.hidden_size % vision.num_heads:
         # SigLIP attention splits hidden_size evenly across heads; a remainder would silently drop channels.
         raise ConfigError(f"vision_config: hidden_size={vision.hidden_size} is not a multiple of num_attention_heads={vision.num_heads}")
-    found = _first("projection_dim", ("", d), (V, vc))
-    if found is not None and found[0] is not None:
-        projection_dim = _int_value(*found, 1, _SIZE_LIMITS["projection_dim"])
-        if projection_dim != text.hidden_size:
-            raise ConfigError(f"projection_dim={projection_dim} does not match text_config.hidden_size={text.hidden_size}")
+    # transformers sizes the projector from the top-level projection_dim (default 2048 when absent) and copies it
+    # over vision_config.projection_dim, so only the top-level value counts.
+    found = _first("projection_dim", ("", d)) or (2048, "projection_dim (absent: transformers' default)")
+    projection_dim = _int_value(*found, 1, _SIZE_LIMITS["projection_dim"])
+    if projection_dim != text.hidden_size:
+        raise ConfigError(f"{found[1]}={projection_dim} does not match text_config.hidden_size={text.hidden_size}: "
+                          "transformers would build a projector of the wrong size")
     eos = _first("eos_token_id", (T, tc), ("", d))
     if eos is not None and isinstance(eos[0], list):
         if not eos[0]:

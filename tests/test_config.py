@@ -305,3 +305,21 @@ def test_values_transformers_accepts_are_read_like_transformers():
     pg2["text_config"]["hidden_act"] = "gelu"  # Gemma2 reads only hidden_activation
     assert from_hf_config(pg2).text.family == "gemma2"
 
+
+def test_projection_dim_is_the_top_level_value_as_in_transformers():
+    """transformers sizes the projector from the top-level projection_dim (2048 when absent) and overwrites the
+    vision config's: a config whose text width differs and states none would not load there."""
+    import dataclasses
+
+    d = to_hf_config(PRESETS["tiny"], "float32")
+    d.pop("projection_dim")
+    with pytest.raises(InputError, match=r"projection_dim \(absent: transformers' default\)=2048 does not match"):
+        from_hf_config(d)
+    d["vision_config"]["projection_dim"] = 2048  # ignored by transformers: still the top level that counts
+    d["projection_dim"] = PRESETS["tiny"].text.hidden_size
+    assert dataclasses.asdict(from_hf_config(d)) == dataclasses.asdict(PRESETS["tiny"])
+    hub = _hub_pg1()
+    hub.pop("projection_dim", None)
+    hub["vision_config"].pop("projection_dim", None)
+    assert from_hf_config(hub).text.hidden_size == 2048  # the default fits PaliGemma 1 3B
+
