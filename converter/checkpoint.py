@@ -1,7 +1,7 @@
 """Open a checkpoint (directory, weight file, index file) into lazy tensor sources, reading headers only.
 
-A directory resolves to its shard index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`), else
-its single weight file. Weight files are read by the reader registered for their suffix in `READERS` (the
+A directory resolves as transformers resolves it: `model.safetensors`, else `model.safetensors.index.json`, else
+`pytorch_model.bin`, else `pytorch_model.bin.index.json`, else its one weight file. Weight files are read by the reader registered for their suffix in `READERS` (the
 big_vision `.npz` reader registers itself there). Paths that come from inside a checkpoint (index entries,
 weight files found in a directory) must stay inside `trusted_root` (the checkpoint directory, or the repo's
 cache folder for hub downloads, whose snapshots link into `blobs/`): absolute paths, `..` and escaping
@@ -27,7 +27,6 @@ __all__ = ["Checkpoint", "READERS", "INDEX_NAMES", "MANIFEST_NAME", "open_checkp
 Reader = Callable[[Path], tuple[dict[str, str], dict[str, SourceTensor]]]
 READERS: dict[str, Reader] = {".safetensors": read_safetensors, ".bin": read_bin}
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 PRECEDENCE = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 MANIFEST_NAME = "pgconv-manifest.json"
 # Non-weight files that travel with a checkpoint: config, generation config, tokenizer, processor config.

@@ -21,7 +21,7 @@ from pgconv.converter.sources import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, from_hf_config
 
-__all__ = ["load", "load_state_dict", "check_checkpoint", "build_model", "from_transformers"]
+__all__ = ["load", "load_state_dict", "check_checkpoint", "build_model", "from_transformers", "auto_dtype"]
 
 
 def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Checkpoint, PaliGemmaConfig, Plan]:
@@ -50,17 +50,32 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
     return ckpt, cfg, plan
 
 
+def auto_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype transformers' `from_pretrained(dtype="auto")` loads a checkpoint in: config.json's `dtype` (or
+    4.x's `torch_dtype`) when stated, else the first floating tensor's of the first weight file in name order. So a
+    bf16 checkpoint with fp32 norms runs in one dtype, the one transformers runs it in."""
+    from pgconv.converter.dtypes import FLOAT_CODES, torch_dtype
+
+    config = ckpt.config or {}
+    stated = config.get("dtype") or config.get("torch_dtype")  # from_hf_config checked it is a dtype name
+    if isinstance(stated, str):
+        return getattr(torch, stated)
+    first = min(ckpt.files, key=lambda f: f.name)
+    for name in sorted(n for n, t in ckpt.tensors.items() if t.file == first):
+        if ckpt.tensors[name].meta.dtype in FLOAT_CODES:
+            return torch_dtype(ckpt.tensors[name].meta.dtype)
+    return torch.float32
+
+
 def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PaliGemmaConfig, dict[str, torch.Tensor]]:
-    """(config, native state dict) of a checkpoint directory, weight file or hub id; optionally cast to `dtype`
-    (without one, a checkpoint stored in several float dtypes is cast to float32, as transformers loads it).
+    """(config, native state dict) of a checkpoint directory, weight file or hub id, cast to `dtype` (default: the
+    one transformers' `dtype="auto"` picks, `auto_dtype`).
 
     Tensors are read one at a time (and cast right away), so peak memory is the result plus one tensor.
     """
     ckpt, cfg, plan = check_checkpoint(*resolve_source(path))
     if dtype is None:
-        stored = {ckpt.tensors[s.sources[0]].meta.dtype for s in plan.steps}
-        if len(stored) > 1:  # e.g. bf16 weights with fp32 norms (openpi): one compute dtype, wide enough for all
-            dtype = torch.float64 if "F64" in stored else torch.float32
+        dtype = auto_dtype(ckpt)
     sd: dict[str, torch.Tensor] = {}
     for step in plan.steps:
         t = ckpt.tensors[step.sources[0]].load()

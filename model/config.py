@@ -293,11 +293,11 @@ def _object(d: dict, key: str, where: str = "") -> dict:
     return v
 
 
-def _first(key: str, *scopes: tuple[str, dict]) -> tuple[Any, str] | None:
-    """(value, name) from the first scope (where, dict) that states `key` with a value: null means unset, as in
-    transformers (a 4.x `to_dict()` writes `"bos_token_id": null` at the top next to the text config's real id)."""
+def _first(key: str, *scopes: tuple[str, dict], skip_null: bool = False) -> tuple[Any, str] | None:
+    """(value, name) from the first scope (where, dict) that states `key`; with `skip_null`, a null does not count
+    (a 4.x `to_dict()` writes `"bos_token_id": null` at the top next to the text config's real id)."""
     for where, d in scopes:
-        if d.get(key) is not None:
+        if key in d and not (skip_null and d[key] is None):
             return d[key], _name(where, key)
     return None
 
@@ -367,11 +367,12 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
         raise ConfigError("vision_config.vision_use_head must be false for PaliGemma (the MAP head is not part of the model)")
     if _bool(tc, "attention_bias", "text_config", False):
         raise ConfigError("text_config.attention_bias=true is not supported (Gemma has no attention biases)")
+    # What transformers 5 (the reference) runs: Gemma's MLP reads hidden_act (its config turns the official
+    # releases' legacy "gelu" into the tanh approximation), Gemma2's only hidden_activation; the other key is ignored.
     if family == "gemma":
-        # transformers 5's GemmaConfig turns the official releases' legacy hidden_act "gelu" into the tanh
-        # approximation; 4.x read hidden_activation first. Gemma2 reads only hidden_activation.
         _activation(tc, ("hidden_act",), "text_config", legacy_gelu=True)
-    _activation(tc, ("hidden_activation",), "text_config")
+    else:
+        _activation(tc, ("hidden_activation",), "text_config")
     _activation(vc, ("hidden_act",), "vision_config")
     for where, sub in (("", d), ("text_config", tc), ("vision_config", vc)):
         _check_dtypes(sub, where)
@@ -440,12 +441,12 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
         raise ConfigError(f"vision_config: hidden_size={vision.hidden_size} is not a multiple of num_attention_heads={vision.num_heads}")
     # transformers sizes the projector from the top-level projection_dim (default 2048 when absent) and copies it
     # over vision_config.projection_dim, so only the top-level value counts.
-    found = _first("projection_dim", ("", d)) or (2048, "projection_dim (absent: transformers' default)")
+    found = _first("projection_dim", ("", d)) or (2048, "projection_dim (absent, transformers' default)")
     projection_dim = _int_value(*found, 1, _SIZE_LIMITS["projection_dim"])
     if projection_dim != text.hidden_size:
         raise ConfigError(f"{found[1]}={projection_dim} does not match text_config.hidden_size={text.hidden_size}: "
                           "transformers would build a projector of the wrong size")
-    eos = _first("eos_token_id", (T, tc), ("", d))
+    eos = _first("eos_token_id", (T, tc), ("", d), skip_null=True)
     if eos is not None and isinstance(eos[0], list):
         if not eos[0]:
             raise ConfigError(f"{eos[1]}: expected an integer or a non-empty list of integers, got []")
@@ -464,7 +465,7 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
         # PaliGemma.embed): pi0/openpi-style configs put it at vocab_size.
         image_token_index=_token_id(image, "image_token_index", 257152, _SIZE_LIMITS["vocab_size"]),
         pad_token_id=_token_id(pad, "pad_token_id", 0, vocab),
-        bos_token_id=_token_id(_first("bos_token_id", ("", d), (T, tc)), "bos_token_id", 2, vocab),
+        bos_token_id=_token_id(_first("bos_token_id", ("", d), (T, tc), skip_null=True), "bos_token_id", 2, vocab),
         eos_token_ids=eos_ids,
         tie_word_embeddings=True if tie is None else _bool_value(*tie),
     )

@@ -128,8 +128,6 @@ def _image_processor_config(d: Path) -> tuple[Path, dict]:
     if nested is not None:
         if not isinstance(nested, dict):
             raise InputError(f"{proc_path}: image_processor must be a JSON object, got {_json_type(nested)}")
-        if "image_seq_length" not in nested and "image_seq_length" in proc:  # some saves keep it at the top
-            nested = {**nested, "image_seq_length": proc["image_seq_length"]}
         return proc_path, nested
     pre_path = d / "preprocessor_config.json"
     return pre_path, _read_json(pre_path)
@@ -287,14 +285,14 @@ class Processor:
         elif config is not None:
             image_size = (config.vision.image_size,) * 2
         else:
-            raise InputError(f"{d}: preprocessor_config.json has no size and there is no config.json to take it from")
+            raise InputError(f"{pre_path}: no size, and there is no config.json to take it from")
         if config is not None and image_size != (config.vision.image_size,) * 2:
             raise InputError(f"{pre_path}: size {image_size} does not match the model's image_size {config.vision.image_size}")
         n_tokens = opts.pop("image_seq_length")
         if n_tokens is None and config is not None:
             n_tokens = config.num_image_tokens
         if n_tokens is None:
-            raise InputError(f"{d}: preprocessor_config.json has no image_seq_length and there is no config.json")
+            raise InputError(f"{pre_path}: no image_seq_length, and there is no config.json")
         if config is not None and n_tokens != config.num_image_tokens:
             raise InputError(f"{pre_path}: image_seq_length={n_tokens} but the model expects {config.num_image_tokens} image tokens")
         # transformers: tokenizer_config padding_side wins, then tokenizer.json padding, then the class default

@@ -54,7 +54,7 @@ def _utf8_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Nucleus sampling mass.")
 # torch.Generator.manual_seed takes a 64-bit seed (negative ones alias to 2**64 + seed).
 @click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1), help="Seed for sampling.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Compute dtype (default: the checkpoint's; float32 if it mixes dtypes).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Compute dtype (default: as transformers' dtype='auto': config.json's dtype, else the weights').")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 def generate(checkpoint: str | None, image: Path | None, prompt: str, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, dtype: str | None, device: str) -> None:

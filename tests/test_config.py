@@ -78,8 +78,6 @@ def test_pg2_top_level_hidden_size_is_not_text_hidden():
         (lambda d: d["vision_config"].pop("vision_use_head"), "vision_use_head"),
         (lambda d: d["vision_config"].update(vision_use_head=True), "vision_use_head"),
         (lambda d: d["text_config"].update(hidden_act="relu"), "hidden_act"),
-        (lambda d: d["text_config"].update(hidden_activation="gelu"), "hidden_activation"),  # exact gelu in 4.x
-        (lambda d: d["text_config"].update(hidden_activation="relu"), "hidden_activation"),
         (lambda d: d["text_config"].update(model_type="llama"), "model_type"),
         (lambda d: d.update(model_type="llava"), "model_type"),
         (lambda d: d["text_config"].update(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope"),
@@ -295,15 +293,24 @@ def test_values_transformers_accepts_are_read_like_transformers():
     """Found by a valid-input review: transformers reads each of these, so pgconv must too."""
     d = _hub_pg1()
     d["text_config"]["hidden_act"] = "gelu"  # Gemma's legacy value: transformers 5 maps it to the tanh form
+    d["text_config"]["hidden_activation"] = "gelu"  # transformers 5's Gemma MLP reads only hidden_act
     d["bos_token_id"] = None  # a 4.x to_dict() writes top-level nulls next to the text config's real ids
-    d["text_config"]["bos_token_id"] = 2
+    d["text_config"]["bos_token_id"] = 3
     d["eos_token_id"] = None
+    d["text_config"]["eos_token_id"] = 5
     d["image_token_index"] = d["text_config"]["vocab_size"]  # pi0/openpi: swapped for 0 before the lookup
     cfg = from_hf_config(d)
-    assert cfg.bos_token_id == 2 and cfg.eos_token_ids == (1,) and cfg.image_token_index == 257216
+    assert cfg.bos_token_id == 3 and cfg.eos_token_ids == (5,) and cfg.image_token_index == 257216
     pg2 = _hub_pg2()
     pg2["text_config"]["hidden_act"] = "gelu"  # Gemma2 reads only hidden_activation
     assert from_hf_config(pg2).text.family == "gemma2"
+    pg2["text_config"]["hidden_activation"] = "relu"
+    with pytest.raises(InputError, match="hidden_activation"):
+        from_hf_config(pg2)
+    strict = _hub_pg1()
+    strict["tie_word_embeddings"] = None  # transformers' strict config refuses a null here, and so does pgconv
+    with pytest.raises(InputError, match="tie_word_embeddings"):
+        from_hf_config(strict)
 
 
 def test_projection_dim_is_the_top_level_value_as_in_transformers():
@@ -313,7 +320,7 @@ def test_projection_dim_is_the_top_level_value_as_in_transformers():
 
     d = to_hf_config(PRESETS["tiny"], "float32")
     d.pop("projection_dim")
-    with pytest.raises(InputError, match=r"projection_dim \(absent: transformers' default\)=2048 does not match"):
+    with pytest.raises(InputError, match=r"projection_dim \(absent, transformers' default\)=2048 does not match"):
         from_hf_config(d)
     d["vision_config"]["projection_dim"] = 2048  # ignored by transformers: still the top level that counts
     d["projection_dim"] = PRESETS["tiny"].text.hidden_size

@@ -115,12 +115,13 @@ def test_config_json_is_the_source_of_truth(tmp_path):
     assert load(tmp_path / "ck").cfg.text.rope_theta == 1234.0
 
 
-def test_mixed_dtype_checkpoint_loads_in_one_dtype(tmp_path):
-    """bf16 weights with fp32 norms (openpi style): without a dtype, everything is float32 (as transformers loads it),
-    instead of a model whose matmuls mix dtypes."""
+def test_default_dtype_is_what_transformers_auto_picks(tmp_path):
+    """bf16 weights with fp32 norms (openpi style): without a dtype, pgconv loads in the one dtype transformers'
+    `dtype="auto"` picks (config.json's dtype, else the first floating tensor's), compared with transformers."""
     import json
 
     from safetensors.torch import load_file, save_file
+    from transformers import PaliGemmaForConditionalGeneration
 
     from pgconv.converter.fixture import make_fixture
     from pgconv.converter.load import load
@@ -129,11 +130,14 @@ def test_mixed_dtype_checkpoint_loads_in_one_dtype(tmp_path):
     sd = load_file(src / "model.safetensors")
     sd = {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in sd.items()}
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
-    assert len({v.dtype for v in sd.values()}) == 2
-    model = load(src)
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-    ids = torch.tensor([[model.cfg.image_token_index] * model.cfg.num_image_tokens + [2, 5, 6]])
-    pixels = torch.zeros(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
-    with torch.no_grad():
-        assert torch.isfinite(model(ids, pixels, torch.zeros_like(ids), torch.ones_like(ids))).all()
-    assert json.loads((src / "config.json").read_text())  # untouched source
+    cfg_path = src / "config.json"
+    for stated in ("float32", "bfloat16", None):
+        raw = json.loads(cfg_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            raw.pop(key, None)
+        if stated:
+            raw["dtype"] = stated
+        cfg_path.write_text(json.dumps(raw))
+        theirs = {p.dtype for p in PaliGemmaForConditionalGeneration.from_pretrained(src, dtype="auto").parameters()}
+        ours = {p.dtype for p in load(src).parameters()}
+        assert ours == theirs and len(ours) == 1, (stated, ours, theirs)
