@@ -24,7 +24,7 @@ from pgconv.converter.manifest import build_manifest, check_output, write_manife
 from pgconv.converter.layouts import LAYOUTS
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.safetensors_io import build_header
-from pgconv.converter.staging import reap_stale, temp_sibling
+from pgconv.converter.staging import copy_companion, reap_stale, temp_sibling
 from pgconv.converter.sharding import parse_size, shard_file_names, shard_targets
 from pgconv.converter.sources import tensors_equal
 from pgconv.converter.writer import StreamWriter, TensorRecord
@@ -152,12 +152,7 @@ def _write_tree(tmp: Path, ckpt: Checkpoint, plan: Plan, shards: list, names: li
             text = json.dumps(rewrite_config(ckpt.config, dict(plan.config_changes)), indent=2, sort_keys=True) + "\n"
             (tmp / p.name).write_text(text, encoding="utf-8")
         else:
-            try:
-                shutil.copyfile(p, tmp / p.name)
-            except OSError as e:
-                if e.filename == str(p):  # the source file, not the destination: name it
-                    raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
-                raise
+            copy_companion(p, tmp)
     if ckpt.config is not None and "config.json" not in {p.name for p in companions}:
         # A source without a config.json file (big_vision .npz, spec formats) brings its config as data.
         text = json.dumps(rewrite_config(ckpt.config, dict(plan.config_changes)), indent=2, sort_keys=True) + "\n"

@@ -36,7 +36,7 @@ from pgconv.converter.sources import SourceTensor, TensorMeta, tensors_equal
 from pgconv.converter.spec import builtin_names, load_spec
 from pgconv.converter.spec_bind import FileTensor, bind
 from pgconv.converter.spec_ops import SpecError
-from pgconv.converter.staging import reap_stale, temp_sibling
+from pgconv.converter.staging import copy_companion, reap_stale, temp_sibling
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig, to_hf_config
 
@@ -193,12 +193,7 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
                 (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, _NAMES[top]), indent=2) + "\n")
                 for p in ck.companion_files():
                     if p.name != "config.json":
-                        try:
-                            shutil.copyfile(p, tmp / p.name)
-                        except OSError as e:
-                            if e.filename == str(p):  # the source file, not the destination: name it
-                                raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
-                            raise
+                        copy_companion(p, tmp)
                 write_manifest(tmp, {"tool": "pgconv", "version": __version__, "source_layout": src_format,
                                      "target_layout": spec.name, "spec_digest": spec.digest,
                                      "source_files": [p.name for p in ck.files], "tensors": rows})

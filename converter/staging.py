@@ -15,7 +15,9 @@ import shutil
 import socket
 from pathlib import Path
 
-__all__ = ["temp_sibling", "reap_stale"]
+from pgconv.errors import InputError
+
+__all__ = ["temp_sibling", "reap_stale", "copy_companion"]
 
 _KINDS = ("tmp", "old")
 
@@ -60,3 +62,15 @@ def reap_stale(dst: Path) -> list[Path]:
         if not p.exists():
             removed.append(p)
     return removed
+
+
+def copy_companion(src: Path, directory: Path) -> None:
+    """Copy a checkpoint's companion file (tokenizer, processor, generation config) into the output being built;
+    a file that cannot be read is named as the source it is, not reported as a failed write of the output."""
+    try:
+        shutil.copyfile(src, directory / src.name)
+    except OSError as e:
+        if e.filename == str(src):
+            raise InputError(f"{src}: cannot read ({e.strerror or e})") from None
+        raise
+
