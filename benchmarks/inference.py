@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return 0
 
-    from pgconv.model.config import from_hf_config
+    from pgconv.model.hf_config import from_hf_config
 
     preset = args.preset or ("tiny" if args.quick else PRESET)
     args.fixture = ensure_fixture(args.fixture or fixture_path(preset), preset)

@@ -20,7 +20,8 @@ from pgconv.converter.bin_io import read_bin
 from pgconv.converter.safetensors_io import read_safetensors
 from pgconv.converter.sources import SourceTensor, TensorMeta
 from pgconv.errors import InputError
-from pgconv.model.config import PaliGemmaConfig, from_hf_config
+from pgconv.model.config import PaliGemmaConfig
+from pgconv.model.hf_config import from_hf_config
 
 __all__ = ["Checkpoint", "READERS", "INDEX_NAMES", "MANIFEST_NAME", "open_checkpoint", "read_json", "inside"]
 

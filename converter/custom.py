@@ -32,7 +32,8 @@ from pgconv.converter.spec import Spec, load_spec
 from pgconv.converter.spec_bind import BoundSpec, bind
 from pgconv.converter.spec_ops import Shape, SpecError
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS, PaliGemmaConfig, from_hf_config, to_hf_config
+from pgconv.model.config import PRESETS, PaliGemmaConfig
+from pgconv.model.hf_config import from_hf_config, to_hf_config
 
 __all__ = ["SpecCheckpoint", "RowsSource", "open_spec_checkpoint", "resolve_config", "infer_preset", "provenance",
            "check_provenance"]

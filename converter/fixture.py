@@ -34,7 +34,8 @@ from pgconv.converter.sources import TensorMeta
 from pgconv.converter.staging import reap_stale, temp_sibling
 from pgconv.converter.tokenizer_fixture import write_tokenizer
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS, PaliGemmaConfig, to_hf_config
+from pgconv.model.config import PRESETS, PaliGemmaConfig
+from pgconv.model.hf_config import to_hf_config
 
 __all__ = ["FIXTURE_FORMAT", "INIT", "FixturePlan", "Shard", "plan_fixture", "make_fixture", "default_checkpoint",
            "default_image", "cache_dir"]

@@ -19,7 +19,8 @@ from pgconv.converter.layouts import detect_layout, to_native
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.sources import tensors_equal
 from pgconv.errors import InputError
-from pgconv.model.config import PaliGemmaConfig, from_hf_config
+from pgconv.model.config import PaliGemmaConfig
+from pgconv.model.hf_config import from_hf_config
 
 __all__ = ["load", "load_state_dict", "check_checkpoint", "build_model", "from_transformers", "auto_dtype"]
 

@@ -38,7 +38,8 @@ from pgconv.converter.spec_bind import FileTensor, bind
 from pgconv.converter.spec_ops import SpecError
 from pgconv.converter.staging import copy_companion, reap_stale, temp_sibling
 from pgconv.errors import InputError
-from pgconv.model.config import PaliGemmaConfig, to_hf_config
+from pgconv.model.config import PaliGemmaConfig
+from pgconv.model.hf_config import to_hf_config
 
 __all__ = ["native_source", "convert_to_spec"]
 

@@ -37,7 +37,8 @@ from tokenizers import AddedToken, Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from pgconv.errors import InputError
-from pgconv.model.config import MAX_IMAGE_TOKENS as CONFIG_MAX_IMAGE_TOKENS, PaliGemmaConfig, from_hf_config
+from pgconv.model.config import PaliGemmaConfig
+from pgconv.model.hf_config import MAX_IMAGE_TOKENS as CONFIG_MAX_IMAGE_TOKENS, from_hf_config
 
 __all__ = ["Processor", "ImageInput", "IMAGE_TOKEN", "load_image", "to_rgb", "check_utf8"]
 

@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from pgconv.model.config import PRESETS, PaliGemmaConfig, VisionConfig, to_hf_config
+from pgconv.model.config import PRESETS, PaliGemmaConfig, VisionConfig
+from pgconv.model.hf_config import to_hf_config
 from pgconv.parity.capture import Recorder, primary
 from pgconv.parity.metrics import logit_metrics, segment_masks, segment_metrics
 from pgconv.parity.probes import probes_for

@@ -19,7 +19,8 @@ from torch import nn
 
 from pgconv.converter.layouts import from_native, key_map, to_native
 from pgconv.errors import InputError
-from pgconv.model.config import PaliGemmaConfig, from_hf_config
+from pgconv.model.config import PaliGemmaConfig
+from pgconv.model.hf_config import from_hf_config
 
 __all__ = [
     "REF_LAYOUT", "read_config", "load_reference", "cast_state_dict", "build_candidate", "weight_parity",

@@ -17,7 +17,8 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 
 from pgconv.converter.plan import expected_shapes
-from pgconv.model.config import PaliGemmaConfig, to_hf_config
+from pgconv.model.config import PaliGemmaConfig
+from pgconv.model.hf_config import to_hf_config
 
 __all__ = ["random_bits", "random_state", "write_checkpoint", "read_tensors", "hf_model", "tree_digest",
            "tiny_inputs", "TORCH_DTYPES"]

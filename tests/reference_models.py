@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from pgconv.converter.layouts import to_native
-from pgconv.model.config import PRESETS, PaliGemmaConfig, to_hf_config
+from pgconv.model.config import PRESETS, PaliGemmaConfig
+from pgconv.model.hf_config import to_hf_config
 from pgconv.model.paligemma import PaliGemma
 
 NEWLINE = 108  # "\n" in the Gemma vocabulary; a plain base piece in the tiny vocabulary too

@@ -26,7 +26,8 @@ from pgconv.converter.layouts import from_native, to_native
 from pgconv.converter.npz import NpzReader
 from pgconv.converter.spec_write import convert_to_spec
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS, to_hf_config
+from pgconv.model.config import PRESETS
+from pgconv.model.hf_config import to_hf_config
 
 HF_NAMES = "hf-5.6"  # transformers 5.24 in-memory names
 

@@ -13,7 +13,8 @@ from transformers import PaliGemmaForConditionalGeneration
 
 from pgconv.converter.layouts import key_map, native_shapes
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS, ConfigError, from_hf_config, from_name, to_hf_config
+from pgconv.model.config import PRESETS, ConfigError, from_name
+from pgconv.model.hf_config import from_hf_config, to_hf_config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

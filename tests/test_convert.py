@@ -20,7 +20,8 @@ from pgconv.converter.manifest import check_output
 from pgconv.converter.checkpoint import open_checkpoint
 from pgconv.converter.plan import expected_shapes, plan_conversion
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS, to_hf_config
+from pgconv.model.config import PRESETS
+from pgconv.model.hf_config import to_hf_config
 
 LAYOUT_NAMES = list(LAYOUTS)
 

@@ -55,7 +55,7 @@ def test_files_and_config(fixtures):
     assert sorted(p.name for p in d.iterdir()) == sorted([
         "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"])
-    from pgconv.model.config import from_hf_config
+    from pgconv.model.hf_config import from_hf_config
 
     assert from_hf_config(json.loads((d / "config.json").read_text())) == PRESETS["tiny"]
     assert json.loads((d / "preprocessor_config.json").read_text())["image_seq_length"] == 16

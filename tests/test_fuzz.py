@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from reliability_helpers import litter, npz_checkpoint, run_cli, sharded_checkpoint, tiny_checkpoint, tree_digest
 from pgconv.converter.layouts import LAYOUTS, key_map
-from pgconv.model.config import from_hf_config
+from pgconv.model.hf_config import from_hf_config
 
 INDEX = "model.safetensors.index.json"
 JSON_BYTES = b'0123456789"{}[],:.-eE tfn'  # replacement bytes that often keep JSON valid but change its meaning

@@ -14,7 +14,8 @@ from convert_helpers import hf_model
 from pgconv.converter.layouts import LAYOUTS, LayoutError, detect_layout, from_native, key_map, native_shapes, to_native
 from pgconv.converter.plan import expected_shapes, plan_conversion
 from pgconv.converter.sources import TensorMeta
-from pgconv.model.config import PRESETS, to_hf_config
+from pgconv.model.config import PRESETS
+from pgconv.model.hf_config import to_hf_config
 from pgconv.model.paligemma import PaliGemma
 
 SMALL = ["tiny", "tiny-pg2", "paligemma-3b-pt-224", "paligemma2-3b-pt-224"]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS, to_hf_config
+from pgconv.model.config import PRESETS
+from pgconv.model.hf_config import to_hf_config
 from pgconv.parity.capture import Recorder, primary
 from pgconv.parity.generation import compare_steps, decisive_top1, first_divergence
 from pgconv.parity.metrics import logit_metrics, segment_masks, segment_metrics, tensor_metrics, within_budget

@@ -13,7 +13,8 @@ import shutil
 import pytest
 
 from pgconv.converter.fixture import make_fixture
-from pgconv.model.config import PRESETS, to_hf_config
+from pgconv.model.config import PRESETS
+from pgconv.model.hf_config import to_hf_config
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ from pgconv.converter.spec_bind import bind
 from pgconv.converter.spec_ops import OpSpec, SpecError
 from pgconv.converter.spec_write import convert_to_spec
 from pgconv.errors import InputError
-from pgconv.model.config import PRESETS, to_hf_config
+from pgconv.model.config import PRESETS
+from pgconv.model.hf_config import to_hf_config
 
 CONFIGS = {"tiny": PRESETS["tiny"], "tiny-pg2": PRESETS["tiny-pg2"]}
 
