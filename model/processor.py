@@ -6,18 +6,23 @@ Matches transformers 5.24 `PaliGemmaProcessor` with the PIL image backend (`Sigl
   `transparency` entry (RGBA, LA, PA, P/L with a transparent colour) are alpha-composited onto opaque white, all
   others go through `Image.convert("RGB")` (L, P, CMYK, I;16, ...); then PIL resize to (H, W) with the configured
   filter (bicubic), `uint8 -> float64 * rescale_factor -> float32`, `(x - mean) / std` in float32, CHW.
-- Text: `"<image>" * num_image_tokens + "<bos>" + prompt + "\\n"`; a prompt that already holds one `<image>`
-  gets `<bos>` after it (as transformers does). A suffix is tokenised separately as `suffix + "<eos>"`
-  (transformers' `text_pair`); `token_type_ids` are 0 for the prefix and 1 for the suffix. Batches are padded to
-  the longest row with `<pad>` on the tokenizer's padding side (`left` for Gemma tokenizers, transformers' class
-  default) and `attention_mask` 0 there. An empty prompt is allowed, as in transformers (the hub golden test uses
-  one: `[<image>]*256 + [<bos>, "\\n"]`).
+- Text (`pgconv.model.prompts`): `"<image>" * num_image_tokens * n_images + "<bos>" + prompt + "\\n"`; a prompt
+  that holds `<image>` markers takes one image per marker, each marker becomes one image's tokens and `<bos>` goes
+  after the last one (as transformers does). A suffix is tokenised separately as `suffix + "<eos>"`
+  (transformers' `text_pair`); `token_type_ids` are 0 for the prefix and 1 for the suffix, and `labels` are the ids
+  with -100 where token_type_ids is 0 (prefix and padding; all -100 without a suffix), as transformers always
+  returns them. Batches are padded to the longest row with `<pad>` on the tokenizer's padding side (`left` for
+  Gemma tokenizers, transformers' class default) and `attention_mask` 0 there. An empty prompt is allowed, as in
+  transformers (the hub golden test uses one: `[<image>]*256 + [<bos>, "\\n"]`).
+- Several images in one prompt (transformers' nlvr2 layout): `images=[[a, b], [c]]` (one list per prompt), or
+  `<image>` markers in the prompts and a flat list consumed in order; `pixel_values` holds every image of the batch
+  in order (total images, 3, H, W), which is how the model scatters them into the image-token blocks.
 
 Deliberate differences: images are always converted to RGB (hub preprocessor configs say `"do_convert_rgb": null`,
 which transformers 5.24 reads as "do not convert" and then fails on L/RGBA/CMYK images; we match what it computes
-with `do_convert_rgb=True`), one image per prompt (a prompt with several `<image>` is an error), a batch mixing prompts
-with and without `<image>` is handled prompt by prompt (transformers inserts `<bos>` at character 6 of the prompts
-that lack it), and bad image files raise `InputError` instead of PIL exceptions.
+with `do_convert_rgb=True`), a batch mixing prompts with and without `<image>` is handled prompt by prompt
+(transformers inserts `<bos>` at character 6 of the prompts that lack it), one image given for several prompts goes
+with each of them, and bad image files raise `InputError` instead of PIL exceptions.
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ from tokenizers.decoders import DecodeStream
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig
 from pgconv.model.hf_config import MAX_IMAGE_TOKENS as CONFIG_MAX_IMAGE_TOKENS, from_hf_config
+from pgconv.model.prompts import IMAGE_TOKEN, image_slots, images_per_prompt, labels, prompt_text
 
 __all__ = ["Processor", "ImageInput", "IMAGE_TOKEN", "load_image", "to_rgb", "check_utf8"]
 
-IMAGE_TOKEN = "<image>"
 EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
 # Pillow raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS; we keep that limit even if a caller disabled it.
 MAX_PIXELS = 2 * 89_478_485
@@ -321,22 +326,20 @@ class Processor:
     # -----------------------------------------------------------------------------------------------------------------
     def __call__(
         self,
-        images: ImageInput | Sequence[ImageInput],
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]],
         prompts: str | Sequence[str],
         suffixes: str | Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Model inputs for one image per prompt: input_ids, attention_mask, token_type_ids (B, T) int64 and
-        pixel_values (B, 3, H, W) float32. A single image is shared by all prompts."""
+        """Model inputs: input_ids, attention_mask, token_type_ids, labels (B, T) int64 and pixel_values
+        (total images, 3, H, W) float32, every prompt's images in order. `images`: one image (shared by all prompts),
+        one per prompt, a list of image lists (one list per prompt), or one per `<image>` marker in the prompts
+        (`pgconv.model.prompts.images_per_prompt`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("no prompts given")
-        if not isinstance(images, (list, tuple)):  # one image (or something we will reject) for every prompt
-            images = [images] * len(prompts)
-        images = list(images)
-        if len(images) != len(prompts):
-            raise InputError(f"got {len(images)} images for {len(prompts)} prompts (one image per prompt)")
-        text = self.encode(prompts, suffixes)
-        return {**text, "pixel_values": self.preprocess(images)}
+        groups = images_per_prompt(images, prompts)
+        text = self.encode(prompts, suffixes, num_images=[len(g) for g in groups])
+        return {**text, "pixel_values": self.preprocess([im for g in groups for im in g])}
 
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(B, 3, H, W) float32 pixel values, bit-identical to transformers' PIL backend."""
@@ -369,19 +372,16 @@ class Processor:
             x = (x - self.image_mean[:, None, None]) / self.image_std[:, None, None]
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def prefix_text(self, prompt: str) -> str:
-        """The prompt string transformers tokenises: image tokens, <bos>, prompt, newline."""
-        n = prompt.count(IMAGE_TOKEN)
-        if n > 1:
-            raise InputError(f"prompt {prompt[:60]!r} contains {n} {IMAGE_TOKEN} tokens; PaliGemma takes one image per prompt")
-        images = IMAGE_TOKEN * self.num_image_tokens
-        if n == 0:
-            return f"{images}{self.bos_token}{prompt}\n"
-        cut = prompt.index(IMAGE_TOKEN)
-        return f"{prompt[:cut]}{images}{self.bos_token}{prompt[cut + len(IMAGE_TOKEN):]}\n"
+    def prefix_text(self, prompt: str, num_images: int | None = None) -> str:
+        """The prompt string transformers tokenises: image tokens, <bos>, prompt, newline. `num_images` defaults to
+        the prompt's `<image>` markers, or one image up front when it has none."""
+        n = num_images if num_images is not None else max(image_slots(prompt), 1)
+        return prompt_text(prompt, n, IMAGE_TOKEN * self.num_image_tokens, self.bos_token)
 
-    def encode(self, prompts: Sequence[str], suffixes: str | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask and token_type_ids (B, T) for prompts (and optional training suffixes)."""
+    def encode(self, prompts: Sequence[str], suffixes: str | Sequence[str] | None = None,
+               num_images: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, token_type_ids and labels (B, T) for prompts (and optional training
+        suffixes); `num_images[i]`: prompt i's image count (default: see `prefix_text`)."""
         if suffixes is not None:
             suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
             if len(suffixes) != len(prompts):
@@ -391,7 +391,8 @@ class Processor:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {i} is {type(prompt).__name__}, not a string")
             check_utf8(prompt, f"prompt {i}")
-            ids = self.tokenizer.encode(self.prefix_text(prompt), add_special_tokens=False).ids
+            prefix = self.prefix_text(prompt, None if num_images is None else num_images[i])
+            ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids
             types = [0] * len(ids)
             if suffixes is not None:
                 if not isinstance(suffixes[i], str):
@@ -411,7 +412,8 @@ class Processor:
             input_ids[b, span] = torch.tensor(ids)
             token_type_ids[b, span] = torch.tensor(types)
             attention_mask[b, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                "labels": labels(input_ids, token_type_ids)}
 
     # -----------------------------------------------------------------------------------------------------------------
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:

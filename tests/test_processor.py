@@ -1,5 +1,6 @@
 """Processor vs transformers 5.24 PaliGemmaProcessor (PIL image backend) on the tiny fixture: bit-identical
-pixel_values for every PIL mode we accept, identical input_ids / attention_mask / token_type_ids; input errors."""
+pixel_values for every PIL mode we accept, identical input_ids / attention_mask / token_type_ids / labels (left and
+right padding, several images per prompt); input errors."""
 
 from __future__ import annotations
 
@@ -105,12 +106,16 @@ def test_image_paths_and_builtin_image(ours, hf, tmp_path):
         assert torch.equal(ours.preprocess([str(p)]), expected)
 
 
-def _compare(ours, hf, prompts, suffixes=None):
-    image = Image.open(default_image())
-    got = ours([image] * len(prompts), prompts, suffixes)
-    expected = hf(images=[image] * len(prompts), text=prompts, suffix=suffixes, return_tensors="pt", padding=True)
-    assert set(got) == {"input_ids", "attention_mask", "token_type_ids", "pixel_values"}
+def _compare(ours, hf, prompts, suffixes=None, images=None):
+    """Our processor and transformers' on the same inputs: every key transformers returns, equal (dtype included).
+    `images` default: the built-in image once per prompt."""
+    if images is None:
+        images = [Image.open(default_image())] * len(prompts)
+    got = ours(images, prompts, suffixes)
+    expected = hf(images=images, text=prompts, suffix=suffixes, return_tensors="pt", padding=True)
+    assert set(got) == set(expected) == {"input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values"}
     for key in got:
+        assert got[key].dtype == expected[key].dtype, key
         assert torch.equal(got[key], expected[key]), (key, prompts, suffixes, got[key], expected[key])
     return got
 
@@ -143,6 +148,90 @@ def test_prompt_layout_and_padding(ours):
     assert tail["input_ids"][0, -1] == ours.eos_token_id and tail["token_type_ids"][0, -1] == 1
 
 
+@pytest.fixture(scope="session")
+def right_padded(tiny_dir, tmp_path_factory):
+    """(ours, transformers') read from a copy of the fixture whose tokenizer_config.json says padding_side right."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("right") / "tiny"
+    shutil.copytree(tiny_dir, d)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**tc, "padding_side": "right"}))
+    ours, hf = Processor.from_pretrained(d), transformers.PaliGemmaProcessor.from_pretrained(d)
+    assert ours.padding_side == hf.tokenizer.padding_side == "right"
+    return ours, hf
+
+
+@pytest.fixture(params=["left", "right"])
+def both_sides(request, ours, hf, right_padded):
+    return (ours, hf) if request.param == "left" else right_padded
+
+
+@pytest.mark.parametrize(
+    "prompts, suffixes",
+    [
+        (["caption en"], None),
+        (["caption en"], ["a cow on the beach"]),
+        (["caption en", "answer en what color is the car and where is it parked?", "ocr"], None),
+        (["caption en", "answer en what color is the car?", "ocr"], ["a cow", "red, in the street", ""]),
+        (["<image>caption en", "<image>ocr"], ["a cow", "a much longer suffix than the other"]),
+        (["detect cat", "x"], ["<loc0010><loc0020><loc0500><loc1023> cat ; <pad> <eos>", "much longer suffix here"]),
+    ],
+)
+def test_labels_identical_to_transformers(both_sides, prompts, suffixes):
+    """transformers always returns labels: -100 on the prefix and the padding, the suffix ids (with <eos>) else."""
+    ours, hf = both_sides
+    got = _compare(ours, hf, prompts, suffixes)
+    lab, ids, tti = got["labels"], got["input_ids"], got["token_type_ids"]
+    assert torch.equal(lab == -100, tti == 0) and torch.equal(lab[tti == 1], ids[tti == 1])
+    if suffixes is None:
+        assert bool((lab == -100).all())
+    else:  # every row ends its suffix with <eos>, on both padding sides
+        assert [row[row != -100][-1].item() for row in lab] == [ours.eos_token_id] * len(prompts)
+
+
+def _three_images():
+    """Three different images, so a swapped order shows in pixel_values and in the model's image features."""
+    base = Image.open(default_image()).convert("RGB")
+    return base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), _random_image("RGB", (40, 30), seed=3)
+
+
+@pytest.mark.parametrize(
+    "layout, prompts, suffixes",
+    [
+        ("nested", ["answer en are the two images the same?"], None),  # nlvr2: <image><image><bos>prompt\n
+        ("flat", ["<image><image>answer en same?"], None),
+        ("flat", ["<image> left <image> right"], ["yes"]),  # markers in the text; <bos> after the last one
+        ("nested", ["two images", "one"], ["x", "a longer suffix"]),
+        ("flat", ["<image><image>two", "<image>one"], ["x", "y z"]),
+        ("nested", ["three"], ["all different"]),
+        ("flat", ["<image>", "<image><image><image>"], None),
+    ],
+)
+def test_several_images_per_prompt_identical_to_transformers(both_sides, layout, prompts, suffixes):
+    ours, hf = both_sides
+    a, b, c = _three_images()
+    n = [max(p.count("<image>"), 1) for p in prompts]
+    if layout == "nested":
+        n = {1: [3 if prompts == ["three"] else 2], 2: [2, 1]}[len(prompts)]
+    pool = iter([a, b, c, b, a, c])
+    groups = [[next(pool) for _ in range(k)] for k in n]
+    images = groups if layout == "nested" else [im for g in groups for im in g]
+    got = _compare(ours, hf, prompts, suffixes, images)
+    assert got["pixel_values"].shape[0] == sum(n)
+    assert (got["input_ids"] == ours.image_token_id).sum(1).tolist() == [k * ours.num_image_tokens for k in n]
+
+
+def test_several_images_layout(ours):
+    """The nlvr2 prompt: one image-token block per image, then <bos>, the prompt and the newline."""
+    a, b, _ = _three_images()
+    got = ours([[a, b]], "answer en same?")
+    k, ids = ours.num_image_tokens, got["input_ids"][0].tolist()
+    assert ids[:2 * k + 1] == [ours.image_token_id] * (2 * k) + [ours.bos_token_id] and ids[-1] == 108
+    assert torch.equal(got["pixel_values"], ours.preprocess([a, b]))
+    assert torch.equal(ours([a, b], "<image><image>answer en same?")["input_ids"], got["input_ids"])
+
+
 _FRAGMENTS = st.sampled_from(["<image>", "<bos>", "<eos>", "<loc0001>", "<seg127>", " ", "  ", "\n", "▁", "caption en",
                               "<", ">", "<loc", "é", "🐄", "\t"])
 _TEXT = st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=8), _FRAGMENTS),
@@ -152,8 +241,9 @@ _TEXT = st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=_TEXT, suffix=st.one_of(st.none(), _TEXT))
 def test_fuzzed_prompts_identical_to_transformers(ours, hf, prompt, suffix):
-    assume(prompt.count("<image>") <= 1 and "<image>" not in (suffix or ""))
-    _compare(ours, hf, [prompt], None if suffix is None else [suffix])
+    assume("<image>" not in (suffix or ""))
+    images = [Image.open(default_image())] * max(prompt.count("<image>"), 1)  # one per marker
+    _compare(ours, hf, [prompt], None if suffix is None else [suffix], images)
 
 
 def test_decode_matches_transformers(ours, hf):
@@ -199,8 +289,18 @@ def test_config_mismatch_is_an_error(tiny_dir):
 
 
 def test_prompt_errors(ours):
-    with pytest.raises(InputError, match="one image per prompt"):
+    with pytest.raises(InputError, match="prompt 0 holds 2 <image> markers but has 1 image"):
         ours(default_image(), "<image><image>two")
+    with pytest.raises(InputError, match="prompt 1 holds 1 <image> markers but has 2 image"):
+        ours([[default_image()], [default_image()] * 2], ["<image>a", "<image>b"])
+    with pytest.raises(InputError, match="got 2 images for 2 prompts \\(3 wanted"):
+        ours([default_image()] * 2, ["<image><image>a", "b"])
+    with pytest.raises(InputError, match="1 image lists for 2 prompts"):
+        ours([[default_image()]], ["a", "b"])
+    with pytest.raises(InputError, match="not a mix"):
+        ours([default_image(), [default_image()]], ["a", "b"])
+    with pytest.raises(InputError, match="prompt 0 has no image"):
+        ours([[], [default_image()]], ["a", "b"])
     with pytest.raises(InputError, match="2 images for 1 prompts"):
         ours([default_image()] * 2, ["one"])
     with pytest.raises(InputError, match="suffixes"):
