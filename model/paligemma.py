@@ -46,11 +46,13 @@ class PaliGemma(nn.Module):
     # -- pieces -----------------------------------------------------------------------------------------------------
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, N, d_text): vision tower + projector, no scaling (transformers >= 5.4)."""
+        """(I, 3, H, W) -> (I, N, d_text) for I images: vision tower + projector, no scaling (transformers >= 5.4)."""
         return self.projector(self.vision(pixel_values))
 
     def embed(self, input_ids: Tensor, image_features: Tensor | None = None) -> Tensor:
-        """Scaled token embeddings with the image features scattered in at the `<image>` positions."""
+        """Scaled token embeddings with the image features scattered in at the `<image>` positions, in reading order:
+        image i's N features fill the i-th block of N `<image>` tokens over the batch (several images per prompt
+        take consecutive blocks), exactly as transformers' `masked_scatter`."""
         is_image = input_ids == self.cfg.image_token_index
         # <image> rows are overwritten below; looking up id 0 there keeps an out-of-vocab image id safe.
         x = self.text.embed_tokens(input_ids.masked_fill(is_image, 0))

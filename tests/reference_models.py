@@ -102,15 +102,17 @@ def make_inputs(
     prompt_lens: list[int],
     suffix_len: int = 0,
     seed: int = 0,
+    images: int = 1,
 ) -> dict[str, Tensor]:
-    """Left-padded batch: input_ids, token_type_ids, attention_mask (B, L) and pixel_values (B, 3, H, W)."""
+    """Left-padded batch: input_ids, token_type_ids, attention_mask (B, L) and pixel_values (B * images, 3, H, W);
+    with several `images` per row, one block of image tokens per image (transformers' nlvr2 layout)."""
     g = torch.Generator().manual_seed(seed)
     n, base = cfg.num_image_tokens, 512 if cfg.text.vocab_size < 4096 else 256000
     rows = []
     for plen in prompt_lens:
         prompt = torch.randint(4, base, (plen,), generator=g).tolist()
         suffix = torch.randint(4, base, (suffix_len,), generator=g).tolist()
-        ids = [cfg.image_token_index] * n + [cfg.bos_token_id] + prompt + [NEWLINE]
+        ids = [cfg.image_token_index] * n * images + [cfg.bos_token_id] + prompt + [NEWLINE]
         rows.append((ids + suffix, [0] * len(ids) + [1] * len(suffix)))
     width = max(len(ids) for ids, _ in rows)
     pad = [width - len(ids) for ids, _ in rows]
@@ -118,7 +120,7 @@ def make_inputs(
     token_type_ids = torch.tensor([[0] * p + tti for p, (_, tti) in zip(pad, rows)])
     attention_mask = torch.tensor([[0] * p + [1] * len(ids) for p, (ids, _) in zip(pad, rows)])
     v = cfg.vision
-    pixel_values = torch.rand((len(rows), v.num_channels, v.image_size, v.image_size), generator=g) * 2 - 1
+    pixel_values = torch.rand((len(rows) * images, v.num_channels, v.image_size, v.image_size), generator=g) * 2 - 1
     return {
         "input_ids": input_ids,
         "pixel_values": pixel_values,

@@ -37,6 +37,15 @@ def test_greedy_matches_transformers(models, prompt_lens):
     assert all(len(set(row)) >= 3 for row in got.tolist())
 
 
+def test_greedy_with_two_images_per_prompt_matches_transformers(models):
+    cfg, hf, ours = models
+    inp = make_inputs(cfg, [3, 7], seed=5, images=2)
+    ref = hf_new_tokens(hf, inp, max_new_tokens=10, eos_token_id=NO_EOS)
+    got = generate(ours, **inp, max_new_tokens=10, eos_token_ids=NO_EOS)
+    assert got.tolist() == ref.tolist()
+    assert all(len(set(row)) >= 3 for row in got.tolist())
+
+
 def test_eos_stops_each_row_and_pads_like_transformers(models):
     cfg, hf, ours = models
     inp = make_inputs(cfg, [3, 9], seed=7)

@@ -71,6 +71,29 @@ def test_image_features_match_transformers(models):
 
 
 @torch.no_grad()
+def test_several_images_per_prompt_match_transformers(models):
+    """Two images per row (nlvr2 layout), a left-padded batch of two: pixel_values row i's features fill the i-th
+    image-token block in reading order, as transformers' masked_scatter does; the order matters."""
+    cfg, hf, ours = models
+    inp = make_inputs(cfg, [2, 6], suffix_len=2, seed=4, images=2)
+    assert inp["pixel_values"].shape[0] == 4
+    ref, got = hf(**inp).logits, ours(**inp)
+    real = inp["attention_mask"].bool()
+    assert max_abs(ref[real], got[real]) <= FP32_TOL
+    swapped = {**inp, "pixel_values": inp["pixel_values"][[1, 0, 2, 3]]}  # row 0's two images exchanged
+    ref_s, got_s = hf(**swapped).logits, ours(**swapped)
+    assert max_abs(ref_s[real], got_s[real]) <= FP32_TOL
+    assert max_abs(got[0][real[0]], got_s[0][real[0]]) > 1e-3 and torch.equal(got[1], got_s[1])
+
+
+def test_several_images_count_mismatch_is_an_input_error():
+    cfg = CONFIGS["tiny"]
+    inp = make_inputs(cfg, [3], images=2)
+    with pytest.raises(InputError, match="32 <image> tokens .* 16 features"):
+        PaliGemma(cfg)(inp["input_ids"], inp["pixel_values"][:1])
+
+
+@torch.no_grad()
 def test_forward_from_image_features_equals_forward_from_pixels(models):
     """`image_features=` (what verify feeds its hooked forward) is the same computation, bit for bit."""
     cfg, _, ours = models
