@@ -20,9 +20,11 @@ from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.sources import tensors_equal
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig
-from pgconv.model.hf_config import from_hf_config
+from pgconv.model.generation_config import GenerationSettings, resolve_generation
+from pgconv.model.hf_config import from_hf_config, to_hf_config
 
-__all__ = ["load", "load_state_dict", "check_checkpoint", "build_model", "from_transformers", "auto_dtype"]
+__all__ = ["load", "load_state_dict", "check_checkpoint", "build_model", "from_transformers", "auto_dtype",
+           "generation_settings"]
 
 
 def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Checkpoint, PaliGemmaConfig, Plan]:
@@ -30,11 +32,9 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
     stored tied `lm_head` equal to the embedding. `pgconv verify` runs it before transformers opens the files."""
     ckpt = open_checkpoint(src, trusted_root=trusted_root)
     ckpt.companion_files()  # refuses a tokenizer/config file that links out of the checkpoint
-    gen = ckpt.root / "generation_config.json"
-    # transformers reads it for generate's eos/pad ids but falls back silently when it is broken: say so instead.
-    if gen.exists() and not isinstance(read_json(gen), dict):
-        raise InputError(f"{gen}: not a JSON object")
     cfg = ckpt.pg_config()
+    # transformers reads it for generate's eos/pad ids but falls back silently when it is broken: say so instead.
+    generation_settings(ckpt, cfg)
     try:
         plan = plan_conversion(ckpt.metas(), cfg, "native")
     except InputError as e:
@@ -49,6 +49,19 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
             raise InputError(f"{ckpt.tensors[d.source].file}: tensor {d.source!r} differs from {d.equals!r} although "
                              "the config ties them (tie_word_embeddings=true)")
     return ckpt, cfg, plan
+
+
+def generation_settings(ckpt: Checkpoint, cfg: PaliGemmaConfig | None = None) -> GenerationSettings:
+    """The settings transformers' `generate()` runs this checkpoint with (`model.generation_config`): from
+    generation_config.json when it exists, else config.json's top level (`generation_config.resolve_generation`).
+    A checkpoint without config.json gets the config.json pgconv would write for it."""
+    gen = ckpt.root / "generation_config.json"
+    generation = read_json(gen) if gen.exists() or gen.is_symlink() else None
+    if generation is not None and not isinstance(generation, dict):
+        raise InputError(f"{gen}: not a JSON object")
+    config = ckpt.config if ckpt.config is not None else to_hf_config(cfg or ckpt.pg_config())
+    return resolve_generation(config, generation, config_name=str(ckpt.root / "config.json"),
+                              generation_name=str(gen))
 
 
 def auto_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -74,6 +87,11 @@ def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
 
     Tensors are read one at a time (and cast right away), so peak memory is the result plus one tensor.
     """
+    _, cfg, sd = _read(path, dtype)
+    return cfg, sd
+
+
+def _read(path: str | Path, dtype: torch.dtype | None) -> tuple[Checkpoint, PaliGemmaConfig, dict[str, torch.Tensor]]:
     ckpt, cfg, plan = check_checkpoint(*resolve_source(path))
     if dtype is None:
         dtype = auto_dtype(ckpt)
@@ -81,7 +99,7 @@ def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     for step in plan.steps:
         t = ckpt.tensors[step.sources[0]].load()
         sd[step.target.name] = t if dtype is None else t.to(dtype)
-    return cfg, sd
+    return ckpt, cfg, sd
 
 
 def build_model(cfg: PaliGemmaConfig, state_dict: Mapping[str, torch.Tensor], device: str | torch.device | None = None):
@@ -113,9 +131,12 @@ def build_model(cfg: PaliGemmaConfig, state_dict: Mapping[str, torch.Tensor], de
 
 
 def load(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Read a transformers PaliGemma checkpoint (any known layout, single file or sharded, or a hub id)."""
-    cfg, sd = load_state_dict(path_or_hub_id, dtype=dtype)
-    return build_model(cfg, sd, device)
+    """Read a transformers PaliGemma checkpoint (any known layout, single file or sharded, or a hub id); the
+    model's `generation` holds the generation settings transformers would use (`generation_settings`)."""
+    ckpt, cfg, sd = _read(path_or_hub_id, dtype)
+    model = build_model(cfg, sd, device)
+    model.generation = generation_settings(ckpt, cfg)
+    return model
 
 
 def from_transformers(hf_model: torch.nn.Module):

@@ -6,6 +6,8 @@ Matches transformers' `generate` token for token under greedy decoding, left pad
 - the attention mask grows by one 1 per step for every row; finished rows emit `pad_token_id`;
 - the vision tower runs once, at prefill; prefill computes logits only for the last position.
 The sampling order is the one transformers' logits warpers use: temperature, then top-k, then top-p.
+EOS, pad and the greedy-changing logits processors come from the checkpoint's generation settings as transformers
+resolves them (`generation_config.GenerationSettings`: generation_config.json, else config.json's top level).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from torch import Tensor
 
 from pgconv.errors import InputError
 from pgconv.model import ops
+from pgconv.model.generation_config import GenerationSettings, resolve_generation
+from pgconv.model.logits_processors import apply_processors
 from pgconv.model.paligemma import PaliGemma
 
-__all__ = ["generate", "sample_next", "check_length"]
+__all__ = ["generate", "sample_next", "check_length", "settings_of"]
 
 
 
@@ -73,6 +77,24 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def settings_of(model: PaliGemma) -> GenerationSettings:
+    """The generation settings `generate` uses by default: those `pgconv.load` read from the checkpoint's files
+    (`model.generation`), else what transformers derives from the config.json this config writes."""
+    settings = getattr(model, "generation", None)
+    if settings is None:
+        from pgconv.model.hf_config import to_hf_config
+
+        settings = resolve_generation(to_hf_config(model.cfg), None, config_name="the model config")
+    return settings
+
+
+def _check_processor_ids(processors: dict, vocab: int, source: str) -> None:
+    for key, v in processors.items():
+        flat = [t for s in v for t in s] if key == "bad_words_ids" else (v if isinstance(v, list) else [])
+        if any(not 0 <= t < vocab for t in flat):
+            raise InputError(f"{source}: {key} holds a token id outside the vocabulary (0..{vocab - 1})")
+
+
 @torch.no_grad()  # not inference_mode: cache buffers made here must stay writable by later plain forwards
 def generate(
     model: PaliGemma,
@@ -87,15 +109,18 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = None,
     on_token: Callable[[Tensor], None] | None = None,
+    settings: GenerationSettings | None = None,
 ) -> Tensor:
     """New tokens (B, n) with n <= max_new_tokens (fewer when every row hit an EOS).
 
     `input_ids` (B, T) left-padded, `attention_mask` (B, T) 1 for real tokens (default all ones),
     `token_type_ids` (B, T) 0 for the prefix (default: all prefix, what the processor gives a prompt).
     `on_token(tokens)` receives the (B,) tokens of each step as soon as they are chosen (pad for finished rows).
-    EOS ids default to the model config's. `seed` seeds a private torch.Generator (sampling only).
+    `settings` (default `settings_of(model)`): eos and pad ids and the logits processors, as transformers'
+    generation config has them; `eos_token_ids` / `pad_token_id` override its ids (() = never stop on a token).
+    `seed` seeds a private torch.Generator (sampling only).
     """
     if input_ids.ndim != 2:
         raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -106,7 +131,14 @@ def generate(
     b, t = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
     tti = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.to(device)
-    eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else model.cfg.eos_token_ids), device=device)
+    settings = settings_of(model) if settings is None else settings
+    settings.check_supported(greedy=temperature <= 0.0)
+    eos_ids = list(settings.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    pad = settings.pad_token_id if pad_token_id is None else pad_token_id
+    pad = 0 if pad is None else pad  # no eos and no pad: rows never finish early, the value is never emitted
+    processors = settings.processors
+    _check_processor_ids(processors, model.cfg.text.vocab_size, settings.source)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -123,12 +155,19 @@ def generate(
     )[:, -1]
     next_index = index[:, -1:] + 1
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    pad_lengths = (mask != 0).int().argmax(dim=1)  # left padding, which transformers' repetition penalty skips
+    seq = input_ids  # what transformers' logits processors see: prompt (image tokens included) + new tokens
     out: list[Tensor] = []
     suffix = torch.ones((b, 1), dtype=tti.dtype, device=device)  # generated tokens are causal suffix tokens
     for step in range(max_new_tokens):
+        if processors:  # on fp32 scores, before the warpers, as transformers
+            logits = apply_processors(seq, logits.float(), processors, prompt_length=t, max_length=t + max_new_tokens,
+                                      eos=eos_ids, pad_lengths=pad_lengths)
         token = sample_next(logits, temperature, top_k, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        token = torch.where(finished, torch.full_like(token, pad), token)
         out.append(token)
+        if processors:
+            seq = torch.cat([seq, token[:, None]], 1)
         if on_token is not None:
             on_token(token)
         finished = finished | torch.isin(token, eos)

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from pgconv.parity.capture import Recorder, release_freed_memory, split_path
 from pgconv.parity.compare import OURS_WORSE, chained, evaluate_logits, evaluate_probe, failed_row, value
-from pgconv.parity.generation import (compare_steps, first_divergence, greedy_changers, ours_greedy,
-                                      reference_greedy, speculate, step_metrics)
+from pgconv.parity.generation import (compare_steps, config_check, first_divergence, greedy_changers, ours_greedy,
+                                      reference_greedy, reference_settings, speculate, step_metrics)
 from pgconv.parity.logits import LogitsPass, logits_pass, reference_head
 from pgconv.parity.metrics import decisive, logit_metrics, segment_masks, segment_metrics, summarise
 from pgconv.parity.probes import Probe
@@ -227,8 +227,10 @@ def _generation(ours: nn.Module, inputs: dict[str, Tensor], ref_tokens: list[int
 
 def run_case(
     ours: nn.Module, ref: nn.Module, inputs: dict[str, Tensor], probes: list[Probe], tol: Tolerances, dtype: str,
-    max_new_tokens: int, eos: list[int], pad: int, image_token: int, decode: Callable[[list[int]], str],
+    max_new_tokens: int, settings: Any, image_token: int, decode: Callable[[list[int]], str],
 ) -> dict[str, Any]:
+    """One case. `settings`: pgconv's generation settings for the checkpoint (`GenerationSettings`), which our
+    decode runs under; the reference decodes under its own generation config, and the two are compared."""
     timing: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -244,7 +246,7 @@ def run_case(
     # (the projector's) is fed to our hooked forward below as `image_features`.
     vision_paths = {m for m in ours_paths if m == "projector" or m.startswith("vision.")}
     with Recorder(ours, vision_paths) as vision_rec:
-        ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, eos, pad)
+        ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, settings)
     release_freed_memory()  # the decode's temporaries: the reference forward's captures come next
     lap("candidate_generate")
     t = inputs["input_ids"].shape[1]
@@ -268,13 +270,15 @@ def run_case(
     with torch.no_grad():  # the reference's uncached logits predicting each of our tokens
         n = len(ours_tokens)
         spec_steps = reference_head(ref, ref_rec.get(T + "norm", "output")[:, t - 1:t - 1 + n])[0].float()
+    ref_settings = reference_settings(ref)
     spec = speculate(spec_steps, ours_tokens, budget["near_tie_nats"],
-                     greedy_changers(getattr(ref, "generation_config", None)))
+                     greedy_changers(getattr(ref, "generation_config", None)), ref_settings["eos_token_ids"],
+                     max_new_tokens)
     if spec["accepted"]:
         ref_tokens, ref_steps = ours_tokens, spec_steps
     else:
         del spec_steps
-        ref_tokens, ref_steps = reference_greedy(ref, inputs, max_new_tokens, eos, pad)
+        ref_tokens, ref_steps = reference_greedy(ref, inputs, max_new_tokens)
         lap("reference_generate")
         if ref_tokens != ours_tokens:
             stream.ref_rec = None
@@ -313,6 +317,9 @@ def run_case(
                              features)
     generation["reference_tokens_from"] = spec.pop("reference_tokens_from")
     generation["speculation"] = spec
+    # The reference-token source must agree with transformers' generation config (eos, pad, processors).
+    generation["config"] = config_check(settings.summary(), ref_settings)
+    generation["passed"] = bool(generation["passed"] and generation["config"]["passed"])
     lap("cache_check")
     first_bad = next((r for r in rows if r["verdict"] == OURS_WORSE), None)
     return {

@@ -14,7 +14,13 @@
   step (the EOS that ends ours included) and every step's top-1/top-2 margin is above `SPECULATION_MARGIN` x
   `near_tie_nats`, the reference's own greedy tokens are ours (by induction over the steps: each step's prefix is
   the same, so is its argmax), and its cached `generate` could only choose otherwise at a near tie, which the margin
-  excludes; `generate` is then not run. Otherwise it is (`parity.case`).
+  excludes; `generate` is then not run. Otherwise it is (`parity.case`). The proof holds under the reference's own
+  generation config (`reference_settings`: what transformers' `generate` resolves, not pgconv's reading of the
+  files): no token before the last is one of its eos ids, and the last is one or the length limit was reached;
+  greedy-changing logits processors disable it.
+- `config_check`: pgconv's generation settings (`pgconv.model.generation_config`) against transformers' resolved
+  generation config: eos ids, pad id, logits processors. A difference means the two `generate`s stop or choose
+  differently on the same logits, which the token comparison alone could miss (it is a failure).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 from pgconv.parity.metrics import decisive, logit_metrics, top2_margin
 
 __all__ = ["speculate", "greedy_changers", "SPECULATION_MARGIN", "reference_greedy", "ours_greedy", "first_divergence",
-           "decisive_top1", "compare_steps", "step_metrics"]
+           "decisive_top1", "compare_steps", "step_metrics", "reference_settings", "config_check"]
 
 
 SPECULATION_MARGIN = 2.0  # x near_tie_nats: the reference's cached logits differ from its uncached ones far less
@@ -56,11 +62,50 @@ def greedy_changers(generation_config: Any) -> list[str]:
     return out
 
 
+def reference_settings(ref: nn.Module) -> dict[str, Any]:
+    """What transformers' `generate()` on `ref` resolves from its generation config (its own code:
+    `_prepare_generation_config` then the eos/pad rules of `_prepare_special_tokens`): {eos_token_ids, pad_token_id,
+    processors (the `GREEDY_PROCESSORS` fields with non-neutral values), source}."""
+    from pgconv.model.generation_config import GENERATE_DEFAULTS, GREEDY_PROCESSORS
+
+    try:
+        gc, _ = ref._prepare_generation_config(None)
+        source = "transformers generate (_prepare_generation_config)"
+    except (AttributeError, TypeError):  # private API moved: the stored config plus the documented defaults
+        import copy
+
+        gc = copy.deepcopy(ref.generation_config)
+        for k, v in GENERATE_DEFAULTS.items():
+            if getattr(gc, k, None) is None:
+                setattr(gc, k, v)
+        source = "model.generation_config + defaults"
+    eos = gc.eos_token_id
+    eos = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else None)
+    processors = {}
+    for k, neutral in GREEDY_PROCESSORS.items():
+        v = getattr(gc, k, None)
+        if v is None or v == neutral or (isinstance(v, (list, tuple)) and not v):
+            continue
+        processors[k] = list(v) if isinstance(v, (list, tuple)) else ([v] if k.startswith("forced_") else v)
+    return {"eos_token_ids": eos, "pad_token_id": pad, "processors": processors, "source": source}
+
+
+def config_check(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """pgconv's generation settings (`GenerationSettings.summary()`) against `reference_settings`."""
+    diffs = [f"{k}: pgconv {ours[k]!r}, transformers {theirs[k]!r}" for k in ("eos_token_ids", "pad_token_id",
+                                                                           "processors") if ours[k] != theirs[k]]
+    return {"passed": not diffs, "differences": diffs, "pgconv": ours, "transformers": theirs}
+
+
 @torch.no_grad()
-def speculate(ref_steps: Tensor, tokens: list[int], near_tie: float, changers: list[str] = ()) -> dict[str, Any]:
+def speculate(ref_steps: Tensor, tokens: list[int], near_tie: float, changers: list[str] = (),
+              eos: list[int] = (), max_new_tokens: int | None = None) -> dict[str, Any]:
     """Whether `tokens` are provably the reference's greedy tokens, from its uncached logits (n, V) at the positions
     predicting them (see the module docstring): {accepted, reason, step (first failing step or None), min_margin,
-    margin_needed}. `changers`: `greedy_changers` of the reference's generation config (any: not accepted)."""
+    margin_needed}. `changers`: `greedy_changers` of the reference's generation config (any: not accepted).
+    `eos`, `max_new_tokens`: the reference's eos ids (`reference_settings`) and length limit: its `generate` stops
+    at the first of them, so `tokens` must hold none before the last and end on one or at the limit."""
     need = SPECULATION_MARGIN * near_tie
     if changers:
         return {"accepted": False, "reason": f"the reference's generation config changes greedy choices "
@@ -79,25 +124,34 @@ def speculate(ref_steps: Tensor, tokens: list[int], near_tie: float, changers: l
         if not m > need:
             out.update(accepted=False, step=i, reason=f"near tie at step {i} (margin {m:.3g} nats)")
             break
+        if b in eos and i < len(tokens) - 1:
+            out.update(accepted=False, step=i, reason=f"token {b} at step {i} is one of the reference's eos ids "
+                                                      f"{list(eos)}: its generate stops there")
+            break
+    else:
+        if max_new_tokens is not None and tokens[-1] not in eos and len(tokens) < max_new_tokens:
+            out.update(accepted=False, step=len(tokens) - 1,
+                       reason=f"the tokens end on {tokens[-1]}, not one of the reference's eos ids {list(eos)}, "
+                              f"before the {max_new_tokens}-token limit")
     return out
 
 
 @torch.no_grad()
-def reference_greedy(ref: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int],
-                     pad: int) -> tuple[list[int], Tensor]:
-    """(tokens, per-step logits (n, V)) from transformers' greedy `generate` (stops after an EOS)."""
+def reference_greedy(ref: nn.Module, inputs: dict[str, Tensor], n: int) -> tuple[list[int], Tensor]:
+    """(tokens, per-step logits (n, V)) from transformers' greedy `generate` under its own generation config (its
+    eos and pad ids and logits processors: nothing of pgconv's reading is passed in; it stops after an EOS)."""
     out = ref.generate(
         **inputs, max_new_tokens=n, do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True,
-        eos_token_id=eos, pad_token_id=pad, use_cache=True,
+        use_cache=True,
     )
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     return tokens, torch.stack([lg[0] for lg in out.logits]).float()
 
 
 @torch.no_grad()
-def ours_greedy(model: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[int],
-                pad: int) -> tuple[list[int], Tensor]:
-    """(tokens, per-step cached logits (n, V)) from `pgconv.generate`, the logits read by a forward hook."""
+def ours_greedy(model: nn.Module, inputs: dict[str, Tensor], n: int, settings: Any) -> tuple[list[int], Tensor]:
+    """(tokens, per-step cached logits (n, V)) from `pgconv.generate` under `settings` (`GenerationSettings`:
+    eos, pad, logits processors), the logits read by a forward hook (raw, before the processors)."""
     from pgconv.model.generate import generate
 
     steps: list[Tensor] = []
@@ -105,7 +159,7 @@ def ours_greedy(model: nn.Module, inputs: dict[str, Tensor], n: int, eos: list[i
     try:
         tokens = generate(
             model, inputs["input_ids"], inputs["pixel_values"], inputs["token_type_ids"], inputs["attention_mask"],
-            max_new_tokens=n, eos_token_ids=eos, pad_token_id=pad,
+            max_new_tokens=n, settings=settings,
         )
     finally:
         handle.remove()

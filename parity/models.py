@@ -176,8 +176,14 @@ def _from_state_dict(path: Path, state: dict[str, torch.Tensor], dtype: torch.dt
         None, config=config, state_dict=state, dtype=dtype, attn_implementation="eager", output_loading_info=True
     )
     model.config._name_or_path = model.name_or_path = str(path)
+    # As from_pretrained(path) sets it (`GenerationMixin.adjust_generation_fn`): generation_config.json, else a
+    # generation config read from config.json's top level. Without a path, from_pretrained kept the one its
+    # __init__ derived with `from_model_config`, which also reads text_config's eos: not what users get.
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
+        model.generation_config = GenerationConfig.from_pretrained(path, config_file_name="config.json",
+                                                                   _from_model_config=True)
     return model, info
 
 

@@ -92,11 +92,11 @@ def _inputs(processor: Any, image: Path, prompt: str, device: str) -> dict:
     return {k: enc[k].to(device) for k in ("input_ids", "pixel_values", "token_type_ids", "attention_mask")}
 
 
-def _resolve(checkpoint: str | Path | None) -> tuple[Path, str]:
-    """(checkpoint directory, the layout its tensor names use)."""
+def _resolve(checkpoint: str | Path | None) -> tuple[Path, str, Any]:
+    """(checkpoint directory, the layout its tensor names use, its generation settings)."""
     from pgconv.converter.fixture import default_checkpoint
     from pgconv.converter.hub import resolve_source
-    from pgconv.converter.load import check_checkpoint
+    from pgconv.converter.load import check_checkpoint, generation_settings
 
     if checkpoint is None:
         path, trusted = default_checkpoint(), None
@@ -106,8 +106,12 @@ def _resolve(checkpoint: str | Path | None) -> tuple[Path, str]:
         raise InputError(f"{checkpoint}: not a checkpoint directory (expected config.json + weights)")
     # Our reader's checks first (headers, index paths, names, shapes, tied lm_head): transformers would follow
     # paths out of the checkpoint, ignore a differing tied lm_head, and raise its own errors (issue 8).
-    _, _, plan = check_checkpoint(path, trusted)
-    return path, plan.src_layout
+    ckpt, cfg, plan = check_checkpoint(path, trusted)
+    # verify decodes greedily with one beam on both sides (passed to transformers' generate): search and sampling
+    # options are overridden there, but a processor pgconv cannot apply would make the tokens differ.
+    settings = generation_settings(ckpt, cfg).for_greedy_search()
+    settings.check_supported(greedy=True)
+    return path, plan.src_layout, settings
 
 
 def verify(
@@ -140,7 +144,7 @@ def verify(
     from pgconv.parity.tolerances import load_tolerances
 
     tol = load_tolerances(tolerances)
-    path, layout = _resolve(checkpoint)
+    path, layout, settings = _resolve(checkpoint)
     cfg = read_config(path)
     from pgconv.model.processor import Processor
 
@@ -173,8 +177,8 @@ def verify(
     for image, prompt in cases:
         inputs = _inputs(processor, image, prompt, device)
         result = run_case(
-            ours, ref, inputs, table, tol, dtype, max_new_tokens, list(cfg.eos_token_ids), cfg.pad_token_id,
-            cfg.image_token_index, lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=False),
+            ours, ref, inputs, table, tol, dtype, max_new_tokens, settings, cfg.image_token_index,
+            lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=False),
         )
         results.append({"image": str(image), "prompt": prompt, **result})
     timing["total"] = round(time.perf_counter() - t0, 4)
@@ -212,7 +216,7 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
     gen = {k: failing["generation"][k] for k in ("reference_text", "candidate_text", "reference_tokens",
                                                   "candidate_tokens", "tokens_equal", "first_divergence",
                                                   "teacher_forced", "cache", "passed",
-                                                  "reference_tokens_from")}
+                                                  "reference_tokens_from", "config")}
     gen["tokens_equal"] = all(c["generation"]["tokens_equal"] for c in cases)
     gen["passed"] = all(c["generation"]["passed"] for c in cases)
     failures = []
@@ -242,13 +246,18 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
 
 def _gen_reason(gen: dict[str, Any]) -> str:
     fd = gen.get("first_divergence")
+    reasons = []
     if fd and not fd.get("near_tie"):
-        return f"greedy tokens diverge at step {fd['step']} (not a near tie)"
+        why = "lengths differ: one side stopped" if fd.get("reason") == "lengths differ" else "not a near tie"
+        reasons.append(f"greedy tokens diverge at step {fd['step']} ({why})")
+    if not gen["config"]["passed"]:
+        reasons.append("pgconv's generation settings differ from transformers' ("
+                       + "; ".join(gen["config"]["differences"]) + ")")
     if not gen["teacher_forced"]["passed"]:
-        return "teacher-forced per-step KL or top-1 over budget"
+        reasons.append("teacher-forced per-step KL or top-1 over budget")
     if not gen["cache"]["passed"]:
-        return "cached decode disagrees with the uncached forward"
-    return "failed"
+        reasons.append("cached decode disagrees with the uncached forward")
+    return "; ".join(reasons) or "failed"
 
 
 def _versions() -> dict[str, str]:
