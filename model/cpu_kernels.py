@@ -1,64 +1,191 @@
-"""Which CPU kernel runs a weight product: the model's only performance switch (same math, fp32 accumulation).
+"""Which CPU kernel runs a weight product: chosen by measurement on this machine, the same math on every path.
 
-torch picks a kernel by dtype, and on this CPU (AMD EPYC Zen 4, AVX-512 + bf16, torch 2.13) two of its picks
-leave much speed unused (measurements: benchmarks/RESULTS.md):
-- One bf16 row (a decode step): `F.linear` goes to oneDNN's brgemm, which streams weights at 15-17 GB/s on 2
-  threads; with oneDNN off, ATen's vectorised dot-product GEMV streams 17-29 GB/s (the 3B head and MLP: 29). For
-  more rows oneDNN's bf16 GEMM is ~9x faster than ATen's, so prefill keeps it; so do the attention matmuls
-  (ATen's bf16 `probs @ v` is 12x slower).
-- fp32: `F.linear` goes to MKL, whose one-row SGEMV streams 17-18 GB/s on 2 threads and whose SGEMM runs
-  91-149 GFLOPS; oneDNN's AVX-512 kernels (`mkldnn::_linear_pointwise`, what inductor uses on CPU) stream
-  26-33 GB/s and run 101-203 GFLOPS at the same shapes.
-Every path multiplies exactly (bf16 x bf16 is exact in fp32), accumulates in fp32 and rounds once, so results
-differ from `F.linear` only in summation order (fp32 noise; <= 0.54 bf16 ulp against float64 for one bf16 row).
+torch offers several kernels for `F.linear` on CPU and which is fastest depends on the CPU (measurements:
+benchmarks/RESULTS.md, `python -m benchmarks.kernels`). On an AMD EPYC Zen 4 (AVX-512 + bf16, no AMX), one bf16
+row streamed 17-29 GB/s through ATen's GEMV (oneDNN off) but 15-17 GB/s through torch's default (oneDNN brgemm),
+and oneDNN's fp32 kernels beat MKL's; on an Intel Xeon with AMX torch's defaults won. So for each distinct
+(dtype, weight shape, bias, rows bucket) the first product times every candidate in `KERNELS` on the real weight
+and input (`pgconv.tuning.measure`: a warm-up, then a median of a few interleaved calls) and keeps the fastest, for
+this process and, cached per (CPU model and ISA, torch version, thread count), for every later one.
+`PGCONV_KERNELS=default` turns this off (torch's own picks); `PGCONV_KERNELS=<kernel>` forces one where it applies.
+
+Candidates (only bf16 and fp32 products are measured; other dtypes, other devices and products that need a
+gradient take `F.linear`):
+- `default`: `F.linear` (bf16: oneDNN; fp32: MKL);
+- `aten`: `F.linear` with oneDNN switched off (bf16: ATen's GEMV/GEMM; for fp32 this is `default` again, so it is
+  not a candidate there). The switch is process-wide (torch has no per-call choice): another thread running a bf16
+  product at the same time takes ATen too, with the same numerics;
+- `onednn`: `mkldnn::_linear_pointwise`, what inductor uses on CPU (bf16 and fp32).
+Prepacked weights (`mkldnn::_reorder_linear_weight`, `mkl::_mkl_reorder_linear_weight`) are not candidates: the
+packed copy would sit next to the parameter (the state dict and the tied head keep the plain one), doubling the
+weights' memory.
+Every candidate multiplies exactly (bf16 x bf16 is exact in fp32), accumulates in fp32 and rounds once
+(tests/test_cpu_kernels.py checks each against float64), so they differ only in summation order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import os
+import threading
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["single_row_gemv", "linear", "Linear"]
+from pgconv import tuning
+from pgconv.errors import InputError
 
-# Private op, present in CPU builds with oneDNN; without it fp32 products stay on F.linear.
+__all__ = ["linear", "Linear", "KERNELS", "Choice", "candidates", "choices", "describe", "reset", "ENV"]
+
+ENV = "PGCONV_KERNELS"  # auto (unset) | default | a name in KERNELS
+PROBE_BUDGET_S = 60.0  # per process: past it, products not yet decided take `default` (and are measured next time)
+
+# Private op, present in CPU builds with oneDNN; without it `onednn` is no candidate.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
-@contextmanager
-def single_row_gemv(x: Tensor) -> Iterator[None]:
-    """Within the block, run the products of `x` on ATen's GEMV when `x` is one bf16 row on CPU; else no-op.
+def _default(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return F.linear(x, w, b)
 
-    The oneDNN switch is process-wide (torch has no per-call choice): another thread running a bf16 GEMM at the
-    same time would take ATen's slower GEMM, with the same numerics. It is restored on exit.
-    """
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows != 1 or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not torch._C._get_mkldnn_enabled():
-        yield
-        return
+
+def _aten(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    if not torch._C._get_mkldnn_enabled():
+        return F.linear(x, w, b)
     torch._C._set_mkldnn_enabled(False)
     try:
-        yield
+        return F.linear(x, w, b)
     finally:
         torch._C._set_mkldnn_enabled(True)
 
 
+def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return _ONEDNN_LINEAR(x, w, b, "none", [], "")
+
+
+KERNELS = {"default": _default, "aten": _aten, "onednn": _onednn}
+MEASURED = (torch.bfloat16, torch.float32)
+
+
+def candidates(dtype: torch.dtype) -> list[str]:
+    """The kernels worth timing for a product in `dtype` on this build (`default` first: it wins ties)."""
+    if dtype not in MEASURED:
+        return ["default"]
+    names = ["default"]
+    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        names.append("aten")
+    if _ONEDNN_LINEAR is not None:
+        names.append("onednn")
+    return names
+
+
+@dataclass
+class Choice:
+    """The kernel one kind of product runs, and where the decision came from."""
+
+    key: str  # e.g. "linear bfloat16 2048->16384 rows=1"
+    kernel: str
+    source: str  # measured | cached | default (PGCONV_KERNELS=default) | forced | over budget
+    times_s: dict[str, float] = field(default_factory=dict)  # median per candidate, when measured
+
+
+_lock = threading.Lock()
+_chosen: dict[tuple, Choice] = {}  # (threads, mode, key) -> decision, this process
+_decisions: dict[int, tuning.Decisions] = {}  # threads -> cache file
+_spent = [0.0]  # probe seconds this process
+
+
+def reset() -> None:
+    """Forget this process's decisions (tests; the cache files stay)."""
+    with _lock:
+        _chosen.clear()
+        _decisions.clear()
+        _spent[0] = 0.0
+
+
+def choices() -> list[Choice]:
+    """This process's decisions, in the order the products first ran."""
+    with _lock:
+        return list(_chosen.values())
+
+
+def describe(c: Choice) -> str:
+    times = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in sorted(c.times_s.items(), key=lambda kv: kv[1]))
+    return f"{c.key}: {c.kernel} ({c.source}{': ' + times if times else ''})"
+
+
+def _machine_key(threads: int) -> dict:
+    return {"cpu": tuning.cpu_model(), "isa": tuning.cpu_isa(), "torch": torch.__version__, "threads": threads}
+
+
+def _rows_bucket(rows: int) -> int:
+    """1 (decode) or the power of two at or above `rows`, capped at 4096: a prompt's few hundred rows and the
+    vision tower's 256 per image each get their own measurement, without one per prompt length."""
+    return 1 if rows <= 1 else min(1 << (rows - 1).bit_length(), 4096)
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", *KERNELS):
+        raise InputError(f"{ENV}={mode!r}: expected auto, " + ", ".join(KERNELS))
+    return mode
+
+
+def choose(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
+    """The kernel for `F.linear(x2, weight, bias)` (x2 2-D, on CPU, no gradient), measuring it if not yet known."""
+    mode, threads = _mode(), torch.get_num_threads()
+    n, k = weight.shape
+    bucket = _rows_bucket(x2.shape[0])
+    key = (f"linear {str(x2.dtype).removeprefix('torch.')} {k}->{n}{' +bias' if bias is not None else ''} "
+           f"rows{'=' if bucket == 1 else '<='}{bucket}")
+    slot = (threads, mode, key)
+    if (hit := _chosen.get(slot)) is not None:  # the per-call path: one dict lookup
+        return hit
+    with _lock:
+        if (hit := _chosen.get(slot)) is not None:
+            return hit
+        names = candidates(x2.dtype) if x2.dtype == weight.dtype else ["default"]
+        if mode == "default" or names == ["default"]:
+            choice = Choice(key, "default", "default" if mode == "default" else "only candidate")
+        elif mode != "auto":
+            choice = Choice(key, mode if mode in names else "default", "forced")
+        else:
+            choice = _measured(key, names, threads, x2, weight, bias)
+        _chosen[slot] = choice
+        return choice
+
+
+def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
+    cache = _decisions.setdefault(threads, tuning.Decisions("kernels", _machine_key(threads)))
+    entry = cache.get(key)
+    if entry is not None and entry.get("kernel") in names:
+        times = entry.get("times_s")
+        return Choice(key, entry["kernel"], "cached", dict(times) if isinstance(times, dict) else {})
+    if _spent[0] > PROBE_BUDGET_S:
+        return Choice(key, "default", "over budget")
+    start = tuning.clock()
+    with torch.no_grad():
+        times = tuning.measure({name: partial(KERNELS[name], x2, weight, bias) for name in names})
+    _spent[0] += tuning.clock() - start
+    if not times:
+        return Choice(key, "default", "over budget")
+    kernel = min(times, key=times.__getitem__)  # dicts keep candidate order: `default` wins a tie
+    cache.put(key, {"kernel": kernel, "times_s": times})
+    return Choice(key, kernel, "measured", times)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)` on the fastest CPU kernel for its shape and dtype (see the module docstring)."""
+    """`F.linear(x, weight, bias)` on this machine's fastest kernel for its shape and dtype (module docstring)."""
     # Always as a 2-D product: a strided 3-D slice such as hidden[:, -1:] fails matmul's fold check and goes
     # through bmm, which copies the whole transposed weight (27 s for the 3B head in bf16).
     x2 = x.reshape(-1, x.shape[-1])
-    fp32 = x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN_LINEAR is not None
-    # The oneDNN op has no autograd formula: only when no gradient can flow through it.
+    # The oneDNN op has no autograd formula: measured kernels only when no gradient can flow.
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if fp32 and not needs_grad:
-        out = _ONEDNN_LINEAR(x2, weight, bias, "none", [], "")
+    if needs_grad or x2.device.type != "cpu" or x2.shape[0] == 0:
+        out = F.linear(x2, weight, bias)
     else:
-        with single_row_gemv(x2):
-            out = F.linear(x2, weight, bias)
+        out = KERNELS[choose(x2, weight, bias).kernel](x2, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

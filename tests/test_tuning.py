@@ -1,0 +1,56 @@
+"""pgconv.tuning.measure with a fake timer: medians, interleaving, early drop of hopeless candidates, the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgconv import tuning
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    state = {"now": 0.0, "log": []}
+    monkeypatch.setattr(tuning, "clock", lambda: state["now"])
+
+    def kernel(name, *costs):
+        it = iter(costs)
+
+        def run():
+            state["now"] += next(it, costs[-1])
+            state["log"].append(name)
+        return run
+    state["kernel"] = kernel
+    return state
+
+
+def test_median_of_the_timed_calls_after_the_warm_up(fake):
+    k = fake["kernel"]
+    times = tuning.measure({"a": k("a", 9.0, 1.0, 5.0, 1.0, 1.0, 1.0), "b": k("b", 9.0, 2.0)}, reps=5, budget_s=1e9)
+    assert times == {"a": 1.0, "b": 2.0}  # the 9 s warm-ups and a' 5 s spike do not count
+    assert fake["log"][:2] == ["a", "b"] and fake["log"][2:6] == ["a", "b", "a", "b"]  # interleaved rounds
+
+
+def test_a_hopeless_candidate_stops_being_timed_and_the_budget_ends_the_rounds(fake):
+    k = fake["kernel"]
+    times = tuning.measure({"fast": k("fast", 1.0), "slow": k("slow", 10.0)}, reps=5, budget_s=1e9)
+    assert times == {"fast": 1.0, "slow": 10.0} and fake["log"].count("slow") == 2  # warm-up + one timed call
+    fake["log"].clear()
+    times = tuning.measure({"a": k("a", 1.0), "b": k("b", 1.5)}, reps=50, budget_s=6.0)
+    assert fake["log"].count("a") == 3  # warm-ups (to 2.5 s), rounds to 5 s and 7.5 s: past the 6 s budget
+
+
+def test_a_candidate_that_raises_is_left_out(fake):
+    def broken():
+        raise RuntimeError("no kernel for this dtype")
+    assert tuning.measure({"ok": fake["kernel"]("ok", 1.0), "broken": broken}) == {"ok": 1.0}
+
+
+def test_decisions_merge_with_what_another_process_wrote(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGCONV_CACHE", str(tmp_path))
+    a, b = tuning.Decisions("kernels", {"cpu": "x"}), tuning.Decisions("kernels", {"cpu": "x"})
+    assert a.path == b.path and a.get("s1") is None and b.get("s2") is None
+    a.put("s1", {"kernel": "aten"})
+    b.put("s2", {"kernel": "onednn"})  # b re-reads before writing: a's decision survives
+    assert tuning.Decisions("kernels", {"cpu": "x"}).get("s1") == {"kernel": "aten"}
+    assert tuning.Decisions("kernels", {"cpu": "y"}).path != a.path
+    assert not list(tmp_path.glob("tuning/.*"))  # no temporary left behind
