@@ -56,6 +56,40 @@ def test_generate_matches_transformers_greedy(tiny_dir, capsys):
     assert expected.strip() and out == expected + "\n"
 
 
+@pytest.mark.parametrize("prompt", ["answer en are these the same?", "<image> or <image>: which is brighter?"])
+def test_generate_with_two_images_matches_transformers_greedy(tiny_dir, tmp_path, capsys, prompt):
+    """Repeated --image: several images in the one prompt (up front, or one per <image> marker, in order)."""
+    from PIL import Image
+
+    first = Image.open(default_image()).convert("RGB")
+    second = first.transpose(Image.Transpose.FLIP_TOP_BOTTOM).rotate(90, expand=True)
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    first.save(paths[0]), second.save(paths[1])
+    args = ["generate", str(tiny_dir), "--image", str(paths[0]), "--image", str(paths[1]), "--prompt", prompt,
+            "--max-new-tokens", "10"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager")
+    proc = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir)
+    images = [Image.open(p) for p in paths]
+    inputs = proc(images=[images] if "<image>" not in prompt else images, text=prompt, return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == 2
+    inputs.pop("labels")
+    ids = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    expected = proc.decode(ids, skip_special_tokens=True)
+    assert expected.strip() and out == expected + "\n"
+
+
+def test_generate_image_markers_must_match_the_images(tiny_dir, capsys):
+    image = str(default_image())
+    code, _, err = run(capsys, "generate", str(tiny_dir), "--image", image, "--prompt", "<image><image>two?")
+    assert_one_line_error(code, err, "--prompt holds 2 <image> marker(s) but 1 --image")
+    code, out, err = run(capsys, "generate", str(tiny_dir), "--prompt", "<image> and <image>", "--max-new-tokens", "2")
+    assert code == 0 and out.strip(), err  # no --image: the built-in image for every marker
+    code, out, _ = run(capsys, "generate", "--help")
+    assert code == 0 and "Repeat it for several images" in out
+
+
 def test_generate_default_checkpoint_and_sampling(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PGCONV_CACHE", str(tmp_path))
     code, greedy, err = run(capsys, "generate", "--max-new-tokens", "6")
