@@ -50,30 +50,37 @@ def _utf8_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--prompt", default="caption en", show_default=True, callback=_utf8_prompt,
               help="Text prompt (PaliGemma task prefix). It may place the images itself with <image> markers, "
                    "one per --image, e.g. '<image> left, <image> right: which is larger?'.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloatRange(min=0.0),
-              help="0 = greedy.")
-@click.option("--top-k", default=None, type=click.IntRange(min=1), help="Sample from the k most likely tokens.")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
+              help="Default: the generation config's max_new_tokens / max_length, else 20 (as transformers).")
+@click.option("--temperature", default=None, type=FiniteFloatRange(min=0.0),
+              help="0 = greedy. Default: the generation config's (greedy unless it sets do_sample).")
+@click.option("--top-k", default=None, type=click.IntRange(min=1),
+              help="Sample from the k most likely tokens (default when sampling: the generation config's, 50).")
 @click.option("--top-p", default=None, type=FiniteFloatRange(min=0.0, max=1.0, min_open=True),
-              help="Nucleus sampling mass.")
+              help="Nucleus sampling mass (default when sampling: the generation config's, 1.0).")
 # torch.Generator.manual_seed takes a 64-bit seed (negative ones alias to 2**64 + seed).
 @click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1), help="Seed for sampling.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Compute dtype (default: as transformers' dtype='auto': config.json's dtype, else the weights').")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_new_tokens: int, temperature: float,
+def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_new_tokens: int | None,
+             temperature: float | None,
              top_k: int | None, top_p: float | None, seed: int | None, dtype: str | None, device: str) -> None:
     """Generate text for images and a prompt with the PaliGemma CHECKPOINT (directory or hub id; default: the
-    built-in tiny random-weight checkpoint, for trying the command)."""
+    built-in tiny random-weight checkpoint, for trying the command).
+
+    EOS ids, pad id, length and sampling defaults and the logits processors (repetition penalty, banned words, ...)
+    come from the checkpoint's generation config as transformers' generate() reads them: generation_config.json,
+    else config.json's top level."""
     import torch
 
     import pgconv
     from pgconv.converter.fixture import default_checkpoint, default_image
     from pgconv.converter.hub import resolve_source
-    from pgconv.converter.load import check_checkpoint
+    from pgconv.converter.load import check_checkpoint, generation_settings
     from pgconv.model.generate import generate as run
     from pgconv.model.processor import Processor
 
-    if temperature == 0 and (top_k is not None or top_p is not None):  # would be silently greedy
+    if temperature is not None and temperature == 0 and (top_k is not None or top_p is not None):  # silently greedy
         raise click.UsageError("--top-k/--top-p sample: give --temperature > 0 (temperature 0 is greedy decoding)")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: CUDA is not available (torch.cuda.is_available() is false)")
@@ -83,10 +90,19 @@ def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_
         source, _ = resolve_source(checkpoint)  # a hub id becomes its local snapshot (for the tokenizer files)
     # Config, processor and inputs first (headers only): bad tokenizer files, images, prompts or lengths are
     # refused before the weights are read.
-    _, cfg, _ = check_checkpoint(*resolve_source(source))
+    ckpt, cfg, _ = check_checkpoint(*resolve_source(source))
+    settings = generation_settings(ckpt, cfg)
     processor = Processor.from_pretrained(source if source.is_dir() else source.parent, config=cfg)
     inputs = processor([_prompt_images(images, prompt, default_image())], prompt)
-    check_length(inputs["input_ids"].shape[1], max_new_tokens, cfg.text.max_position_embeddings)
+    n_prompt = inputs["input_ids"].shape[1]
+    temperature, top_k, top_p = _sampling(settings, temperature, top_k, top_p)
+    settings.check_supported(greedy=temperature == 0)
+    if max_new_tokens is None:
+        max_new_tokens = settings.new_tokens(n_prompt, cfg.text.max_position_embeddings)
+        if max_new_tokens < 1:
+            raise InputError(f"{settings.source}: max_length={settings.max_length} leaves no room after the "
+                             f"{n_prompt}-token prompt; pass --max-new-tokens")
+    check_length(n_prompt, max_new_tokens, cfg.text.max_position_embeddings)
     model = pgconv.load(source, dtype=getattr(torch, dtype) if dtype else None, device=device)
     weight = model.text.embed.weight
     stream = processor.stream_decoder()
@@ -98,9 +114,26 @@ def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_
         model, inputs["input_ids"].to(device), inputs["pixel_values"].to(device=device, dtype=weight.dtype),
         inputs["token_type_ids"].to(device), inputs["attention_mask"].to(device),
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        eos_token_ids=model.cfg.eos_token_ids, pad_token_id=processor.pad_token_id, on_token=on_token,
+        on_token=on_token, settings=settings,
     )
     click.echo()
+
+
+def _sampling(settings, temperature: float | None, top_k: int | None,
+              top_p: float | None) -> tuple[float, int | None, float | None]:
+    """(temperature, top_k, top_p) as transformers' generate() would sample: without --temperature, the generation
+    config decides (greedy unless do_sample); when sampling, unset top-k / top-p take the generation config's
+    values (transformers' defaults: top_k 50, top_p 1.0)."""
+    if temperature is None:
+        if not settings.do_sample:
+            if top_k is not None or top_p is not None:
+                raise click.UsageError("--top-k/--top-p sample: give --temperature > 0 (the generation config is "
+                                       "greedy: do_sample is not set)")
+            return 0.0, None, None
+        temperature = settings.temperature
+    if temperature == 0:
+        return 0.0, None, None
+    return (temperature, settings.top_k if top_k is None else top_k, settings.top_p if top_p is None else top_p)
 
 
 def _prompt_images(images: tuple[Path, ...], prompt: str, default: Path) -> list[Path]:
