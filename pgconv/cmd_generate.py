@@ -62,9 +62,12 @@ def _utf8_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1), help="Seed for sampling.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Compute dtype (default: as transformers' dtype='auto': config.json's dtype, else the weights').")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--verbose", is_flag=True, help="After the text, print (to stderr) the CPU kernel each product shape "
+              "ran on and how it was chosen (measured, cached, PGCONV_KERNELS).")
 def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_new_tokens: int | None,
              temperature: float | None,
-             top_k: int | None, top_p: float | None, seed: int | None, dtype: str | None, device: str) -> None:
+             top_k: int | None, top_p: float | None, seed: int | None, dtype: str | None, device: str,
+             verbose: bool = False) -> None:
     """Generate text for images and a prompt with the PaliGemma CHECKPOINT (directory or hub id; default: the
     built-in tiny random-weight checkpoint, for trying the command).
 
@@ -117,6 +120,11 @@ def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_
         on_token=on_token, settings=settings,
     )
     click.echo()
+    if verbose:
+        from pgconv.model import cpu_kernels
+
+        for choice in cpu_kernels.choices():
+            click.echo(f"kernel: {cpu_kernels.describe(choice)}", err=True)
 
 
 def _sampling(settings, temperature: float | None, top_k: int | None,

@@ -236,3 +236,22 @@ def test_verify_api_refuses_non_utf8_prompt_and_long_generation(tiny_dir):
         verify(tiny_dir, prompts=["a\udcffb"])
     with pytest.raises(InputError, match="at most 490 new tokens fit"):
         verify(tiny_dir, max_new_tokens=491)
+
+
+def test_generate_verbose_prints_the_kernel_chosen_per_shape(tiny_dir, tmp_path, monkeypatch, capsys):
+    from pgconv.model import cpu_kernels
+
+    monkeypatch.setenv("PGCONV_CACHE", str(tmp_path))
+    monkeypatch.setenv("PGCONV_KERNELS", "auto")
+    cpu_kernels.reset()
+    argv = ("generate", str(tiny_dir), "--max-new-tokens", "3", "--dtype", "bfloat16")
+    code, out, err = run(capsys, *argv, "--verbose")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("kernel: linear bfloat16 ") for line in lines)
+    assert any("rows=1: " in line and "(measured: " in line for line in lines)  # decode products, timed here
+    cpu_kernels.reset()  # the next process: every decision comes from the cache, the text is the same
+    code, again, err = run(capsys, *argv, "--verbose")
+    assert code == 0 and again == out and err.count("(cached") == len(lines)
+    assert run(capsys, *argv)[1:] == (out, "")
+    cpu_kernels.reset()
