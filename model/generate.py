@@ -112,8 +112,11 @@ def generate(
     pad_token_id: int | None = None,
     on_token: Callable[[Tensor], None] | None = None,
     settings: GenerationSettings | None = None,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """New tokens (B, n) with n <= max_new_tokens (fewer when every row hit an EOS).
+
+    `labels` (the processor's training labels) is accepted and unused, so `generate(model, **processor(...))` works.
 
     `input_ids` (B, T) left-padded, `attention_mask` (B, T) 1 for real tokens (default all ones),
     `token_type_ids` (B, T) 0 for the prefix (default: all prefix, what the processor gives a prompt).

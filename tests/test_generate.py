@@ -131,3 +131,20 @@ def test_a_cache_that_does_not_fit_is_replaced():
     assert ours.text.blocks[0].attn.cache.k.dtype == torch.float32
     generate(ours, **two, max_new_tokens=3, eos_token_ids=NO_EOS)  # another batch size
     assert ours.text.blocks[0].attn.cache.k.shape[0] == 2
+
+
+def test_processor_output_unpacks_into_generate(tmp_path):
+    """The README's `generate(model, **processor(...))`: the processor's labels (always returned, as transformers)
+    are accepted and change nothing; several images per prompt unpack the same way."""
+    import pgconv
+    from pgconv.converter.fixture import default_image, make_fixture
+    from pgconv.model.processor import Processor
+
+    d = make_fixture(tmp_path / "tiny", "tiny")
+    model, proc = pgconv.load(d), Processor.from_pretrained(d)
+    for images, prompt in [([default_image()], "caption en"), ([[default_image()] * 2], "answer en same?")]:
+        batch = proc(images=images, prompts=[prompt])
+        assert "labels" in batch
+        got = generate(model, **batch, max_new_tokens=4)
+        batch.pop("labels")
+        assert torch.equal(got, generate(model, **batch, max_new_tokens=4))
