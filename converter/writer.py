@@ -5,12 +5,16 @@ reads source bytes straight into it (`preadv`), a cast reads `CHUNK_BYTES` of so
 it, and only a non-byte-preserving transform materialises one tensor. The tensor's SHA-256 is taken from the
 staging buffer (one pass, in order, on the worker that owns the tensor), then the buffer goes to disk.
 
-Output offsets are all known from the header, so tensors are independent jobs written with `pwrite`. Whole
-4096-byte blocks go through an `O_DIRECT` descriptor: no page-cache copy (on this kind of VM the buffered write
-path costs about one CPU-second per GB), no dirty pages for a final `fsync` to wait for, and the source stays
-in the page cache instead of being evicted by gigabytes of output. The few partial blocks at tensor boundaries
-(and the header) go through an ordinary descriptor of the same file. Filesystems without `O_DIRECT` (tmpfs,
-some FUSE) get buffered writes for everything. torch is imported only for casts and transforms.
+Output offsets are all known from the header, so tensors are independent jobs written with `pwrite`. How they
+reach the disk is the destination filesystem's measured `write_path.Plan` (PGCONV_WRITER to force one):
+- `direct`: whole 4096-byte blocks through an `O_DIRECT` descriptor: no page-cache copy (on the AMD EPYC VM the
+  buffered path cost about one CPU-second per GB), no dirty pages for the final `fsync` to wait for, and the
+  source stays in the page cache instead of being evicted by gigabytes of output;
+- `buffered`: ordinary writes, each followed by `sync_file_range` so that writeback starts at once (on the Intel
+  Xeon VM buffered writeback outran O_DIRECT);
+plus the plan's staging size and worker count. The few partial blocks at tensor boundaries (and the header) are
+always ordinary writes to the same file; filesystems without `O_DIRECT` (tmpfs, some FUSE) get buffered writes
+for everything. Every file is fsynced in `finish` in every mode. torch is imported only for casts and transforms.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pgconv.converter import write_path
 from pgconv.converter.dtypes import is_widening, itemsize, torch_dtype
 from pgconv.converter.plan import TRANSFORMS, Step
 from pgconv.converter.safetensors_io import build_header
@@ -39,11 +44,10 @@ if TYPE_CHECKING:  # torch only for casts and transforms: a same-dtype conversio
 __all__ = ["TensorRecord", "StreamWriter", "write_shard"]
 
 _BLOCK = 4096  # O_DIRECT: memory address, file offset and length in multiples of the logical block size (<= 4096)
-_STAGE_BYTES = 32 << 20  # per worker; a multiple of _BLOCK (large enough that each direct write streams)
-# More workers than cores: while some wait for their direct writes (the disk takes ~1.5-2 GB/s), the others read,
-# cast and hash (SHA-256 at ~1.5 GB/s per core is the CPU cost of a conversion; a tensor's hash is sequential, so
-# parallelism is per tensor). On 2 cores, 5 workers beat 3 by ~0.2 s of ~3.8 s at 3B (4 runs each, 2026-11-28).
-_WORKERS = max(3, min(8, (os.cpu_count() or 1) + 3))
+# Staging bytes per worker and worker count of a forced plan (PGCONV_WRITER=direct|buffered; tests shrink the
+# stage): a measured plan brings its own (write_path).
+_STAGE_BYTES = write_path.DEFAULT_STAGE  # a multiple of _BLOCK
+_WORKERS = write_path.DEFAULT_WORKERS
 USE_DIRECT_IO = hasattr(os, "O_DIRECT")  # tests switch it off to cover the buffered path
 
 
@@ -68,13 +72,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 class _OutFile:
-    """One output file: whole aligned blocks through an O_DIRECT descriptor, everything else buffered."""
+    """One output file: whole aligned blocks through an O_DIRECT descriptor (plan `direct`) or buffered with early
+    writeback (`buffered`); everything else buffered."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: str = "direct") -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.direct: int | None = None
-        if USE_DIRECT_IO:
+        if USE_DIRECT_IO and mode == "direct":
             try:
                 self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:  # EINVAL on tmpfs and other filesystems without direct I/O
@@ -94,6 +99,7 @@ class _OutFile:
                 # and a closed number could be reused by a file opened meanwhile.
                 self.use_direct = False
         _pwrite_all(self.fd, data, offset)
+        write_path.kick_writeback(self.fd, offset, len(data))
 
     def write_bytes(self, data: memoryview, offset: int) -> None:
         _pwrite_all(self.fd, data, offset)
@@ -113,9 +119,9 @@ class _Stage(threading.local):
 
     view: memoryview | None = None
 
-    def get(self) -> memoryview:
+    def get(self, size: int) -> memoryview:
         if self.view is None:
-            self.view = memoryview(mmap.mmap(-1, _STAGE_BYTES))
+            self.view = memoryview(mmap.mmap(-1, size))
         return self.view
 
 
@@ -285,8 +291,10 @@ class StreamWriter:
     def __init__(self, sources: Mapping[str, SourceTensor], progress: Callable[[int], None]) -> None:
         self.sources = sources
         self._progress, self._lock = progress, threading.Lock()
-        self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="pgconv-write")
-        self.io = ThreadPoolExecutor(_WORKERS, thread_name_prefix="pgconv-io")  # one write in flight per worker
+        # Pools, staging size and write mode come with the first shard: the plan is the destination filesystem's.
+        self.plan: write_path.Plan | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.io: ThreadPoolExecutor | None = None
         self.stage = _Stage()
         self.cancelled = threading.Event()
         self.materialising = threading.Lock()
@@ -300,8 +308,10 @@ class StreamWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.cancelled.set()  # no-op after finish(); otherwise stop queued and running jobs at the next buffer
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.io.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.io is not None:
+            self.io.shutdown(wait=True)
         for f in self.files:
             f.close(sync=False)
         self.files.clear()
@@ -312,7 +322,11 @@ class StreamWriter:
 
     def write_shard(self, path: Path, steps: list[Step]) -> None:
         header, offsets = build_header([s.target for s in steps], {"format": "pt"})
-        out = _OutFile(path)
+        if self.plan is None:
+            self.plan = plan = write_path.plan_for(path.parent, _STAGE_BYTES, _WORKERS)
+            self.pool = ThreadPoolExecutor(plan.workers, thread_name_prefix="pgconv-write")
+            self.io = ThreadPoolExecutor(plan.workers, thread_name_prefix="pgconv-io")  # one write in flight each
+        out = _OutFile(path, self.plan.mode)
         self.files.append(out)
         out.write_bytes(memoryview(header), 0)
         by_name = {s.target.name: s for s in steps}
@@ -340,7 +354,7 @@ class StreamWriter:
                 else:
                     producer = _Values(step, self.sources, rec)
                 try:
-                    _write_span(out, begin, end, producer.into, h, self.stage.get(), self.progress,
+                    _write_span(out, begin, end, producer.into, h, self.stage.get(self.plan.stage), self.progress,
                                 self.cancelled, self.io)
                 finally:
                     producer.close()
@@ -351,7 +365,7 @@ class StreamWriter:
     def finish(self) -> list[TensorRecord]:
         # Largest first: the run ends when the last worker does, so the 1 GB embedding must not start last.
         for args in sorted(self.queued, key=lambda a: a[5] - a[4], reverse=True):
-            self.jobs.append(self.pool.submit(self._job, *args))
+            self.jobs.append(self.pool.submit(self._job, *args))  # type: ignore[union-attr]  # set with the shard
         self.queued.clear()
         for job in self.jobs:
             job.result()  # the first failure raises (the others stop at their next buffer)

@@ -11,6 +11,9 @@ import torch
 # deterministic and never writes kernel decisions into the user's cache. tests/test_cpu_kernels.py covers every
 # kernel and the measuring itself.
 os.environ.setdefault("PGCONV_KERNELS", "default")
+# Likewise the conversion write path: O_DIRECT (no probe writes in every test's filesystem; tests/test_writer.py and
+# tests/test_write_path.py cover each mode and the measuring).
+os.environ.setdefault("PGCONV_WRITER", "direct")
 
 
 @pytest.fixture(autouse=True)

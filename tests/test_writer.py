@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from pgconv.converter import writer
+from pgconv.converter import write_path, writer
 from pgconv.converter.dtypes import code_of
 from pgconv.converter.plan import Step
 from pgconv.converter.safetensors_io import read_safetensors
@@ -47,10 +47,23 @@ def _write(tmp: Path, tensors: dict[str, torch.Tensor], cast: str | None) -> tup
     return out, records, expected
 
 
-@pytest.fixture(params=[True, False], ids=["direct", "buffered"])
-def io_mode(request, monkeypatch):
-    monkeypatch.setattr(writer, "USE_DIRECT_IO", request.param)
-    return request.param
+@pytest.fixture(params=["direct", "buffered", "no-o-direct", "measured"])
+def io_mode(request, monkeypatch, tmp_path_factory):
+    """Each write path: forced O_DIRECT, forced buffered + early writeback, a filesystem without O_DIRECT, and the
+    plan a (fake-timed) probe picks, here buffered with a 3-block stage and 2 workers."""
+    if request.param == "no-o-direct":
+        monkeypatch.setattr(writer, "USE_DIRECT_IO", False)
+    elif request.param == "measured":
+        monkeypatch.setenv("PGCONV_WRITER", "auto")
+        monkeypatch.setenv("PGCONV_CACHE", str(tmp_path_factory.mktemp("cache")))
+        monkeypatch.setattr(write_path, "CONFIGS", [write_path.Plan("direct", 2 * writer._BLOCK, 3),
+                                                    write_path.Plan("buffered", 3 * writer._BLOCK, 3)])
+        monkeypatch.setattr(write_path, "_time_write", lambda d, plan: 1.0 if plan.mode == "buffered" else 2.0)
+        write_path.reset()
+    else:
+        monkeypatch.setenv("PGCONV_WRITER", request.param)
+    yield request.param
+    write_path.reset()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -187,3 +200,19 @@ def test_tensors_held_whole_are_made_one_at_a_time(tmp_path, monkeypatch):
     save_file({n: t.bfloat16() for n, t in tensors.items()}, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
     assert peak[0] == 1
+
+
+def test_every_mode_fsyncs_each_file_and_writes_blocks_through_its_path(tmp_path, io_mode, monkeypatch):
+    """Durable in every mode (fsync before write_shard returns); buffered block writes start writeback at once."""
+    import os
+
+    synced, kicked = [], []
+    real_fsync, real_kick = os.fsync, write_path.kick_writeback
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(write_path, "kick_writeback", lambda fd, o, n: kicked.append(n) or real_kick(fd, o, n))
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * writer._BLOCK)
+    out, _, expected = _write(tmp_path, {"a": _tensor(20000, torch.float32, 1)}, None)
+    assert os.path.realpath(out) in synced
+    assert bool(kicked) == (io_mode != "direct")
+    save_file(expected, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
+    assert out.read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
