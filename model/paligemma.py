@@ -37,6 +37,10 @@ class PaliGemma(nn.Module):
         self.cfg = cfg
         self.vision = SiglipVision(cfg.vision)
         self.projector = cpu_kernels.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
+        # The features `forward` hands to `embed`, as a module (no weights) so a hook sees them whatever computed
+        # them: the parity probe `image_features` sits here, between the projector and the merged embeddings (a
+        # port that rescales its features after the projector is caught there, not only in the generated text).
+        self.image_tap = nn.Identity()
         self.text = GemmaDecoder(cfg.text)
         # Tied by default: logits use text.embed.weight (hub checkpoints carry no lm_head tensor).
         self.lm_head: nn.Linear | None = None
@@ -142,8 +146,9 @@ class PaliGemma(nn.Module):
         """
         if image_features is not None and pixel_values is not None:
             raise ValueError("pass pixel_values or image_features, not both")
-        features = image_features if image_features is not None else (
-            self.image_features(pixel_values) if pixel_values is not None else None)
+        features = image_features
+        if features is None and pixel_values is not None:
+            features = self.image_tap(self.image_features(pixel_values))
         x = self.embed(input_ids, features)
         ctx = self.attn_context(
             input_ids, token_type_ids, attention_mask, input_pos=input_pos, position_ids=position_ids, dtype=x.dtype

@@ -142,6 +142,8 @@ class _ProbeStream:
         """Our modules whose recorded call the probe's row reads (value, replay input, chain check)."""
         need = {split_path(p.ours)[0]} if p.ours and p.ours_at != "call" else set()
         if p.ours == "embed()" or p.replay == "merge":
+            need.add("image_tap")
+        if p.replay == "features":
             need.add("projector")
         return need
 
@@ -242,9 +244,9 @@ def run_case(
 
     budget = tol.section("generation", dtype)
     ours_paths = {p.ours for p in probes if p.ours and p.ours_at != "call"} | set(OWN_PATHS)
-    # Our vision tower runs once: its calls in our decode's prefill are the ones the probes read, and its output
-    # (the projector's) is fed to our hooked forward below as `image_features`.
-    vision_paths = {m for m in ours_paths if m == "projector" or m.startswith("vision.")}
+    # Our vision tower runs once: its calls in our decode's prefill are the ones the probes read, and the features
+    # that prefill handed to `embed` (`image_tap`) are fed to our hooked forward below as `image_features`.
+    vision_paths = {m for m in ours_paths if m in ("projector", "image_tap") or m.startswith("vision.")}
     with Recorder(ours, vision_paths) as vision_rec:
         ours_tokens, ours_steps = ours_greedy(ours, inputs, max_new_tokens, settings)
     release_freed_memory()  # the decode's temporaries: the reference forward's captures come next
@@ -253,7 +255,8 @@ def run_case(
     ours_rec = Recorder(ours, ours_paths - vision_paths)
     ours_rec.calls.update(vision_rec.calls)
     del vision_rec
-    features = ours_rec.get("projector", "output")
+    # What our prefill merged (not the projector's output: a port may change the features in between).
+    features = ours_rec.get("image_tap", "output")
     # The vision rows read only the pixels; the sequence and its masks are set once the tokens are final.
     stream = _ProbeStream(probes, ours, ref, ours_rec, None, inputs, {}, tol, dtype)
 

@@ -67,6 +67,10 @@ PROBES: tuple[Probe, ...] = (
           stack="vision"),
     Probe("vision.norm", "vision_norm", "vision.norm", V + "post_layernorm", stack="vision"),
     Probe("projector", "projector", "projector", "model.multi_modal_projector"),
+    # The features our forward hands to `embed` (`image_tap`) against the reference's projector output, which
+    # transformers 5 scatters unchanged: a rescaling between projector and merge (e.g. / sqrt(vision width), seen in
+    # real ports) enters here. Teacher forcing (`features`): what our step changes, added to the reference's input.
+    Probe("image_features", "projector", "image_tap", "model.multi_modal_projector", replay="features"),
     # Embedded prompt with the image features scattered in (and Gemma's normaliser applied to the text tokens).
     Probe("text.embed", "merged_embed", "embed()", T.rstrip("."), ours_at="call", ref_at="input",
           replay="merge", oracle="merge", stack="text"),

@@ -6,6 +6,8 @@ advice is the same idea). Recipes, named in the probe table's `replay` column:
 - `call`: call our module again with the reference's input tensor in place of its first tensor argument, keeping our
   other arguments (the AttnContext our block really got);
 - `merge`: our `embed(input_ids, image_features)` with the reference's projector output;
+- `features`: the step between our projector and our merge (the identity in our model, not in every port),
+  measured by what it changes: the reference's projector output + (our merged features - our projector output);
 - `logits`: our `logits(hidden)` on the reference's final-norm output.
 Every recipe is skipped, with contributed = end-to-end, when our input already equals the reference's bit for bit.
 """
@@ -30,9 +32,11 @@ T = "model.language_model."
 # input proves that it did).
 OWN = {
     "vision.embed()": lambda model, rec, inputs: model.vision.embed(inputs["pixel_values"]),
-    "embed()": lambda model, rec, inputs: model.embed(inputs["input_ids"], rec.get("projector", "output")),
+    # The features our forward handed to `embed` (`image_tap`), not the projector's output: the two differ exactly
+    # when our model changes the features in between, which the `image_features` probe reports.
+    "embed()": lambda model, rec, inputs: model.embed(inputs["input_ids"], rec.get("image_tap", "output")),
 }
-OWN_PATHS = ("projector", "text.norm")  # modules of ours the OWN and replay recipes read
+OWN_PATHS = ("projector", "image_tap", "text.norm")  # modules of ours the OWN and replay recipes read
 
 
 @torch.no_grad()
@@ -58,8 +62,10 @@ def _swap_first_tensor(call: Call, x: Tensor) -> tuple[tuple, dict[str, Any]]:
     raise ValueError("call has no tensor argument to replace")
 
 
-# The inputs each recipe feeds our side: (our capture, the reference's capture) of the same tensor.
-_RECIPE_INPUTS = {"merge": ("projector", "model.multi_modal_projector"), "logits": ("text.norm", T + "norm")}
+# The inputs each recipe feeds our side: ((our module, side), the reference's module output) of the same tensor.
+_RECIPE_INPUTS = {"merge": (("image_tap", "output"), "model.multi_modal_projector"),
+                  "features": (("projector", "output"), "model.multi_modal_projector"),
+                  "logits": (("text.norm", "output"), T + "norm")}
 
 
 def same_input(probe: Probe, ours_rec: Recorder, ref_rec: Recorder) -> bool:
@@ -68,8 +74,8 @@ def same_input(probe: Probe, ours_rec: Recorder, ref_rec: Recorder) -> bool:
         ours_in = primary((*ours_rec.call(probe.ours).args, ours_rec.call(probe.ours).kwargs))
         ref_in = _ref_input(probe, ref_rec)
     elif probe.replay in _RECIPE_INPUTS:
-        ours_path, ref_path = _RECIPE_INPUTS[probe.replay]
-        ours_in, ref_in = ours_rec.get(ours_path, "output"), ref_rec.get(ref_path, "output")
+        (ours_path, at), ref_path = _RECIPE_INPUTS[probe.replay]
+        ours_in, ref_in = ours_rec.get(ours_path, at), ref_rec.get(ref_path, "output")
     else:
         return False
     return (ours_in is not None and ref_in is not None and ours_in.shape == ref_in.shape
@@ -85,6 +91,9 @@ def replay(probe: Probe, ours: nn.Module, ours_rec: Recorder, ref_rec: Recorder,
         return primary(module(*args, **kwargs))  # our forward ran without a KV cache: nothing to write
     if probe.replay == "merge":
         return ours.embed(input_ids, ref_rec.get("model.multi_modal_projector", "output"))
+    if probe.replay == "features":
+        ours_change = ours_rec.get("image_tap", "output") - ours_rec.get("projector", "output")
+        return ref_rec.get("model.multi_modal_projector", "output") + ours_change
     if probe.replay == "logits":  # never whole in verify: `parity.logits` runs this recipe position chunk by chunk
         return ours.logits(ref_rec.get(T + "norm", "output"))
     raise ValueError(f"probe {probe.name}: no replay recipe {probe.replay!r}")

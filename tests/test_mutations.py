@@ -51,6 +51,17 @@ def image_scaled_by_wrong_hidden(mp):
     mp.setattr(PaliGemma, "embed", embed)
 
 
+def image_features_rescaled(mp):
+    # A 4.x-style port: features / sqrt(vision width) before the text normaliser's sqrt(text width), i.e. x sqrt(72/32)
+    # after the projector, outside `embed` (issue 14: no probe sat between projector and merge).
+    orig = PaliGemma.image_features
+
+    def image_features(self, pixel_values):
+        return orig(self, pixel_values) * (self.cfg.text.hidden_size / self.cfg.vision.hidden_size) ** 0.5
+
+    mp.setattr(PaliGemma, "image_features", image_features)
+
+
 def _rotate_pairs(x):  # GPT-J style: rotate pairs (x0, x1), (x2, x3), ... instead of the two halves
     return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
 
@@ -149,6 +160,7 @@ MUTATIONS = [
     (rms_norm_without_plus_one, "tiny", BOTH, "text.blocks.0.attn_norm", "text.blocks.0"),
     (exact_gelu, "tiny", F32, "vision.blocks.0.mlp", "vision.blocks.0"),
     (image_scaled_by_wrong_hidden, "tiny", BOTH, "text.embed", "text.embed"),
+    (image_features_rescaled, "tiny", BOTH, "image_features", "image_features"),
     (interleaved_rotation, "tiny", BOTH, "text.blocks.0.attn", "text.blocks.0"),
     (interleaved_rope, "tiny", BOTH, "text.rope", "text.rope"),
     (zero_indexed_positions, "tiny", BOTH, "text.rope", "text.rope"),

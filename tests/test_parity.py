@@ -56,16 +56,17 @@ def test_probe_table_order_and_pg2_norms():
     names = [p.name for p in probes_for(pg1, "all")]
     # Execution order: vision, projector, merged embeddings, shared inputs, decoder, final norm, logits.
     assert names[:2] == ["vision.embed", "vision.blocks.0.norm1"] and names[-2:] == ["text.norm", "logits"]
-    order = [names.index(n) for n in ("vision.blocks.26", "projector", "text.embed", "text.blocks.0")]
+    order = [names.index(n) for n in ("vision.blocks.26", "projector", "image_features", "text.embed", "text.blocks.0")]
     assert order == sorted(order)
     assert names.index("text.blocks.3.mlp") < names.index("text.blocks.3") < names.index("text.blocks.4.attn_norm")
-    assert len(names) == 1 + 27 * 5 + 1 + 1 + 1 + 1 + 1 + 18 * 5 + 2
+    assert len(names) == 1 + 27 * 5 + 1 + 1 + 1 + 1 + 1 + 1 + 18 * 5 + 2
     pg2_names = [p.name for p in probes_for(pg2, "all")]
     assert "text.blocks.25.post_mlp_norm" in pg2_names and "text.mask.sliding" in pg2_names
     assert not any("post_attn_norm" in n or "sliding" in n for n in names)
     coarse = [p.name for p in probes_for(pg2, "coarse")]
-    # embed, 27 vision blocks, norm, projector, text.embed, rope, 2 masks, 26 decoder blocks, final norm, logits
-    assert len(coarse) == 1 + 27 + 1 + 1 + 1 + 1 + 2 + 26 + 1 + 1
+    # embed, 27 vision blocks, norm, projector, image features, text.embed, rope, 2 masks, 26 decoder blocks, final
+    # norm, logits
+    assert len(coarse) == 1 + 27 + 1 + 1 + 1 + 1 + 1 + 2 + 26 + 1 + 1
     # The norm-name trap: Gemma's pre-MLP norm is post_attention_layernorm, Gemma 2's is pre_feedforward_layernorm.
     mlp_norm = {p.family: p.ref for p in PROBES if p.name.endswith(".mlp_norm")}
     assert mlp_norm["gemma"].endswith("post_attention_layernorm")
