@@ -11,7 +11,8 @@ contributed_within_budget, inherited, replay, budget, segments {image, prompt, s
 case}], `logits` {kl_mean, kl_max, top1_agreement, top5_overlap, decisive_top1_agreement, passed},
 `generation` {reference_text, candidate_text, tokens_equal, first_divergence, teacher_forced, cache, passed,
 reference_tokens_from ("teacher-forced argmax" | "generate", see `parity.generation.speculate`)},
-`cases` [per image + prompt: the same sections in full, with per-position KL / top-1 / top-5 lists].
+`cases` [per case: `image` (its image paths joined by " + "), `images` (the list: several images in one prompt),
+`prompt`, and the same sections in full, with per-position KL / top-1 / top-5 lists].
 Non-finite floats are written as the strings "inf", "-inf", "nan" (strict JSON).
 """
 
@@ -105,7 +106,8 @@ def _case_summaries(report: dict[str, Any]) -> list[dict[str, Any]]:
         reasons += ["logits"] if not c["logits"]["passed"] else []
         reasons += ["generation"] if not c["generation"]["passed"] else []
         fd = c.get("first_divergence")
-        out.append({"index": i + 1, "image": Path(c["image"]).name, "prompt": c["prompt"], "passed": not reasons,
+        names = " + ".join(Path(im).name for im in c.get("images") or [c["image"]])  # several images in one prompt
+        out.append({"index": i + 1, "image": names, "prompt": c["prompt"], "passed": not reasons,
                     "reasons": reasons, "kl_mean": c["logits"]["kl_mean"],
                     "tokens": "identical" if c["generation"]["tokens_equal"] else "differ",
                     "text": c["generation"]["candidate_text"], "first_divergence": fd["probe"] if fd else "none"})

@@ -49,44 +49,59 @@ def _check_report_dir(directory: Path) -> None:
         raise InputError(f"{probe}: not writable (--report {directory})")
 
 
-def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[Path, str]]:
+def _cases(images: Sequence[str | Path], prompts: Sequence[str]) -> list[tuple[list[Path], str]]:
+    """(images, prompt) per case. A prompt takes one image, or one per `<image>` marker it holds (several images in
+    one prompt, in order). The images are shared out in order when their number is what the prompts take; one
+    prompt goes with each consecutive group of its images, one image fills every slot of every prompt."""
     from pgconv.converter.fixture import default_image
     from pgconv.model.processor import check_utf8
+    from pgconv.model.prompts import image_slots
 
-    imgs = [Path(i) for i in images] or [default_image()]
     texts = list(prompts) or [DEFAULT_PROMPT]
     for text in texts:
         check_utf8(text, f"prompt {text[:60]!r} (--prompt)")
-    if len(imgs) == len(texts):
-        return list(zip(imgs, texts))
-    if len(imgs) == 1 or len(texts) == 1:
-        return [(i, t) for i in imgs for t in texts]
-    raise InputError(f"got {len(imgs)} images and {len(texts)} prompts: give as many of each, or one of either")
+    slots = [max(image_slots(t), 1) for t in texts]
+    imgs = [Path(i) for i in images] or [default_image()]
+    if len(imgs) == sum(slots):
+        it = iter(imgs)
+        return [([next(it) for _ in range(k)], t) for k, t in zip(slots, texts)]
+    if len(texts) == 1 and len(imgs) % slots[0] == 0:
+        k = slots[0]
+        return [(imgs[i:i + k], texts[0]) for i in range(0, len(imgs), k)]
+    if len(imgs) == 1:
+        return [(imgs * k, t) for k, t in zip(slots, texts)]
+    raise InputError(f"got {len(imgs)} images and {len(texts)} prompts taking {sum(slots)}: give one image per "
+                     "prompt (or per <image> marker in it), one prompt for all images, or one image for all prompts")
 
 
-def _check_lengths(cases: list[tuple[Path, str]], processor: Any, cfg: Any, max_new_tokens: int) -> None:
+def _check_lengths(cases: list[tuple[list[Path], str]], processor: Any, cfg: Any, max_new_tokens: int) -> None:
     """`check_length` for every case, before any model loads. `processor` is ours, or None when the checkpoint has
     no tokenizer.json (then the image tokens, <bos> and the newline are a lower bound on the prompt)."""
     from pgconv.model.generate import check_length
 
-    for _, prompt in cases:
-        n = processor.encode([prompt])["input_ids"].shape[1] if processor is not None else cfg.num_image_tokens + 2
+    for imgs, prompt in cases:
+        if processor is not None:
+            n = processor.encode([prompt], num_images=[len(imgs)])["input_ids"].shape[1]
+        else:
+            n = cfg.num_image_tokens * len(imgs) + 2
         check_length(n, max_new_tokens, cfg.text.max_position_embeddings, prompt=f"prompt {prompt[:60]!r} (--prompt)",
                      new="max_new_tokens (--max-new-tokens)")
 
 
-def _inputs(processor: Any, image: Path, prompt: str, device: str) -> dict:
+def _inputs(processor: Any, images: Sequence[Path], prompt: str, device: str) -> dict:
     from pgconv.model.processor import load_image
 
-    if not Path(image).is_file():
-        raise InputError(f"{image}: image not found")
-    # load_image: non-images, truncated files and decompression bombs become an InputError naming the file.
-    with load_image(image) as im:
-        rgb = im.convert("RGB")
-    if "<image>" in prompt:
-        raise InputError(f"prompt {prompt!r}: do not put <image> in the prompt; pass images with --image")
-    # One <image> marker per image up front (the processor expands it and inserts <bos> after it).
-    enc = processor(images=rgb, text="<image>" + prompt, return_tensors="pt")
+    rgbs = []
+    for image in images:
+        if not Path(image).is_file():
+            raise InputError(f"{image}: image not found")
+        # load_image: non-images, truncated files and decompression bombs become an InputError naming the file.
+        with load_image(image) as im:
+            rgbs.append(im.convert("RGB"))
+    # One <image> marker per image, up front unless the prompt places them (the processor expands each marker to
+    # one image's tokens and inserts <bos> after the last one).
+    text = prompt if "<image>" in prompt else "<image>" * len(rgbs) + prompt
+    enc = processor(images=rgbs, text=text, return_tensors="pt")
     # The v5 processor always returns labels (all -100 without a suffix: loss NaN); the harness never wants them
     # (paligemma.md trap 15). token_type_ids are kept and always passed (trap 3).
     return {k: enc[k].to(device) for k in ("input_ids", "pixel_values", "token_type_ids", "attention_mask")}
@@ -154,11 +169,9 @@ def verify(
     if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
         ours_processor = Processor.from_pretrained(path, config=cfg)
     cases = _cases(images, prompts)
-    for image, prompt in cases:  # before the (possibly minutes-long) load, not after it
+    for image in dict.fromkeys(i for imgs, _ in cases for i in imgs):  # before the (maybe minutes-long) load
         if not Path(image).is_file():
             raise InputError(f"{image}: image not found")
-        if "<image>" in prompt:
-            raise InputError(f"prompt {prompt!r}: do not put <image> in the prompt; pass images with --image")
     _check_lengths(cases, ours_processor, cfg, max_new_tokens)
     timing: dict[str, float] = {}
     ref = load_reference(path, getattr(torch, dtype), device)
@@ -174,13 +187,14 @@ def verify(
         raise InputError(f"{path}: transformers cannot load the processor ({str(e).strip().splitlines()[0]})") from None
     table = probes_for(cfg, probes)  # type: ignore[arg-type]
     results = []
-    for image, prompt in cases:
-        inputs = _inputs(processor, image, prompt, device)
+    for imgs, prompt in cases:
+        inputs = _inputs(processor, imgs, prompt, device)
         result = run_case(
             ours, ref, inputs, table, tol, dtype, max_new_tokens, settings, cfg.image_token_index,
             lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=False),
         )
-        results.append({"image": str(image), "prompt": prompt, **result})
+        results.append({"image": " + ".join(map(str, imgs)), "images": [str(i) for i in imgs], "prompt": prompt,
+                        **result})
     timing["total"] = round(time.perf_counter() - t0, 4)
     report = _fold(results, weights, tol)
     report.update(

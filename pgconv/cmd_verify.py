@@ -14,9 +14,11 @@ __all__ = ["verify"]
 @click.argument("checkpoint", required=False)
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Input image (repeatable; images and prompts pair up in order, or one of either goes with "
-                   "each of the other). Default: the built-in test image.")
+                   "each of the other; a prompt with <image> markers takes one image per marker, in order, as one "
+                   "case with several images). Default: the built-in test image.")
 @click.option("--prompt", "prompts", multiple=True,
-              help="Prompt text (repeatable, paired with --image as above). Default: 'caption en'.")
+              help="Prompt text (repeatable, paired with --image as above; '<image> vs <image>: same?' is one case "
+                   "with two images). Default: 'caption en'.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Dtype both models run in.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

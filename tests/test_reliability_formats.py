@@ -180,14 +180,18 @@ def test_missing_preprocessor_config(tmp_path_factory, tmp_path, capsys):
 
 
 def test_prompts_with_image_tokens_and_empty_prompts(tmp_path_factory, capsys):
-    """An empty prompt is valid (transformers and the hub golden test use one); one <image> in a generate prompt
-    marks where the image goes (as transformers); two are an error; verify wants images only via --image."""
+    """An empty prompt is valid (transformers and the hub golden test use one); an <image> marker in a prompt marks
+    where an image goes (as transformers); markers and --image files must agree in number."""
     src = tiny_checkpoint(tmp_path_factory)
     for command in ("generate", "verify"):
         res = run_cli([command, src, "--prompt", "", "--max-new-tokens", "2"], capsys)
         assert res.code == 0, res.err
     assert run_cli(["generate", src, "--prompt", "<image>caption en", "--max-new-tokens", "2"], capsys).code == 0
-    assert_one_line_error(run_cli(["generate", src, "--prompt", "<image>a<image>", "--max-new-tokens", "2"], capsys),
-                          "2 <image> tokens")
-    assert_one_line_error(run_cli(["verify", src, "--prompt", "caption <image>", "--max-new-tokens", "1"], capsys),
-                          "<image>", "--image")
+    from pgconv.converter.fixture import default_image
+
+    image = str(default_image())
+    assert_one_line_error(run_cli(["generate", src, "--image", image, "--prompt", "<image>a<image>",
+                                   "--max-new-tokens", "2"], capsys), "2 <image> marker(s) but 1 --image")
+    assert run_cli(["verify", src, "--prompt", "caption <image>", "--max-new-tokens", "1"], capsys).code == 0
+    assert_one_line_error(run_cli(["verify", src, "--image", image, "--image", image, "--image", image, "--prompt",
+                                   "<image>a<image>", "--max-new-tokens", "1"], capsys), "3 images", "taking 2")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pgconv.cli import main
+from pgconv.errors import InputError
 from pgconv.model import ops
 from pgconv.parity.report import finalise
 from pgconv.parity.verify import verify
@@ -66,7 +67,7 @@ def test_parity_failure_exits_1_and_reports_it(capsys, tmp_path, monkeypatch):
     (["/nonexistent/ckpt"], "not a checkpoint directory"),
     (["--image", "/nonexistent.png"], "image not found"),
     (["--prompt", "a", "--prompt", "b", "--image", "x.png", "--image", "y.png", "--image", "z.png"], "2 prompts"),
-    (["--prompt", "<image>caption en"], "do not put <image>"),
+    (["--prompt", "<image><image>x", "--image", "x.png", "--image", "y.png", "--image", "z.png"], "taking 2"),
     (["--dtype", "float64"], "float64"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--probes", "some"], "some"),
@@ -80,7 +81,7 @@ def test_bad_input_exits_2(capsys, args, message):
 
 def test_bad_tolerance_files_exit_2(capsys, tmp_path):
     bad = tmp_path / "bad.json"
-    for content, message in [("{", "not valid JSON"), ('{"nope": 1}', "unknown section"),
+    for content, message in [("{", "invalid JSON"), ('{"nope": 1}', "unknown section"),
                              ('{"probes": {"text_block": {"float32": {"nrmse": -1}}}}', "non-negative")]:
         bad.write_text(content)
         code, _, err = _cli(capsys, "--tolerances", bad)
@@ -113,6 +114,59 @@ def test_several_prompts_are_separate_cases(tiny_checkpoint):
     # Generated tokens are suffix positions: the text probes report them as their own segment.
     block = next(p for p in report["cases"][0]["probes"] if p["name"] == "text.blocks.0")
     assert set(block["segments"]) == {"image", "prompt", "suffix"}
+
+
+def _two_images(tmp_path):
+    from PIL import Image
+
+    from pgconv.converter.fixture import default_image
+
+    a = Image.open(default_image()).convert("RGB")
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    a.save(paths[0]), a.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(paths[1])
+    return paths
+
+
+def test_several_images_in_one_prompt_verify(capsys, tmp_path):
+    """A prompt with two <image> markers takes the two --image files, in order, as one case; every probe compares
+    (the vision probes see both images) and it passes."""
+    a, b = _two_images(tmp_path)
+    code, out, _ = _cli(capsys, "--image", a, "--image", b, "--prompt", "<image> and <image>: same?",
+                        "--max-new-tokens", 3, "--report", tmp_path / "r")
+    assert code == 0, out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    (case,) = report["cases"]
+    assert case["images"] == [str(a), str(b)] and case["image"] == f"{a} + {b}"
+    assert case["prompt_length"] > 2 * 16  # two blocks of the tiny model's 16 image tokens
+    assert all(p["passed"] for p in report["probes"]) and report["probes"][0]["name"] == "vision.embed"
+
+
+def test_vision_probes_see_every_image_of_a_prompt(tmp_path, monkeypatch):
+    """A bug in the second image's vision path only is localised at the first vision probe."""
+    from pgconv.model.siglip import SiglipVision
+
+    real = SiglipVision.embed
+    monkeypatch.setattr(SiglipVision, "embed", lambda self, pv: (lambda x: torch.cat([x[:1], x[1:] * 1.01]))(
+        real(self, pv)))
+    paths = _two_images(tmp_path)
+    assert verify(images=paths[:1], max_new_tokens=1, probes="coarse")["passed"]  # one image: the bug is dormant
+    report = verify(images=paths, prompts=["<image><image>caption en"], max_new_tokens=1, probes="coarse")
+    assert not report["passed"] and report["first_divergence"]["probe"] == "vision.embed"
+
+
+def test_cases_share_images_out_by_prompt(tmp_path):
+    from pgconv.converter.fixture import default_image
+    from pgconv.parity.verify import _cases
+
+    a, b, c, d = (tmp_path / f"{n}.png" for n in "abcd")
+    two = "<image> vs <image>"
+    assert _cases([a, b, c], [two, "caption en"]) == [([a, b], two), ([c], "caption en")]
+    assert _cases([a, b, c, d], [two]) == [([a, b], two), ([c, d], two)]  # one prompt for each group of its images
+    assert _cases([a, b], ["caption en"]) == [([a], "caption en"), ([b], "caption en")]
+    assert _cases([a], [two, "x"]) == [([a, a], two), ([a], "x")]  # one image fills every slot
+    assert _cases([], [two]) == [([default_image()] * 2, two)]
+    with pytest.raises(InputError, match="got 3 images and 1 prompts taking 2"):
+        _cases([a, b, c], [two])
 
 
 @pytest.mark.cuda
