@@ -28,6 +28,7 @@ __all__ = [
     "available_memory_bytes",
     "machine",
     "machine_markdown",
+    "disk_write_speeds",
     "fixture_path",
     "ensure_fixture",
     "warm_files",
@@ -102,19 +103,9 @@ def _version(dist: str) -> str:
 
 
 def _cpu() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return model, flags
-    if m := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
-        model = m.group(1).strip()
-    if m := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
-        # The ISA extensions that decide which GEMM/GEMV kernels oneDNN and MKL can use.
-        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "avx512_fp16")
-        have = set(m.group(1).split())
-        flags = [f for f in wanted if f in have]
-    return model, flags
+    from pgconv import tuning  # torch-free: the same CPU identity the kernel cache is keyed by
+
+    return tuning.cpu_model(), tuning.cpu_isa()
 
 
 def machine(threads: int | None = None) -> dict:
@@ -138,7 +129,36 @@ def machine(threads: int | None = None) -> dict:
     }
 
 
+def disk_write_speeds(directory: Path, nbytes: int = 1 << 30, runs: int = 2) -> dict:
+    """The disk's own durable write rate where `directory` lives (bytes/s, best of `runs`), written as pgconv's
+    writer does (write_path: 32 MiB stages, its default workers, fsync at the end): O_DIRECT, and buffered with
+    early writeback; None for a path the filesystem refuses (tmpfs: no O_DIRECT). Also the plan `pgconv convert`
+    picks there (measured once per filesystem, or PGCONV_WRITER)."""
+    from pgconv.converter import write_path
+
+    out: dict = {"bytes": nbytes, "directory": str(directory)}
+    directory.mkdir(parents=True, exist_ok=True)
+    for mode in ("direct", "buffered"):
+        try:
+            out[mode] = max(nbytes / write_path._time_write(directory, write_path.Plan(mode), nbytes)
+                            for _ in range(runs))
+        except OSError:
+            out[mode] = None
+    plan = write_path.plan_for(directory)
+    out["plan"], out["plan_source"] = plan.name, plan.source
+    return out
+
+
+def _disk_line(d: dict) -> str:
+    rate = {m: "refused" if d.get(m) is None else f"{d[m] / 1e9:.2f} GB/s" for m in ("direct", "buffered")}
+    return (f"- Disk write (durable: fsync included; {d['bytes'] / 2**30:.2g} GiB, best of 2, under "
+            f"{d['directory']}): O_DIRECT {rate['direct']}, buffered + writeback {rate['buffered']}; "
+            f"pgconv convert writes {d['plan']} ({d['plan_source']})\n")
+
+
 def machine_markdown(info: dict) -> str:
+    """The machine lines under every results table, with the disk's write speeds when `info["disk_write"]` holds
+    them (`disk_write_speeds`)."""
     isa = ", ".join(info["isa"]) or "none of note"
     load = ", ".join(str(x) for x in info["load_avg_1_5_15"])
     return (
@@ -148,7 +168,7 @@ def machine_markdown(info: dict) -> str:
         f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"pgconv {info['pgconv']}; {info['os']}\n"
         f"- Load average (1, 5, 15 min) at the start: {load}; measured {info['date']}\n"
-    )
+    ) + (_disk_line(info["disk_write"]) if info.get("disk_write") else "")
 
 
 def fixture_path(preset: str) -> Path:

@@ -48,6 +48,7 @@ class ConvertSummary:
     copied: int = 0  # tensors copied as raw bytes
     lossy: list[tuple[str, float, int]] = field(default_factory=list)  # (tensor, max |delta|, fp16 overflows)
     dropped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # SigLIP head tensors not written (Plan.ignored)
     config_changes: dict = field(default_factory=dict)
     check: str | None = None
     manifest: bool = True  # False for a single-file output (.npz): no pgconv-manifest.json to point to
@@ -60,6 +61,10 @@ class ConvertSummary:
             lines.append(self.config_note)
         if self.dropped:
             lines.append("dropped (tied, identical to the embedding): " + ", ".join(self.dropped))
+        if self.ignored:
+            lines.append(f"dropped {len(self.ignored)} SigLIP head tensor(s) (vision_use_head: transformers loads them, "
+                         f"PaliGemma never uses the head's output): {', '.join(self.ignored[:3])}"
+                         f"{' ...' if len(self.ignored) > 3 else ''}")
         if self.config_changes:
             lines.append("config.json: " + ", ".join(f"{k}={v}" for k, v in self.config_changes.items()))
         if self.lossy:
@@ -77,7 +82,8 @@ class ConvertSummary:
 
 
 def rewrite_config(config: dict, changes: dict) -> dict:
-    """Apply plan edits to a config.json dict: dtype (also `torch_dtype` and sub-configs that state one) and tying."""
+    """Apply plan edits to a config.json dict: dtype (also `torch_dtype` and sub-configs that state one), tying, and
+    `vision_config.vision_use_head` (the unused SigLIP head's weights are not written)."""
     out = json.loads(json.dumps(config))
     subs = [out] + [out[k] for k in ("text_config", "vision_config") if isinstance(out.get(k), dict)]
     if "dtype" in changes:
@@ -89,6 +95,10 @@ def rewrite_config(config: dict, changes: dict) -> dict:
         for d in subs[:2]:
             if "tie_word_embeddings" in d or d is out:
                 d["tie_word_embeddings"] = changes["tie_word_embeddings"]
+    if "vision_config.vision_use_head" in changes:
+        if not isinstance(out.get("vision_config"), dict):
+            out["vision_config"] = {}  # an absent one is built from PaliGemma's defaults: keep those explicit
+        out["vision_config"]["vision_use_head"] = changes["vision_config.vision_use_head"]
     return out
 
 
@@ -243,6 +253,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
         time.perf_counter() - start, copied=sum(r.copied for r in records),
         lossy=[(r.target.name, r.max_abs_diff, r.fp16_overflow) for r in records
                if (r.max_abs_diff or 0) > 0 or r.fp16_overflow],
-        dropped=[d.source for d in plan.drops], config_changes=dict(plan.config_changes), check=report,
+        dropped=[d.source for d in plan.drops], ignored=list(plan.ignored), config_changes=dict(plan.config_changes),
+        check=report,
         config_note=note,
     )

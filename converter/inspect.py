@@ -14,7 +14,7 @@ from pathlib import Path
 from pgconv.converter.checkpoint import PRECEDENCE, Checkpoint, open_checkpoint
 from pgconv.converter.hub import resolve_source
 from pgconv.converter.dtypes import FLOAT_CODES
-from pgconv.converter.layouts import LAYOUTS, TEXT_TENSORS, detect_layout
+from pgconv.converter.layouts import LAYOUTS, TEXT_TENSORS, VISION_HEAD_TENSORS, detect_layout, head_shapes
 from pgconv.converter.plan import expected_shapes
 from pgconv.converter.sources import tensors_equal
 from pgconv.errors import InputError
@@ -39,6 +39,9 @@ class InspectReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     misshaped: list[dict] = field(default_factory=list)  # {"name", "shape", "expected"}
+    # Stored SigLIP head tensors (vision_use_head true): transformers loads them, PaliGemma never uses the head's
+    # output, pgconv ignores them (convert does not write them). Not a problem.
+    ignored: list[str] = field(default_factory=list)
     nonfinite: dict[str, dict[str, int]] | None = None  # with scan: tensor -> {"nan", "inf"} (only tensors with any)
     problems: list[str] = field(default_factory=list)
 
@@ -55,6 +58,9 @@ class InspectReport:
             f"tensors: {self.tensors}, {self.total_bytes / 1e6:.1f} MB; dtypes: {hist}",
             f"embeddings: {self.tied}",
         ]
+        if self.ignored:
+            lines.append(f"ignored: {len(self.ignored)} SigLIP head tensor(s) (vision_use_head: transformers loads "
+                         "them, PaliGemma never uses the head's output; convert does not write them)")
         if self.nonfinite is not None:
             bad = sum(v["nan"] + v["inf"] for v in self.nonfinite.values())
             lines.append(f"scan: {bad} NaN/Inf value(s) in {len(self.nonfinite)} tensor(s)")
@@ -64,7 +70,8 @@ class InspectReport:
 
 def matching_presets(shapes: dict[str, tuple[int, ...]], layout: str) -> list[str]:
     """Presets whose tensors (ignoring any lm_head) have exactly these names and shapes in `layout`."""
-    head = {LAYOUTS[layout].lm_head}
+    lay = LAYOUTS[layout]
+    head = {lay.lm_head} | {lay.vision + n for n in VISION_HEAD_TENSORS}  # an unused SigLIP head: not a shape
     body = {k: v for k, v in shapes.items() if k not in head}
     return [name for name, cfg in PRESETS.items() if expected_shapes(cfg, layout, with_lm_head=False) == body]
 
@@ -82,7 +89,9 @@ def _tied_status(ck: Checkpoint, cfg: PaliGemmaConfig | None, layout: str) -> tu
         return "tied (lm_head not stored; logits use the embedding)", None
     if embed in ck.tensors and tensors_equal(head, ck.tensors[embed]):
         return "tied (lm_head stored, identical to the embedding)", None
-    return "tied per config, but the stored lm_head differs", f"{lay.lm_head} differs from {embed} although the config ties them"
+    return "tied per config, but the stored lm_head differs", (
+        f"{lay.lm_head} differs from {embed} although the config ties them (transformers, verify and generate use "
+        "both untied, with a warning; convert refuses it, --untie keeps both)")
 
 
 def _scan(ck: Checkpoint) -> dict[str, dict[str, int]]:
@@ -162,8 +171,12 @@ def inspect(path: str | Path, scan: bool = False, from_: str | Path | None = Non
     if cfg is not None and layout is not None:
         expected = expected_shapes(cfg, layout, with_lm_head=not cfg.tie_word_embeddings)
         head = LAYOUTS[layout].lm_head
+        siglip_head = head_shapes(cfg, layout)
+        report.ignored = sorted(n for n in siglip_head if n in shapes)
         report.missing = sorted(set(expected) - set(shapes))
-        report.unexpected = sorted(n for n in set(shapes) - set(expected) if not (n == head and cfg.tie_word_embeddings))
+        report.unexpected = sorted(n for n in set(shapes) - set(expected) - set(siglip_head)
+                                   if not (n == head and cfg.tie_word_embeddings))
+        expected = {**expected, **siglip_head}  # a mis-shaped head transformers refuses to load
         report.misshaped = [{"name": n, "shape": list(shapes[n]), "expected": list(expected[n])}
                             for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
         problems += [f"missing tensor {n}" for n in report.missing]

@@ -20,6 +20,7 @@ __all__ = [
     "LAYOUTS",
     "LayoutError",
     "native_shapes",
+    "head_shapes",
     "key_map",
     "detect_layout",
     "to_native",
@@ -53,6 +54,14 @@ VISION_LAYER_TENSORS: dict[str, str] = {
     ]
     for p in ("weight", "bias")
 }
+# SigLIP's attention-pooling (MAP) head, relative to the vision prefix: transformers builds it when
+# vision_use_head is true (SiglipVisionConfig's default, e.g. its own PaliGemma tester configs) and loads these, but
+# PaliGemma takes the last hidden state and never uses the head's output, so pgconv ignores them (`head_shapes`).
+VISION_HEAD_TENSORS: tuple[str, ...] = (
+    "head.probe", "head.attention.in_proj_weight", "head.attention.in_proj_bias", "head.attention.out_proj.weight",
+    "head.attention.out_proj.bias", "head.layernorm.weight", "head.layernorm.bias", "head.mlp.fc1.weight",
+    "head.mlp.fc1.bias", "head.mlp.fc2.weight", "head.mlp.fc2.bias",
+)
 PROJECTOR_TENSORS: dict[str, str] = {"weight": "weight", "bias": "bias"}
 TEXT_TENSORS: dict[str, str] = {"embed.weight": "embed_tokens.weight", "norm.weight": "norm.weight"}
 _TEXT_LAYER_COMMON: dict[str, str] = {
@@ -189,6 +198,17 @@ def native_shapes(cfg: PaliGemmaConfig, *, with_lm_head: bool | None = None) -> 
     return shapes
 
 
+def head_shapes(cfg: PaliGemmaConfig, layout: str | Layout) -> dict[str, tuple[int, ...]]:
+    """Name in `layout` -> shape of each SigLIP head tensor transformers would load for `cfg` (none when the config
+    has no head, or for pgconv's native names, which never hold one)."""
+    lay = LAYOUTS[layout] if isinstance(layout, str) else layout
+    if not cfg.vision.use_head or lay.native_names:
+        return {}
+    c, i = cfg.vision.hidden_size, cfg.vision.intermediate_size
+    shapes = [(1, 1, c), (3 * c, c), (3 * c,), (c, c), (c,), (c,), (c,), (i, c), (i,), (c, i), (c,)]
+    return {lay.vision + name: shape for name, shape in zip(VISION_HEAD_TENSORS, shapes)}
+
+
 def detect_layout(keys: Iterable[str]) -> str:
     """Name of the layout whose prefixes the tensor names use; raises LayoutError when none or several fit."""
     keys = list(keys)
@@ -228,7 +248,8 @@ def to_native(sd: Mapping[str, object], cfg: PaliGemmaConfig, layout: str) -> di
     """
     mapping = {theirs: ours for ours, theirs in key_map(cfg, layout).items()}
     lay = LAYOUTS[layout]
-    sd = dict(sd)
+    head = head_shapes(cfg, layout)  # the SigLIP head transformers builds and PaliGemma never uses
+    sd = {k: v for k, v in sd.items() if k not in head}
     if cfg.tie_word_embeddings and lay.lm_head in sd:
         head, emb = sd.pop(lay.lm_head), sd.get(mapping_inv_embed(cfg, layout))
         if emb is not None and head is not emb and not _same_tensor(head, emb):

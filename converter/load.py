@@ -8,6 +8,7 @@ are in memory once. A tied `lm_head` is not a parameter of our model: logits use
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pgconv.converter.hub import resolve_source
 from pgconv.converter.layouts import detect_layout, to_native
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.sources import tensors_equal
-from pgconv.errors import InputError
+from pgconv.errors import InputError, PgconvWarning
 from pgconv.model.config import PaliGemmaConfig
 from pgconv.model.generation_config import GenerationSettings, resolve_generation
 from pgconv.model.hf_config import from_hf_config, to_hf_config
@@ -29,7 +30,11 @@ __all__ = ["load", "load_state_dict", "check_checkpoint", "build_model", "from_t
 
 def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Checkpoint, PaliGemmaConfig, Plan]:
     """Every check `load` makes before reading tensor data: headers, index, paths, config, names, shapes, and a
-    stored tied `lm_head` equal to the embedding. `pgconv verify` runs it before transformers opens the files."""
+    stored tied `lm_head` compared with the embedding. `pgconv verify` runs it before transformers opens the files.
+
+    The config returned is the one transformers runs: a stored `lm_head` that differs from the embedding although
+    the config ties them is kept untied, as transformers 5 does (it warns and does not tie them), and a
+    `PgconvWarning` says so (`pgconv convert` still refuses such a checkpoint, see `untied_warning`)."""
     ckpt = open_checkpoint(src, trusted_root=trusted_root)
     ckpt.companion_files()  # refuses a tokenizer/config file that links out of the checkpoint
     cfg = ckpt.pg_config()
@@ -46,9 +51,17 @@ def check_checkpoint(src: Path, trusted_root: Path | None = None) -> tuple[Check
         check_provenance(ckpt.metadata, plan.src_layout, False, str(src))
     for d in plan.drops:
         if not tensors_equal(ckpt.tensors[d.source], ckpt.tensors[d.equals]):
-            raise InputError(f"{ckpt.tensors[d.source].file}: tensor {d.source!r} differs from {d.equals!r} although "
-                             "the config ties them (tie_word_embeddings=true)")
+            cfg = cfg.replace(tie_word_embeddings=False)
+            plan = plan_conversion(ckpt.metas(), cfg, "native")
+            # stacklevel 1: one line per process however many readers meet the same checkpoint (Python's default
+            # filter shows a warning once per location and text).
+            warnings.warn(untied_warning(ckpt.tensors[d.source].file, d.source, d.equals), PgconvWarning)
     return ckpt, cfg, plan
+
+
+def untied_warning(file: Path, head: str, embed: str) -> str:
+    return (f"{file}: tensor {head!r} differs from {embed!r} although the config ties them "
+            "(tie_word_embeddings=true); using both untied, as transformers does")
 
 
 def generation_settings(ckpt: Checkpoint, cfg: PaliGemmaConfig | None = None) -> GenerationSettings:

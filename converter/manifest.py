@@ -44,6 +44,7 @@ def build_manifest(plan: Plan, records: list[TensorRecord], source: Checkpoint, 
         "config_changes": dict(plan.config_changes),
         "untie": untie,
         "dropped": [{"source": d.source, "equals": d.equals, "reason": d.reason} for d in plan.drops],
+        "ignored": list(plan.ignored),  # the unused SigLIP head's tensors, not written
         "tensors": tensors,
     }
 

@@ -4,7 +4,8 @@ A `Plan` lists one `Step` per target tensor: the source tensor(s) it is made fro
 `TRANSFORMS` (default `identity`, i.e. a rename) with hashable arguments. Later transform tables (transpose,
 reshape, split, vocab pad/cut for big_vision) register more `Transform`s; each one states its output shape from
 its input shapes, so `validate_plan` can check every shape without data. `Drop`s consume a source tensor that
-is not written because it must equal another one (a tied `lm_head`); the writer verifies the equality.
+is not written because it must equal another one (a tied `lm_head`); the writer verifies the equality. `ignored`
+source tensors are the SigLIP head's, which transformers loads but PaliGemma never uses: not written, reported.
 No file access here (style.md §2.3).
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pgconv.converter.dtypes import FLOAT_CODES
-from pgconv.converter.layouts import LAYOUTS, LayoutError, detect_layout, key_map, native_shapes
+from pgconv.converter.layouts import LAYOUTS, LayoutError, detect_layout, head_shapes, key_map, native_shapes
 from pgconv.converter.sources import TensorMeta
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig
@@ -75,7 +76,8 @@ class Plan:
     dst_layout: str
     steps: tuple[Step, ...]
     drops: tuple[Drop, ...] = ()
-    config_changes: Mapping[str, object] = field(default_factory=dict)  # top-level config.json edits
+    config_changes: Mapping[str, object] = field(default_factory=dict)  # config.json edits (`convert.rewrite_config`)
+    ignored: tuple[str, ...] = ()  # source tensors of the unused SigLIP head (`layouts.head_shapes`): not written
 
     @property
     def targets(self) -> list[TensorMeta]:
@@ -124,8 +126,18 @@ def plan_conversion(sources: Mapping[str, TensorMeta], cfg: PaliGemmaConfig, dst
         drops.append(Drop(src_lay.lm_head, embed, "tied to the embedding (tie_word_embeddings=true)"))
     if tied and untie:
         changes["tie_word_embeddings"] = False
+    # The SigLIP head transformers builds (vision_use_head true) and PaliGemma never uses: its tensors, if stored,
+    # are not written, and the output config says there is no head (transformers would otherwise re-create it with
+    # random values and warn that its weights are missing). Mis-shaped ones are refused, as transformers refuses them.
+    head = head_shapes(cfg, src_layout)
+    ignored = tuple(n for n in head if n in sources)
+    for n in ignored:
+        if tuple(sources[n].shape) != head[n]:
+            raise InputError(f"tensor {n!r} has shape {list(sources[n].shape)}; the config implies {list(head[n])}")
+    if cfg.vision.use_head:
+        changes["vision_config.vision_use_head"] = False
     missing = [s for s, _ in pairs if s not in sources]
-    used = {s for s, _ in pairs} | {d.source for d in drops}
+    used = {s for s, _ in pairs} | {d.source for d in drops} | set(ignored)
     unexpected = [s for s in sources if s not in used]
     if missing or unexpected:
         parts = [f"missing {len(missing)} tensor(s): {_listing(missing)}"] if missing else []
@@ -138,7 +150,7 @@ def plan_conversion(sources: Mapping[str, TensorMeta], cfg: PaliGemmaConfig, dst
                           shares_source=(src == embed and dst == dst_lay.lm_head)))
     if dtype:
         changes["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
-    plan = Plan(src_layout, dst_layout, tuple(steps), tuple(drops), changes)
+    plan = Plan(src_layout, dst_layout, tuple(steps), tuple(drops), changes, ignored)
     validate_plan(plan, sources, expected_shapes(cfg, dst_layout, with_lm_head=not tied or untie))
     return plan
 
@@ -152,7 +164,7 @@ def validate_plan(plan: Plan, sources: Mapping[str, TensorMeta], expected: Mappi
             if s not in sources:
                 raise LayoutError(f"target {step.target.name!r} reads {s!r}, which the source does not have")
     twice = sorted(s for s, n in uses.items() if n > 1)
-    unused = sorted(set(sources) - set(uses) - {s for st in plan.steps for s in st.sources})
+    unused = sorted(set(sources) - set(uses) - {s for st in plan.steps for s in st.sources} - set(plan.ignored))
     if twice:
         raise LayoutError(f"source tensor {twice[0]!r} is used more than once ({len(twice)} such)")
     if unused:

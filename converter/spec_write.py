@@ -218,8 +218,16 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
     names = [dst.name] if spec.format == "npz" else ["model.safetensors"]
     return ConvertSummary(str(src), dst, src_format, spec.name, len(files), total, names, time.perf_counter() - start,
                           lossy=[(n, d, 0) for n, d in lossy.items() if d > 0], check=report,
+                          ignored=_ignored_head(ck, cfg, src_format),
                           manifest=spec.format != "npz",
                           config_note=config_note(ck.root, config, cfg) if isinstance(ck, SpecCheckpoint) else None)
+
+
+def _ignored_head(ck: Checkpoint, cfg: PaliGemmaConfig, src_format: str) -> list[str]:
+    """The stored SigLIP head tensors a layout source had (not written: PaliGemma never uses them; plan.ignored)."""
+    from pgconv.converter.layouts import LAYOUTS, head_shapes
+
+    return [n for n in head_shapes(cfg, src_format) if n in ck.tensors] if src_format in LAYOUTS else []
 
 
 def _check(out: Path, name: str, spec, bound, cfg: PaliGemmaConfig, natives: dict[str, SourceTensor],

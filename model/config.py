@@ -42,6 +42,10 @@ class VisionConfig:
     num_heads: int = 16
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
+    # transformers builds SigLIP's attention-pooling (MAP) head when vision_use_head is true (SiglipVisionConfig's
+    # default) and loads its weights, but PaliGemma never uses its output: our model has no head and its weights
+    # are ignored when reading (`converter.layouts.VISION_HEAD_TENSORS`).
+    use_head: bool = False
 
     @property
     def head_dim(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pgconv.model.config import (_TANH_GELU_ALIASES, TANH_GELU, ConfigError, PaliGemmaConfig, TextConfig,
                                  VisionConfig, gemma2_layer_types)
+from pgconv.model.hf_defaults import CLASS_DEFAULTS, TEXT_CLASS, sub_config_defaults
 
 __all__ = ["from_hf_config", "to_hf_config", "MAX_IMAGE_TOKENS"]
 
@@ -134,7 +135,7 @@ def _check_dtypes(d: dict, where: str) -> None:
             raise ConfigError(f"{_name(where, key)}: expected one of {', '.join(_HF_DTYPES)} or null, got {_shown(v)}")
 
 
-def _rope_theta(tc: dict) -> float:
+def _rope_theta(tc: dict, default: float) -> float:
     # transformers 5 writes rope_parameters, 4.x rope_scaling (or nothing); an empty one falls through like `or` did.
     params, where = {}, "text_config"
     for key in ("rope_parameters", "rope_scaling"):
@@ -150,7 +151,7 @@ def _rope_theta(tc: dict) -> float:
         raise ConfigError(f"{where}: per-layer-type rope parameters are not supported (PaliGemma uses one default RoPE)")
     if "rope_theta" in params:
         return _float(params, "rope_theta", where, None)
-    return _float(tc, "rope_theta", "text_config", 10000.0)
+    return _float(tc, "rope_theta", "text_config", default)
 
 
 def _activation(d: dict, keys: tuple[str, ...], where: str, legacy_gelu: bool = False) -> None:
@@ -166,7 +167,10 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
 
     Honours every field that changes numerics and raises `ConfigError` on values pgconv cannot reproduce.
     The image-feature scale and the text width come from `text_config.hidden_size`, never the top-level
-    `hidden_size` (trap 11). A missing `vision_use_head` is treated like transformers 4.x does (True) and rejected.
+    `hidden_size` (trap 11). A missing key means what transformers puts in for it (`hf_defaults`: the sub-config
+    class's default, e.g. GemmaConfig's hidden_size 3072, not PaliGemma-3B's), so sizes are transformers'. A SigLIP
+    head (`vision_use_head` true, SiglipVisionConfig's default) is recorded in `VisionConfig.use_head`: transformers
+    builds and loads it but PaliGemma never uses its output, so its weights are ignored.
     Types are JSON-strict (an integer is a JSON integer, a boolean a JSON boolean, a float finite) and sizes are
     bounded by `_SIZE_LIMITS`, so a malformed file is a one-line error naming the key, never a traceback or a hang.
     """
@@ -176,14 +180,20 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
         raise ConfigError(f"model_type {_shown(d.get('model_type'))} is not a PaliGemma config (expected 'paligemma')")
     tc = dict(_object(d, "text_config"))
     vc = dict(_object(d, "vision_config"))
+    # transformers fills a stated sub-config (even {}) from its class defaults, an absent or null one from
+    # PaliGemmaConfig's 3B init kwargs on top of them (hf_defaults).
+    text_present, vision_present = d.get("text_config") is not None, d.get("vision_config") is not None
     family = tc.get("model_type", "gemma")
     if family not in ("gemma", "gemma2"):
         raise ConfigError(f"text_config.model_type {_shown(family)} is not supported (expected 'gemma' or 'gemma2')")
     if vc.get("model_type", "siglip_vision_model") != "siglip_vision_model":
         raise ConfigError(f"vision_config.model_type {_shown(vc.get('model_type'))} is not supported (expected 'siglip_vision_model')")
-    # v5 SiglipVisionConfig defaults vision_use_head=True and 4.x treats a missing attribute as True (trap 10).
-    if _bool(vc, "vision_use_head", "vision_config", True):
-        raise ConfigError("vision_config.vision_use_head must be false for PaliGemma (the MAP head is not part of the model)")
+    vdef = sub_config_defaults("vision_config", "SiglipVisionConfig", vision_present)
+    tdef = sub_config_defaults("text_config", TEXT_CLASS[family], text_present)
+    # v5 SiglipVisionConfig defaults vision_use_head=True (trap 10): transformers then builds the MAP head and loads
+    # its weights, but PaliGemma takes the last hidden state, never the head's output (transformers' own tester
+    # configs do this). Accepted; the head's weights are ignored (reported by inspect).
+    use_head = _bool(vc, "vision_use_head", "vision_config", vdef["vision_use_head"])
     if _bool(tc, "attention_bias", "text_config", False):
         raise ConfigError("text_config.attention_bias=true is not supported (Gemma has no attention biases)")
     # What transformers 5 (the reference) runs: Gemma's MLP reads hidden_act (its config turns the official
@@ -197,13 +207,12 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
         _check_dtypes(sub, where)
 
     T = "text_config"
-    defaults = TextConfig(family=family)
     gemma2 = family == "gemma2"
-    found_vocab = _first("vocab_size", (T, tc), ("", d))
-    vocab = defaults.vocab_size if found_vocab is None else _int_value(*found_vocab, 1, _SIZE_LIMITS["vocab_size"])
+    # The model's vocabulary is text_config's (PaliGemmaConfig's top-level vocab_size is not read by the model).
+    vocab = _size(tc, "vocab_size", T, tdef["vocab_size"])
     # Bounded before anything is built per layer (gemma2_layer_types below, key maps later).
-    num_layers = _size(tc, "num_hidden_layers", T, defaults.num_layers)
-    heads = _size(tc, "num_attention_heads", T, defaults.num_heads)
+    num_layers = _size(tc, "num_hidden_layers", T, tdef["num_hidden_layers"])
+    heads = _size(tc, "num_attention_heads", T, tdef["num_attention_heads"])
     layer_types: tuple[str, ...] = ()
     if gemma2:
         raw_types = tc.get("layer_types")
@@ -216,21 +225,23 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
     text = TextConfig(
         family=family,
         vocab_size=vocab,
-        hidden_size=_size(tc, "hidden_size", T, defaults.hidden_size),
-        intermediate_size=_size(tc, "intermediate_size", T, defaults.intermediate_size),
+        hidden_size=_size(tc, "hidden_size", T, tdef["hidden_size"]),
+        intermediate_size=_size(tc, "intermediate_size", T, tdef["intermediate_size"]),
         num_layers=num_layers,
         num_heads=heads,
-        num_kv_heads=_size(tc, "num_key_value_heads", T, defaults.num_kv_heads),
+        num_kv_heads=_size(tc, "num_key_value_heads", T, tdef["num_key_value_heads"]),
         # null means "the default" in transformers' GemmaConfig.
-        head_dim=_size(tc, "head_dim", T, defaults.head_dim) if tc.get("head_dim") is not None else defaults.head_dim,
-        rms_norm_eps=_float(tc, "rms_norm_eps", T, defaults.rms_norm_eps),
-        rope_theta=_rope_theta(tc),
-        max_position_embeddings=_size(tc, "max_position_embeddings", T, defaults.max_position_embeddings),
-        query_pre_attn_scalar=(_float(tc, "query_pre_attn_scalar", T, 256) if gemma2 else None),
+        head_dim=_size(tc, "head_dim", T, tdef["head_dim"]) if tc.get("head_dim") is not None else tdef["head_dim"],
+        rms_norm_eps=_float(tc, "rms_norm_eps", T, tdef["rms_norm_eps"]),
+        rope_theta=_rope_theta(tc, tdef["rope_theta"]),
+        max_position_embeddings=_size(tc, "max_position_embeddings", T, tdef["max_position_embeddings"]),
+        query_pre_attn_scalar=(_float(tc, "query_pre_attn_scalar", T, tdef["query_pre_attn_scalar"]) if gemma2 else None),
         # A null soft-cap or sliding window disables it, as in transformers' Gemma2.
-        attn_logit_softcap=(_optional(tc, "attn_logit_softcapping", T, 50.0, _float) if gemma2 else None),
-        final_logit_softcap=(_optional(tc, "final_logit_softcapping", T, 30.0, _float) if gemma2 else None),
-        sliding_window=(_optional(tc, "sliding_window", T, 4096, _size) if gemma2 else None),
+        attn_logit_softcap=(_optional(tc, "attn_logit_softcapping", T, tdef["attn_logit_softcapping"], _float)
+                            if gemma2 else None),
+        final_logit_softcap=(_optional(tc, "final_logit_softcapping", T, tdef["final_logit_softcapping"], _float)
+                             if gemma2 else None),
+        sliding_window=(_optional(tc, "sliding_window", T, tdef["sliding_window"], _size) if gemma2 else None),
         layer_types=layer_types,
     )
     if text.num_heads % text.num_kv_heads:
@@ -238,17 +249,18 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
     if text.layer_types and len(text.layer_types) != text.num_layers:
         raise ConfigError(f"text_config.layer_types has {len(text.layer_types)} entries for {text.num_layers} layers")
     V = "vision_config"
-    vdef = VisionConfig()
     vision = VisionConfig(
-        image_size=_size(vc, "image_size", V, vdef.image_size),
-        patch_size=_size(vc, "patch_size", V, vdef.patch_size),
-        hidden_size=_size(vc, "hidden_size", V, vdef.hidden_size),
-        # PaliGemmaConfig() defaults to 4096 here but the real model is 4304 (trap 20); a hub config always states it.
-        intermediate_size=_size(vc, "intermediate_size", V, vdef.intermediate_size),
-        num_layers=_size(vc, "num_hidden_layers", V, vdef.num_layers),
-        num_heads=_size(vc, "num_attention_heads", V, vdef.num_heads),
-        num_channels=_size(vc, "num_channels", V, vdef.num_channels),
-        layer_norm_eps=_float(vc, "layer_norm_eps", V, vdef.layer_norm_eps),
+        image_size=_size(vc, "image_size", V, vdef["image_size"]),
+        patch_size=_size(vc, "patch_size", V, vdef["patch_size"]),
+        hidden_size=_size(vc, "hidden_size", V, vdef["hidden_size"]),
+        # An absent vision_config gets PaliGemmaConfig's 4096 here though the real model is 4304 (trap 20), as in
+        # transformers; a hub config always states it.
+        intermediate_size=_size(vc, "intermediate_size", V, vdef["intermediate_size"]),
+        num_layers=_size(vc, "num_hidden_layers", V, vdef["num_hidden_layers"]),
+        num_heads=_size(vc, "num_attention_heads", V, vdef["num_attention_heads"]),
+        num_channels=_size(vc, "num_channels", V, vdef["num_channels"]),
+        layer_norm_eps=_float(vc, "layer_norm_eps", V, vdef["layer_norm_eps"]),
+        use_head=use_head,
     )
     if vision.image_size % vision.patch_size:
         raise ConfigError(f"vision_config.image_size={vision.image_size} is not a multiple of patch_size={vision.patch_size}")
@@ -260,7 +272,8 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
         raise ConfigError(f"vision_config: hidden_size={vision.hidden_size} is not a multiple of num_attention_heads={vision.num_heads}")
     # transformers sizes the projector from the top-level projection_dim (default 2048 when absent) and copies it
     # over vision_config.projection_dim, so only the top-level value counts.
-    found = _first("projection_dim", ("", d)) or (2048, "projection_dim (absent, transformers' default)")
+    found = _first("projection_dim", ("", d)) or (CLASS_DEFAULTS["PaliGemmaConfig"]["projection_dim"],
+                                                   "projection_dim (absent, transformers' default)")
     projection_dim = _int_value(*found, 1, _SIZE_LIMITS["projection_dim"])
     if projection_dim != text.hidden_size:
         raise ConfigError(f"{found[1]}={projection_dim} does not match text_config.hidden_size={text.hidden_size}: "
@@ -275,18 +288,22 @@ def from_hf_config(d: dict) -> PaliGemmaConfig:
     pad = _first("pad_token_id", ("", d), (T, tc))
     if pad is not None and pad[0] is None:
         pad = None  # a null pad id (common in transformers configs) means 0, as before
-    tie = _first("tie_word_embeddings", ("", d), (T, tc))
+    # PaliGemmaForConditionalGeneration ties lm_head by its own (top-level) flag only; text_config's is never read
+    # (checked with transformers 5.24: text_config.tie_word_embeddings=false alone still ties).
+    tie = _first("tie_word_embeddings", ("", d))
     image = _first("image_token_index", ("", d)) or _first("image_token_id", ("", d))
     return PaliGemmaConfig(
         vision=vision,
         text=text,
         # transformers swaps an image id past the vocabulary for 0 before the embedding lookup (so does
         # PaliGemma.embed): pi0/openpi-style configs put it at vocab_size.
-        image_token_index=_token_id(image, "image_token_index", 257152, _SIZE_LIMITS["vocab_size"]),
+        image_token_index=_token_id(image, "image_token_index", CLASS_DEFAULTS["PaliGemmaConfig"]["image_token_index"],
+                                    _SIZE_LIMITS["vocab_size"]),
         pad_token_id=_token_id(pad, "pad_token_id", 0, vocab),
         bos_token_id=_token_id(_first("bos_token_id", ("", d), (T, tc), skip_null=True), "bos_token_id", 2, vocab),
         eos_token_ids=eos_ids,
-        tie_word_embeddings=True if tie is None else _bool_value(*tie),
+        tie_word_embeddings=(CLASS_DEFAULTS["PaliGemmaConfig"]["tie_word_embeddings"] if tie is None
+                             else _bool_value(*tie)),
     )
 
 
@@ -336,7 +353,7 @@ def to_hf_config(cfg: PaliGemmaConfig, dtype: str = "bfloat16") -> dict:
         "num_image_tokens": cfg.num_image_tokens,
         "projection_dim": t.hidden_size,
         "projector_hidden_act": "gelu_fast",
-        "vision_use_head": False,
+        "vision_use_head": False,  # pgconv's model has no SigLIP head (an unused one is never written)
     }
     return {
         "architectures": ["PaliGemmaForConditionalGeneration"],

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pgconv.converter.layouts import from_native, key_map, to_native
+from pgconv.converter.layouts import from_native, head_shapes, key_map, to_native
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig
 from pgconv.model.hf_config import from_hf_config
@@ -74,6 +74,10 @@ def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
         if bar:
             hf_logging.enable_progress_bar()
     problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    # A SigLIP head (vision_use_head true) that the checkpoint does not store: transformers initialises it and
+    # warns, and PaliGemma never uses its output, so that is not a problem here (pgconv's reader ignores it too).
+    unused_head = head_shapes(read_config(path), REF_LAYOUT)
+    problems["missing_keys"] = [k for k in problems["missing_keys"] if k not in unused_head]
     problems = {k: v for k, v in problems.items() if v}
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}"
@@ -93,7 +97,8 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
     """The checkpoint's tensors (stored names; a `native`-layout checkpoint's renamed to transformers' in-memory
     names, which transformers cannot derive from ours) with floating ones cast to `dtype`; None when every floating
     tensor is already stored in `dtype` and the names are transformers' (it then maps the files without any copy). A
-    stored tied `lm_head` (checked equal to the embedding by `check_checkpoint`) is left out: transformers ties it.
+    stored tied `lm_head` equal to the embedding is left out (transformers ties it); one that differs is kept, so
+    that transformers unties it as `from_pretrained(path)` does.
 
     Each tensor is cast straight from a private memory map of its file (no copy of the source), and its source
     pages are unmapped right after (`MADV_DONTNEED`: they stay in the page cache, not in our resident set), so peak
@@ -106,6 +111,7 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
     from pgconv.converter.checkpoint import open_checkpoint
     from pgconv.converter.dtypes import torch_dtype
     from pgconv.converter.plan import plan_conversion
+    from pgconv.converter.sources import tensors_equal
 
     ckpt = open_checkpoint(path)  # a hub snapshot's files link into the repo's blobs/: trusted by default
     # transformers loads every HF layout by itself; pgconv's own names it cannot map, so those are renamed here.
@@ -114,7 +120,7 @@ def cast_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] |
     floating = [t for t in ckpt.tensors.values() if torch_dtype(t.meta.dtype).is_floating_point]
     if not rename and all(torch_dtype(t.meta.dtype) == dtype for t in floating):
         return None
-    drops = {d.source for d in plan.drops}
+    drops = {d.source for d in plan.drops if tensors_equal(ckpt.tensors[d.source], ckpt.tensors[d.equals])}
     names = [n for n in ckpt.tensors if n not in drops]
     # One private mapping per file (ACCESS_COPY: torch may view it as writable; never written, so no page is copied).
     # None: the file is empty or cannot be mapped (some network filesystems): its tensors are read into a buffer.
@@ -188,13 +194,24 @@ def _from_state_dict(path: Path, state: dict[str, torch.Tensor], dtype: torch.dt
 
 
 def build_candidate(ref: nn.Module, cfg: PaliGemmaConfig) -> nn.Module:
-    """Our PaliGemma whose parameters *are* the reference's tensors (no copy)."""
+    """Our PaliGemma whose parameters *are* the reference's tensors (no copy).
+
+    When the config ties the embeddings but transformers did not tie them (a stored lm_head that differs: it warns
+    and keeps both), ours is built untied too, with the reference's lm_head (`weight_parity` reports it)."""
     from pgconv.model.paligemma import PaliGemma
+
+    if cfg.tie_word_embeddings and not _ties(ref):
+        cfg = cfg.replace(tie_word_embeddings=False)
 
     with torch.device("meta"):
         ours = PaliGemma(cfg)
     ours.load_state_dict(to_native(ref.state_dict(), cfg, REF_LAYOUT), strict=True, assign=True)
     return ours.eval().requires_grad_(False)
+
+
+def _ties(ref: nn.Module) -> bool:
+    """Whether the transformers model's lm_head is its embedding (what its loading decided, not the config)."""
+    return ref.get_output_embeddings().weight is ref.get_input_embeddings().weight
 
 
 def nonfinite_counts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
@@ -219,7 +236,15 @@ def nonfinite_counts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, int]
 
 
 def weight_parity(ours: nn.Module, ref: nn.Module, cfg: PaliGemmaConfig) -> dict[str, Any]:
-    """Every mapped tensor compared: shape, dtype, storage shared, values bit-identical."""
+    """Every mapped tensor compared: shape, dtype, storage shared, values bit-identical.
+
+    `untied_by_transformers`: the config ties lm_head to the embedding but the checkpoint stores a different one, so
+    transformers (and, following it, ours) keeps both untied; None otherwise."""
+    untied = None
+    if cfg.tie_word_embeddings and not ours.cfg.tie_word_embeddings:
+        untied = ("the stored lm_head differs from the embedding although the config ties them "
+                  "(tie_word_embeddings=true): transformers keeps both untied, and so does pgconv")
+        cfg = ours.cfg
     names = key_map(cfg, REF_LAYOUT)
     ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
     rows, bad = [], []
@@ -240,7 +265,7 @@ def weight_parity(ours: nn.Module, ref: nn.Module, cfg: PaliGemmaConfig) -> dict
     return {
         "passed": not bad, "mapped": len(rows), "bit_identical": sum(bool(r.get("bit_identical")) for r in rows),
         "shared": sum(bool(r.get("shared")) for r in rows), "mismatched": bad, "layout": REF_LAYOUT,
-        "tied_lm_head": tied, "nonfinite": nonfinite_counts(ours_sd),
+        "tied_lm_head": tied, "untied_by_transformers": untied, "nonfinite": nonfinite_counts(ours_sd),
         "bytes": sum(t.numel() * t.element_size() for t in ours_sd.values()),
         "map": rows,
     }

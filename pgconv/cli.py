@@ -13,10 +13,11 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import click
 
-from pgconv.errors import InputError
+from pgconv.errors import InputError, PgconvWarning
 
 __all__ = ["main", "cli"]
 
@@ -62,11 +63,24 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A `PgconvWarning` as one `pgconv: warning: ...` line on stderr; other warnings as Python shows them."""
+    if issubclass(category, PgconvWarning):
+        click.echo(f"pgconv: warning: {_one_line(str(message))}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        _main(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            _main(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -15,3 +15,7 @@ class PgconvError(Exception):
 
 class InputError(PgconvError, ValueError):
     """Bad input: a file, config, tensor, prompt or option that cannot be used (exit code 2)."""
+
+
+class PgconvWarning(UserWarning):
+    """Input read as transformers reads it although it looks wrong (the CLI prints `pgconv: warning: ...`)."""

@@ -64,7 +64,8 @@ def _row(ttft, decode, rss, tokens):
 
 def test_summary_ratios_roofline_and_token_agreement():
     rows = {"ours": _row(0.8, 0.2, 90, [5, 6, 7, 8]), "eager": _row(1.0, 0.4, 100, [5, 6, 9, 8])}
-    bw = {"read_bytes_per_s": 10.0, "gemv_bytes_per_s": {"mlp": 5.0}, "bytes": 1 << 30, "threads": 2}
+    bw = {"read_bytes_per_s": 10.0, "set_by": "head GEMV aten", "streams": {"sum": 8.0, "head GEMV aten": 10.0},
+          "bytes": 1 << 30, "threads": 2}
     s = inference.summarize(rows, bw, step_bytes=1)
     assert s["roofline_s"] == pytest.approx(0.1)
     assert s["roofline_fraction"] == pytest.approx({"ours": 0.5, "eager": 0.25})
@@ -77,19 +78,51 @@ def test_summary_ratios_roofline_and_token_agreement():
     assert "| vs eager | 0.80 (met) | 0.50 (met) | 0.90 (met) | 2/4 |" in md
     assert "transformers sdpa | skipped: no memory" in md
     assert "Ours at 50% of the decode roofline (target >= 75 %: **not met**)" in md
+    assert "Roofline: 1e-09 GB of weights per decode step / read bandwidth 1e-08 GB/s = **0.1 s/token**" in md
+    assert "set by **head GEMV aten**" in md and "| ours | 1.0 | 0.800 | 0.2000 | 50% |" in md
 
 
-def test_update_results_rewrites_only_the_generated_section(tmp_path, monkeypatch):
+def test_a_roofline_that_an_implementation_beats_is_not_printed():
+    """transformers at 132 % of the 'roofline' (issue 16): the bound is wrong, so no fraction is printed."""
+    rows = {"ours": _row(0.8, 0.2, 90, [5]), "eager": _row(1.0, 0.4, 100, [5])}
+    bw = {"read_bytes_per_s": 10.0, "set_by": "sum", "streams": {"sum": 10.0}, "bytes": 1 << 30, "threads": 2}
+    for step_bytes, printed in ((0.2 * 10.0 * 1.04, True), (0.2 * 10.0 * 1.32, False)):  # ours at 104 % / 132 %
+        s = inference.summarize(rows, bw, step_bytes=step_bytes)
+        assert bool(s["roofline_exceeded"]) != printed
+        result = {"preset": "tiny", "prompt_tokens": 12, "new_tokens": 3, "runs": 1, "machine": common.machine(2),
+                  "dtypes": {"float32": {"bandwidth": bw, "rows": rows, "skipped": {}, "summary": s}}}
+        md = inference.markdown(result)
+        assert ("Roofline: " in md and "Ours at 104% of the decode roofline" in md) == printed
+        assert ("**No roofline printed**: ours decoded at 132% of the bound" in md) != printed
+        assert ("| ours | 1.0 | 0.800 | 0.2000 | - |" in md) != printed
+
+
+def test_update_results_keeps_one_generated_section_per_cpu_model(tmp_path, monkeypatch):
     path = tmp_path / "RESULTS.md"
-    path.write_text(f"# Results\n\nhand-written notes\n\n{inference.BEGIN}\nold table\n{inference.END}\n"
-                    "\n## Profile\nkept\n")
+    zen_begin, zen_end = inference.markers("AMD EPYC")
+    path.write_text(f"# Results\n\nhand-written notes\n\n{zen_begin}\nold table\n{zen_end}\n\n## Profile\nkept\n")
     monkeypatch.setattr(inference, "RESULTS_MD", path)
-    inference._update_results("new table\n")
+    inference._update_results("xeon table\n", "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz")
     text = path.read_text()
-    assert "old table" not in text and "new table" in text
+    assert "old table" in text and "xeon table" in text and "#### Measured on Intel(R) Xeon(R) Platinum" in text
+    assert text.index("old table") < text.index("xeon table") < text.index("## Profile")  # after the last section
+    inference._update_results("new zen table", "AMD EPYC")
+    text = path.read_text()
+    assert "old table" not in text and "new zen table" in text and "xeon table" in text
     assert text.startswith("# Results\n\nhand-written notes") and text.endswith("## Profile\nkept\n")
-    inference._update_results("newer table")
-    assert path.read_text().count(inference.BEGIN) == 1 and "newer table" in path.read_text()
+    assert text.count(zen_begin) == 1 and text.count("<!-- BEGIN inference on ") == 2
+    assert inference.markers("a -- b")[0].startswith("<!-- BEGIN inference on a - b:")  # no comment end inside
+
+
+def test_disk_write_speeds_and_the_machine_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGCONV_WRITER", "buffered")
+    d = common.disk_write_speeds(tmp_path / "d", nbytes=1 << 20, runs=1)
+    assert d["direct"] > 0 and d["buffered"] > 0 and d["plan"].startswith("buffered") and d["plan_source"] == "forced"
+    assert list((tmp_path / "d").iterdir()) == []
+    info = {**common.machine(2), "disk_write": d}
+    md = common.machine_markdown(info)
+    assert f"- CPU: {info['cpu']}" in md and "- Disk write (durable: fsync included; " in md
+    assert "pgconv convert writes buffered 32MiB" in md
 
 
 def test_run_child_reports_the_child_peak_rss_and_failures():

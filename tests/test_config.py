@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -76,8 +77,6 @@ def test_pg2_top_level_hidden_size_is_not_text_hidden():
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda d: d["vision_config"].pop("vision_use_head"), "vision_use_head"),
-        (lambda d: d["vision_config"].update(vision_use_head=True), "vision_use_head"),
         (lambda d: d["text_config"].update(hidden_act="relu"), "hidden_act"),
         (lambda d: d["text_config"].update(model_type="llama"), "model_type"),
         (lambda d: d.update(model_type="llava"), "model_type"),
@@ -93,6 +92,36 @@ def test_numerics_changing_values_are_rejected(edit, match):
     edit(d)
     with pytest.raises(ConfigError, match=match):
         from_hf_config(d)
+
+
+@pytest.mark.parametrize("edit", [lambda d: d["vision_config"].pop("vision_use_head"),
+                                  lambda d: d["vision_config"].update(vision_use_head=True)])
+def test_siglip_head_is_accepted_like_transformers(edit):
+    """transformers builds the SigLIP head (vision_use_head true, SiglipVisionConfig's default) and never uses its
+    output; the config is the preset's with the head recorded (its weights are ignored when reading)."""
+    d = _hub_pg1()
+    edit(d)
+    cfg = from_hf_config(d)
+    assert cfg.vision.use_head and HFConfig(**d).vision_config.vision_use_head
+    preset = PRESETS["paligemma-3b-pt-224"]
+    assert cfg == preset.replace(vision=dataclasses.replace(preset.vision, use_head=True))
+
+
+@pytest.mark.parametrize("top, text", [(None, False), (False, None), (None, None), (True, False), (False, True)])
+def test_tie_flag_is_the_top_level_one_as_in_transformers(top, text):
+    """PaliGemmaForConditionalGeneration ties lm_head by the top-level flag (default true) only: text_config's alone
+    does not untie it (transformers 5.24, built on meta)."""
+    d = to_hf_config(PRESETS["tiny"], "float32")
+    d.pop("tie_word_embeddings")
+    d["text_config"].pop("tie_word_embeddings", None)
+    if top is not None:
+        d["tie_word_embeddings"] = top
+    if text is not None:
+        d["text_config"]["tie_word_embeddings"] = text
+    with torch.device("meta"):
+        hf = PaliGemmaForConditionalGeneration(HFConfig(**d))
+    tied = hf.lm_head.weight is hf.get_input_embeddings().weight
+    assert from_hf_config(d).tie_word_embeddings is tied is (top is not False)
 
 
 def test_honours_numerics_fields():

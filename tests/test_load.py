@@ -57,12 +57,85 @@ def _edit(tmp_path, change) -> str:
     lambda sd: (sd.pop("language_model.model.layers.1.mlp.up_proj.weight"), r"missing 1 tensor\(s\): language_model.model.layers.1.mlp.up_proj.weight")[1],
     lambda sd: (sd.update({"vision_tower.vision_model.extra.weight": torch.zeros(1)}), r"unexpected 1 tensor\(s\): vision_tower.vision_model.extra.weight")[1],
     lambda sd: (sd.update({"multi_modal_projector.linear.bias": torch.zeros(71)}), r"'multi_modal_projector.linear.bias' has shape \[71\]; the config implies \[72\]")[1],
-    lambda sd: (sd.update({"language_model.lm_head.weight": torch.zeros(1728, 72)}), "differs from")[1],
-], ids=["missing", "unexpected", "misshaped", "tied head differs"])
+], ids=["missing", "unexpected", "misshaped"])
 def test_load_is_strict_and_names_the_tensor(tmp_path, change):
     match = _edit(tmp_path, change)
     with pytest.raises(InputError, match=match):
         load(tmp_path / "ck")
+
+
+def _differing_head(tmp_path):
+    """A transformers save of the tiny model plus a stored lm_head that differs from the embedding, config tied."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = PRESETS["tiny"]
+    hf_model(cfg).save_pretrained(tmp_path / "ck")
+    sd = load_file(tmp_path / "ck" / "model.safetensors")
+    sd["language_model.lm_head.weight"] = torch.randn(sd["language_model.model.embed_tokens.weight"].shape) * 0.1
+    save_file(sd, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["tie_word_embeddings"] is True
+    return cfg, sd["language_model.lm_head.weight"]
+
+
+def test_tied_head_that_differs_is_used_untied_like_transformers(tmp_path):
+    """transformers 5 warns and keeps both (checked here with transformers itself); pgconv.load does the same with a
+    PgconvWarning, and convert still refuses (it would have to pick one)."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from pgconv.errors import PgconvWarning
+
+    cfg, head = _differing_head(tmp_path)
+    ref = PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "ck", attn_implementation="eager").eval()
+    assert ref.lm_head.weight is not ref.get_input_embeddings().weight and torch.equal(ref.lm_head.weight, head)
+    with pytest.warns(PgconvWarning, match=r"'language_model.lm_head.weight' differs from .*using both untied"):
+        model = load(tmp_path / "ck")
+    assert not model.cfg.tie_word_embeddings and torch.equal(model.lm_head.weight, head)
+    inputs = tiny_inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(model, inputs), ref(**inputs).logits, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="differs from .* pass --untie"):
+        convert(tmp_path / "ck", tmp_path / "out", to="hf-5.6", quiet=True)
+
+
+def test_differing_tied_head_is_one_warning_line_in_generate(tmp_path, capsys):
+    from pgconv.cli import main
+    from pgconv.converter.tokenizer_fixture import write_tokenizer
+    from pgconv.converter.fixture import default_image, make_fixture
+
+    _differing_head(tmp_path)
+    fixture = make_fixture(tmp_path / "fx", "tiny")
+    write_tokenizer(tmp_path / "ck")
+    (tmp_path / "ck" / "preprocessor_config.json").write_text((fixture / "preprocessor_config.json").read_text())
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tmp_path / "ck"), "--image", str(default_image()), "--prompt", "caption en",
+              "--max-new-tokens", "3"])
+    _, err = capsys.readouterr()
+    assert e.value.code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("pgconv: warning:")]
+    assert len(lines) == 1 and "using both untied, as transformers does" in lines[0], err
+
+
+def test_differing_tied_head_verifies_untied_and_reports_it(tmp_path, capsys):
+    """verify compares with transformers as it loads the checkpoint (untied), and says so in the report and in one
+    warning line."""
+    from pgconv.cli import main
+    from pgconv.converter.fixture import make_fixture
+
+    src = make_fixture(tmp_path / "fx", "tiny")
+    sd = load_file(src / "model.safetensors")
+    sd["language_model.lm_head.weight"] = torch.randn(sd["language_model.model.embed_tokens.weight"].shape) * 0.1
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(src), "--max-new-tokens", "3", "--probes", "coarse", "--report", str(tmp_path / "r")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0, out + err
+    assert [line for line in err.splitlines() if line.startswith("pgconv: warning:")] == [
+        f"pgconv: warning: {src / 'model.safetensors'}: tensor 'language_model.lm_head.weight' differs from "
+        "'language_model.model.embed_tokens.weight' although the config ties them (tie_word_embeddings=true); using "
+        "both untied, as transformers does"]
+    weights = json.loads((tmp_path / "r" / "report.json").read_text())["weights"]
+    assert weights["tied_lm_head"] is False and "transformers keeps both untied" in weights["untied_by_transformers"]
+    assert any(row["native"] == "lm_head.weight" and row["bit_identical"] for row in weights["map"])
 
 
 def test_tied_head_identical_is_accepted(tmp_path):

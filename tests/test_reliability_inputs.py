@@ -303,14 +303,28 @@ def test_inspect_refuses_or_reports(tmp_path_factory, tmp_path, capsys, case):
     assert tree_digest(src) == before
 
 
-# Damage that transformers would load silently (extra files it never opens, a differing tied lm_head it ignores,
-# paths outside the checkpoint it follows) must be refused by verify before transformers sees the checkpoint.
+# A differing tied lm_head: transformers 5 warns and keeps both untied; verify and generate do the same with one
+# warning line (convert still refuses it above).
+USED_UNTIED = {"model tied weights differ"}
+
+
+def _used_untied_with_one_warning(res, needles: list[str]) -> None:
+    assert res.code == 0, res.err
+    warnings = [line for line in res.err.splitlines() if line.startswith("pgconv: warning:")]
+    assert len(warnings) == 1 and all(n in warnings[0] for n in needles) and "untied" in warnings[0], res.err
+
+
+# Damage that transformers would load silently (extra files it never opens, paths outside the checkpoint it
+# follows) must be refused by verify before transformers sees the checkpoint.
 @pytest.mark.parametrize("case", CASES)
 def test_verify_refuses_with_one_line(tmp_path_factory, tmp_path, capsys, case):
     src, needles = _damaged(tmp_path_factory, tmp_path, case)
     before = tree_digest(src)
     res = run_cli(["verify", src, "--max-new-tokens", "1", "--probes", "coarse"], capsys)
-    assert_one_line_error(res, *[n for n in needles if n != str(src)])
+    if case in USED_UNTIED:
+        _used_untied_with_one_warning(res, needles)
+    else:
+        assert_one_line_error(res, *[n for n in needles if n != str(src)])
     assert tree_digest(src) == before
 
 
@@ -318,6 +332,8 @@ def test_verify_refuses_with_one_line(tmp_path_factory, tmp_path, capsys, case):
 def test_generate_refuses_with_one_line(tmp_path_factory, tmp_path, capsys, case):
     src, needles = _damaged(tmp_path_factory, tmp_path, case)
     res = run_cli(["generate", src, "--max-new-tokens", "1"], capsys)
+    if case in USED_UNTIED:
+        return _used_untied_with_one_warning(res, needles)
     assert_one_line_error(res, *[n for n in needles if n != str(src)])
 
 
