@@ -10,11 +10,13 @@ Every number carries its reasoning and the noise it was calibrated on (`parity.c
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgconv.errors import InputError
+from pgconv.converter.checkpoint import read_json
+from pgconv.errors import InputError, json_type
 
 __all__ = ["Tolerances", "load_tolerances", "DEFAULT_PATH", "DTYPES"]
 
@@ -52,13 +54,13 @@ class Tolerances:
         return {k: v for k, v in entry.items() if not isinstance(v, (dict, str, list))}
 
 
-def _merge(base: dict, over: dict, where: str) -> dict:
+def _merge(base: dict, over: dict, p: Path, where: str = "") -> dict:
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = _merge(base[key], value, f"{where}.{key}")
+            out[key] = _merge(base[key], value, p, f"{where}{key}.")
         elif key in base and isinstance(base[key], dict) != isinstance(value, dict):
-            raise InputError(f"tolerance override {where}.{key}: expected {type(base[key]).__name__}")
+            raise InputError(f"{p}: {where}{key} must be {json_type(base[key])}, got {json_type(value)}")
         else:
             out[key] = value
     return out
@@ -70,32 +72,43 @@ def load_tolerances(path: str | Path | None = None) -> Tolerances:
     if path is None:
         return Tolerances(table, f"built-in {DEFAULT_PATH.name} v{table.get('version')}")
     p = Path(path)
-    try:
-        override = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{p}: tolerance file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{p}: cannot read tolerance file ({e})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    except RecursionError:
-        raise InputError(f"{p}: JSON nested too deeply") from None
+    if not p.exists() and not p.is_symlink():
+        raise InputError(f"{p}: tolerance file not found")
+    # read_json: refuses a FIFO or device (reading would block forever), duplicate keys, bad UTF-8/JSON.
+    override = read_json(p)
     if not isinstance(override, dict):
         raise InputError(f"{p}: expected a JSON object like {DEFAULT_PATH.name}")
     unknown = sorted(set(override) - set(table))
     if unknown:
         raise InputError(f"{p}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(table))}")
-    merged = _merge(table, override, p.name)
+    merged = _merge(table, override, p)
     _check_numbers(merged, p)
     return Tolerances(merged, str(p))
 
 
+# Budget keys per section ("probes" entries may leave k and floor to the arbitration section). JSON has NaN and
+# Infinity literals and Python's json reads them: a NaN budget passes every comparison, so nothing could fail.
+_BUDGETS = {"probes": (("nrmse", "nmax"), ("k", "floor")), "arbitration": (("k", "floor_fraction"), ()),
+            "logits": (("kl_mean", "kl_max", "decisive_top1_min", "near_tie_nats"), ()),
+            "generation": (("near_tie_nats", "teacher_forced_kl_max", "cache_kl_max"), ())}
+
+
 def _check_numbers(table: dict, p: Path) -> None:
-    for kind, per_dtype in table["probes"].items():
-        for dtype, entry in per_dtype.items():
-            if dtype not in DTYPES:
-                continue
-            for key in ("nrmse", "nmax"):
+    """Every budget a finite non-negative number (decisive_top1_min a fraction), every dtype entry an object."""
+    for section, (required, optional) in _BUDGETS.items():
+        groups = table.get(section)
+        if not isinstance(groups, dict):
+            raise InputError(f"{p}: {section} must be an object, got {json_type(groups)}")
+        entries = {f"{section}.{k}.{d}": e for k, per in groups.items() if isinstance(per, dict)
+                   for d, e in per.items() if d in DTYPES} if section == "probes" else \
+                  {f"{section}.{d}": e for d, e in groups.items() if d in DTYPES}
+        for where, entry in entries.items():
+            if not isinstance(entry, dict):
+                raise InputError(f"{p}: {where} must be an object of budgets, got {json_type(entry)}")
+            for key in required + tuple(k for k in optional if k in entry):
                 value = entry.get(key)
-                if not isinstance(value, (int, float)) or value < 0:
-                    raise InputError(f"{p}: probes.{kind}.{dtype}.{key} must be a non-negative number, got {value!r}")
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                    and value >= 0 and (key != "decisive_top1_min" or value <= 1)
+                if not ok:
+                    what = "a fraction from 0 to 1" if key == "decisive_top1_min" else "a finite non-negative number"
+                    raise InputError(f"{p}: {where}.{key} must be {what}, got {json.dumps(value)[:60]}")

@@ -244,7 +244,7 @@ def test_tolerance_override_merges_and_validates(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_tolerances(tmp_path / "missing.json")
     path.write_text(json.dumps({"probes": {"text_block": {"bfloat16": 3}}}))
-    with pytest.raises(InputError, match="expected dict"):
+    with pytest.raises(InputError, match="text_block.bfloat16 must be an object, got an integer"):
         load_tolerances(path)
 
 
