@@ -164,8 +164,9 @@ def machine_markdown(info: dict) -> str:
     return (
         f"- CPU: {info['cpu']} ({info['usable_cpus']} usable of {info['logical_cpus']} logical CPUs; ISA: {isa})\n"
         f"- Memory: {info['memory_gb']} GB ({info['available_memory_gb']} GB available at the start)\n"
-        f"- Threads: {info['threads']} (torch.set_num_threads and OMP_NUM_THREADS in every child)\n"
-        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+        + (f"- Threads: {info['threads']} (torch.set_num_threads and OMP_NUM_THREADS in every child)\n"
+           if info.get("threads") is not None else "")
+        + f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"pgconv {info['pgconv']}; {info['os']}\n"
         f"- Load average (1, 5, 15 min) at the start: {load}; measured {info['date']}\n"
     ) + (_disk_line(info["disk_write"]) if info.get("disk_write") else "")
