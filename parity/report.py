@@ -107,6 +107,8 @@ def _case_summaries(report: dict[str, Any]) -> list[dict[str, Any]]:
         reasons += ["generation"] if not c["generation"]["passed"] else []
         fd = c.get("first_divergence")
         names = " + ".join(Path(im).name for im in c.get("images") or [c["image"]])  # several images in one prompt
+        if len({k.get("dtype") for k in cases}) > 1:  # one run per dtype (--dtype float32,bfloat16)
+            names = f"[{c['dtype']}] {names}"
         out.append({"index": i + 1, "image": names, "prompt": c["prompt"], "passed": not reasons,
                     "reasons": reasons, "kl_mean": c["logits"]["kl_mean"],
                     "tokens": "identical" if c["generation"]["tokens_equal"] else "differ",

@@ -27,15 +27,28 @@ DEFAULT_PROMPT = "caption en"
 _SEVERITY = {"ours worse": 3, "reference worse": 1, "rounding noise": 1, "match": 0}
 
 
-def _check_args(dtype: str, device: str, max_new_tokens: int, probes: str) -> None:
-    if dtype not in DTYPES:
-        raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+def dtype_list(dtype: str | Sequence[str]) -> list[str]:
+    """`"float32,bfloat16"` (or a list) -> the dtypes to verify in, in order, each once."""
+    names = dtype.split(",") if isinstance(dtype, str) else list(dtype)
+    names = [n.strip() for n in names]
+    bad = [n for n in names if n not in DTYPES]
+    if bad or not names:
+        raise InputError(f"dtype {','.join(bad) or dtype!r} is not supported; use one or more of {', '.join(DTYPES)} "
+                         "(comma-separated)")
+    if len(set(names)) != len(names):
+        raise InputError(f"dtype {','.join(names)!r}: a dtype is listed twice")
+    return names
+
+
+def _check_args(dtype: str | Sequence[str], device: str, max_new_tokens: int, probes: str) -> list[str]:
+    dtypes = dtype_list(dtype)
     if probes not in ("all", "coarse"):
         raise InputError(f"probes must be 'all' or 'coarse', got {probes!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InputError(f"device {device!r} is not supported; use cpu or cuda")
+    return dtypes
 
 
 def _check_report_dir(directory: Path) -> None:
@@ -134,7 +147,7 @@ def verify(
     *,
     images: Sequence[str | Path] = (),
     prompts: Sequence[str] = (),
-    dtype: str = "float32",
+    dtype: str | Sequence[str] = "float32",
     device: str = "cpu",
     max_new_tokens: int = 10,
     tolerances: str | Path | None = None,
@@ -143,10 +156,15 @@ def verify(
 ) -> dict[str, Any]:
     """Verify pgconv's model against transformers on `checkpoint`; returns the report (see module docstring).
 
+    `dtype` may list several dtypes (`"float32,bfloat16"`): each is a full run (both models loaded in it, every
+    case), one after the other with only one pair of models in memory, folded into one report whose `cases[]`
+    carry their `dtype` (bugs below bf16 rounding, e.g. an exact GELU, show only in float32; bugs of reduced
+    precision, e.g. an unrounded normaliser, only in bf16/fp16).
+
     Raises `InputError` for unusable input (missing files, bad options); parity failures are in the report.
     """
     t0 = time.perf_counter()
-    _check_args(dtype, device, max_new_tokens, probes)
+    dtypes = _check_args(dtype, device, max_new_tokens, probes)
     if report_dir is not None:
         _check_report_dir(Path(report_dir))
     import torch
@@ -174,11 +192,6 @@ def verify(
             raise InputError(f"{image}: image not found")
     _check_lengths(cases, ours_processor, cfg, max_new_tokens)
     timing: dict[str, float] = {}
-    ref = load_reference(path, getattr(torch, dtype), device)
-    ours = build_candidate(ref, cfg)
-    weights = {**weight_parity(ours, ref, cfg), "checkpoint_layout": layout}
-    timing["load"] = round(time.perf_counter() - t0, 4)
-
     from transformers import AutoProcessor
 
     try:
@@ -186,20 +199,28 @@ def verify(
     except (OSError, ValueError) as e:  # e.g. no preprocessor_config.json (ours defaults it, transformers does not)
         raise InputError(f"{path}: transformers cannot load the processor ({str(e).strip().splitlines()[0]})") from None
     table = probes_for(cfg, probes)  # type: ignore[arg-type]
-    results = []
-    for imgs, prompt in cases:
-        inputs = _inputs(processor, imgs, prompt, device)
-        result = run_case(
-            ours, ref, inputs, table, tol, dtype, max_new_tokens, settings, cfg.image_token_index,
-            lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=False),
-        )
-        results.append({"image": " + ".join(map(str, imgs)), "images": [str(i) for i in imgs], "prompt": prompt,
-                        **result})
+    results, per_dtype = [], {}
+    for dt in dtypes:
+        t_load = time.perf_counter()
+        ref = load_reference(path, getattr(torch, dt), device)
+        ours = build_candidate(ref, cfg)
+        per_dtype[dt] = {**weight_parity(ours, ref, cfg), "checkpoint_layout": layout}
+        timing["load" if len(dtypes) == 1 else f"load_{dt}"] = round(time.perf_counter() - t_load, 4)
+        for imgs, prompt in cases:
+            inputs = _inputs(processor, imgs, prompt, device)
+            result = run_case(
+                ours, ref, inputs, table, tol, dt, max_new_tokens, settings, cfg.image_token_index,
+                lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=False),
+            )
+            results.append({"image": " + ".join(map(str, imgs)), "images": [str(i) for i in imgs],
+                            "prompt": prompt, "dtype": dt, **result})
+        del ours, ref  # one pair of models at a time
     timing["total"] = round(time.perf_counter() - t0, 4)
-    report = _fold(results, weights, tol)
+    report = _fold(results, _weights(per_dtype), tol)
     report.update(
         checkpoint=str(checkpoint) if checkpoint is not None else f"built-in tiny fixture ({path})",
-        checkpoint_path=str(path), family=cfg.family, dtype=dtype, device=device, probes_mode=probes,
+        checkpoint_path=str(path), family=cfg.family, dtype=",".join(dtypes), dtypes=dtypes, device=device,
+        probes_mode=probes,
         max_new_tokens=max_new_tokens, tolerances={"source": tol.source, "version": tol.version},
         versions=_versions(), timing=timing,
     )
@@ -209,6 +230,18 @@ def verify(
     if report_dir is not None:
         write_reports(report, Path(report_dir))
     return report
+
+
+def _weights(per_dtype: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One dtype's weight parity as it is; several: the first's map, passed only if every dtype's did, and each
+    dtype's summary under `per_dtype`."""
+    first = next(iter(per_dtype.values()))
+    if len(per_dtype) == 1:
+        return first
+    keys = ("passed", "mapped", "bit_identical", "shared", "mismatched", "nonfinite", "bytes")
+    return {**first, "passed": all(w["passed"] for w in per_dtype.values()),
+            "mismatched": sorted({m for w in per_dtype.values() for m in w["mismatched"]}),
+            "per_dtype": {dt: {k: w[k] for k in keys} for dt, w in per_dtype.items()}}
 
 
 def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dict[str, Any]:
@@ -240,16 +273,23 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
                         f"{counts['inf']} Inf); the metrics below are not meaningful")
     if not weights["passed"]:
         failures.append(f"weights: {len(weights['mismatched'])} mapped tensor(s) differ")
-    failures += [f"probe {p['name']}: {p['verdict']}" for p in probes if not p["passed"]]
+    several = len({c.get("dtype") for c in cases}) > 1
+
+    def where(i: int) -> str:  # which dtype's run, when the report folds several
+        return f" ({cases[i]['dtype']})" if several else ""
+
+    failures += [f"probe {p['name']}: {p['verdict']}{where(p['case'])}" for p in probes if not p["passed"]]
     if not logits["passed"]:
-        failures.append("logits: KL or decisive top-1 agreement over budget")
+        bad_logits = next(i for i, c in enumerate(cases) if not c["logits"]["passed"])
+        failures.append("logits: KL or decisive top-1 agreement over budget" + where(bad_logits))
     if not gen["passed"]:
         failures.append("generation: " + _gen_reason(gen))
     return {
         "schema_version": SCHEMA_VERSION,
         "passed": not failures,
         "failures": failures,
-        "first_divergence": None if first is None else {**first[1], "case": first[0]},
+        "first_divergence": None if first is None else {**first[1], "case": first[0],
+                                                         **({"dtype": cases[first[0]]["dtype"]} if several else {})},
         "weights": weights,
         "probes": probes,
         "logits": logits,

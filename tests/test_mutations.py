@@ -35,6 +35,15 @@ def rms_norm_without_plus_one(mp):
     mp.setattr(ops, "rms_norm", bad)
 
 
+def rms_norm_in_bf16(mp):
+    # The whole norm in bf16 (transformers computes it in fp32 and rounds once): invisible in a bf16 run.
+    def bad(x, weight, eps):
+        xb = x.to(torch.bfloat16)
+        return (xb * torch.rsqrt(xb.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.to(torch.bfloat16))).to(x.dtype)
+
+    mp.setattr(ops, "rms_norm", bad)
+
+
 def exact_gelu(mp):
     mp.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
 
@@ -159,6 +168,7 @@ F32, BOTH = ("float32",), ("float32", "bfloat16")
 MUTATIONS = [
     (rms_norm_without_plus_one, "tiny", BOTH, "text.blocks.0.attn_norm", "text.blocks.0"),
     (exact_gelu, "tiny", F32, "vision.blocks.0.mlp", "vision.blocks.0"),
+    (rms_norm_in_bf16, "tiny", F32, "text.blocks.0.attn_norm", "text.blocks.0"),
     (image_scaled_by_wrong_hidden, "tiny", BOTH, "text.embed", "text.embed"),
     (image_features_rescaled, "tiny", BOTH, "image_features", "image_features"),
     (interleaved_rotation, "tiny", BOTH, "text.blocks.0.attn", "text.blocks.0"),
@@ -212,3 +222,24 @@ def test_square_config_is_square(square_checkpoint):
 
     cfg = read_config(square_checkpoint)
     assert cfg.vision.hidden_size == cfg.text.hidden_size
+
+
+def test_one_run_over_float32_and_bfloat16_catches_bugs_of_either(monkeypatch, tiny_checkpoint):
+    """`--dtype float32,bfloat16`: one report over both runs. An exact GELU (below bf16 rounding) fails only in the
+    float32 run, an unrounded normaliser (exists only in reduced precision) only in the bf16 run; each failure
+    names its run, and the first divergence is the first run's."""
+    path = tiny_checkpoint("tiny")
+    clean = verify(str(path), dtype="float32,bfloat16", max_new_tokens=3)
+    assert clean["passed"] and clean["dtypes"] == ["float32", "bfloat16"]
+    assert [c["dtype"] for c in clean["cases"]] == ["float32", "bfloat16"]
+    exact_gelu(monkeypatch)
+    unrounded_normaliser(monkeypatch)
+    report = verify(str(path), dtype=["float32", "bfloat16"], max_new_tokens=3)
+    assert not report["passed"]
+    assert report["first_divergence"]["probe"] == "vision.blocks.0.mlp"
+    assert report["first_divergence"]["dtype"] == "float32"
+    f32, bf16 = report["cases"]
+    assert f32["first_divergence"]["probe"] == "vision.blocks.0.mlp"
+    # In bf16 the GELU difference is rounding; the normaliser's is not.
+    assert bf16["first_divergence"]["probe"] == "text.embed"
+    assert any(f.endswith("(bfloat16)") and "text.embed" in f for f in report["failures"])
