@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from pgconv.converter.bin_io import read_bin
 from pgconv.converter.safetensors_io import read_safetensors
 from pgconv.converter.sources import SourceTensor, TensorMeta
-from pgconv.errors import InputError
+from pgconv.errors import InputError, json_type, json_value_error
 from pgconv.model.config import PaliGemmaConfig
 from pgconv.model.hf_config import from_hf_config
 
@@ -74,6 +74,10 @@ class Checkpoint:
                 raise InputError(f"{p}: resolves outside the checkpoint directory (symlink to {p.resolve()})")
             if p.is_file():
                 out.append(p)
+            elif p.is_symlink() and not p.exists():
+                raise InputError(f"{p}: dangling symlink (the output would lack this file)")
+            elif not p.is_dir():  # a FIFO, socket or device: it cannot be copied, and dropping it would go unnoticed
+                raise InputError(f"{p}: not a regular file (the output would lack it)")
         return out
 
 
@@ -95,10 +99,24 @@ def read_json(path: Path) -> object:
         raise InputError(f"{path}: JSON nested too deeply") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except InputError:  # a duplicate key, from no_dupes (InputError is a ValueError too)
+        raise
+    except ValueError as e:  # int() of a literal longer than sys.get_int_max_str_digits()
+        raise InputError(f"{path}: invalid JSON ({json_value_error(e)})") from None
+
+
+def resolved(path: Path) -> Path:
+    """`path.resolve()`, with a symlink loop (RuntimeError in Python 3.11, OSError later) as an `InputError`."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise InputError(f"{path}: symlink loop") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot resolve ({e.strerror or e})") from None
 
 
 def inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(root.resolve())
+    return resolved(path).is_relative_to(resolved(root))
 
 
 def default_trusted_root(root: Path) -> Path:
@@ -115,7 +133,7 @@ def default_trusted_root(root: Path) -> Path:
 
 def _member(root: Path, name: object, trusted_root: Path, what: str) -> Path:
     """`root / name` for a name read from inside the checkpoint, refusing anything that leaves `trusted_root`."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\0" in name:  # a NUL byte: ValueError from every os call
         raise InputError(f"{what}: {name!r} is not a file name")
     pure = PurePosixPath(name)
     if not pure.parts:  # "." or "./": the directory itself
@@ -145,6 +163,8 @@ def _from_index(index_path: Path, trusted_root: Path) -> tuple[tuple[Path, ...],
     root = index_path.parent
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):  # a list or object would not even be hashable
+            raise InputError(f"{index_path}: tensor {tensor!r} maps to {json_type(shard)}, not a file name")
         if shard not in shards:
             shards[shard] = _member(root, shard, trusted_root, f"{index_path}: tensor {tensor!r}")
     tensors: dict[str, SourceTensor] = {}
@@ -208,7 +228,9 @@ def _open(path: Path, trusted_root: Path | None) -> Checkpoint:
     if not tensors:
         raise InputError(f"{weights}: holds no tensors")
     cfg_path = root / "config.json"
-    config = read_json(_member(root, "config.json", trusted, str(root))) if cfg_path.exists() else None
+    # A dangling or looping link is a broken config.json, not "no config" (exists() is False for both).
+    config = read_json(_member(root, "config.json", trusted, str(root))) \
+        if cfg_path.exists() or cfg_path.is_symlink() else None
     if config is not None and not isinstance(config, dict):
         raise InputError(f"{cfg_path}: not a JSON object")
     return Checkpoint(root, files, tensors, config, index, trusted, metadata)

@@ -24,7 +24,7 @@ from pgconv.converter.manifest import build_manifest, check_output, write_manife
 from pgconv.converter.layouts import LAYOUTS
 from pgconv.converter.plan import Plan, plan_conversion
 from pgconv.converter.safetensors_io import build_header
-from pgconv.converter.staging import copy_companion, reap_stale, temp_sibling
+from pgconv.converter.staging import check_destination, copy_companion, publish, reap_stale, temp_sibling
 from pgconv.converter.sharding import parse_size, shard_file_names, shard_targets
 from pgconv.converter.sources import tensors_equal
 from pgconv.converter.writer import StreamWriter, TensorRecord
@@ -117,24 +117,6 @@ def config_note(src: Path, config: str | Path | None, cfg) -> str | None:
             "other non-shape fields are assumed; --config to choose)") if name else None
 
 
-def _check_destination(dst: Path, src: Checkpoint, src_is_dir: bool, force: bool) -> None:
-    real = dst.resolve()
-    inputs = [*src.files, *src.companion_files()] + ([src.root] if src_is_dir else [])
-    if any(p.resolve() == real or p.resolve().is_relative_to(real) for p in inputs) or (
-            src_is_dir and real.is_relative_to(src.root.resolve())):
-        raise InputError(f"{dst}: destination overlaps the source {src.root}; choose another directory")
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise InputError(f"{dst}: already exists (use --force to replace it)")
-        if not dst.is_dir() or dst.is_symlink():
-            raise InputError(f"{dst}: exists and is not a directory; refusing to replace it")
-    if not dst.parent.is_dir():
-        raise InputError(f"{dst.parent}: destination's parent " + ("is not a directory" if dst.parent.exists() else
-                                                                             "directory does not exist"))
-    if not os.access(dst.parent, os.W_OK | os.X_OK):
-        raise InputError(f"{dst.parent}: not writable")
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -217,7 +199,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
             raise InputError(f"{a.file}: tensor {d.source!r} differs from {d.equals!r} although the config ties them "
                              "(tie_word_embeddings=true); pass --untie to keep both")
     dst = Path(dst).absolute()
-    _check_destination(dst, ckpt, src_path.is_dir(), force)
+    check_destination(dst, ckpt, src_path.is_dir(), force)
     shards = shard_targets(plan.targets, parse_size(shard_size))
     names = shard_file_names(len(shards))
     need = sum(len(build_header(s, {"format": "pt"})[0]) for s in shards) + plan.total_bytes
@@ -226,7 +208,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
     if free < need:
         raise InputError(f"{dst.parent}: not enough free space ({free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed)")
     reap_stale(dst)  # what a kill -9'd earlier run towards DST left (only dead processes' on this host)
-    tmp, old = temp_sibling(dst, "tmp"), temp_sibling(dst, "old")
+    tmp = temp_sibling(dst, "tmp")
     try:
         tmp.mkdir()
     except OSError as e:  # EACCES/EROFS that os.access did not predict (root, ACLs, a race)
@@ -237,16 +219,13 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
         except OSError as e:
             raise InputError(f"{dst}: write failed ({e.strerror or e})") from None
         report = check_output(tmp, ckpt, plan, shown=dst) if check else None
-        if dst.exists():
-            dst.rename(old)
-        tmp.rename(dst)
-        _fsync_dir(dst.parent)
+        try:
+            publish(tmp, dst, force)  # a DST made meanwhile by another run is refused, atomically
+        except OSError as e:
+            raise InputError(f"{dst}: cannot rename the finished output into place ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not dst.exists():
-            old.rename(dst)  # put a --force'd destination back
         raise
-    shutil.rmtree(old, ignore_errors=True)
     note = config_note(src_path, config, cfg) if from_ is not None else None
     return ConvertSummary(
         str(src), dst, ckpt.spec.name if getattr(ckpt, "spec", None) else plan.src_layout, plan.dst_layout, len(records), plan.total_bytes, names,

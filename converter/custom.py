@@ -77,7 +77,7 @@ class _Npz:
         self.files = (path,)
         try:
             self.metadata = json.loads(self.reader.comment or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # also a too-long integer literal, which json raises as ValueError
             self.metadata = {}  # a comment someone else wrote: not ours
         if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
             self.metadata = {}  # JSON, but not our provenance either

@@ -94,6 +94,8 @@ class NpzReader:
                 continue
             if not info.filename.endswith(".npy"):
                 raise InputError(f"{self.path}: member {info.filename!r} is not an .npy array")
+            if info.filename[: -len(".npy")] in self.members:  # np.load (zipfile) would silently read the last copy
+                raise InputError(f"{self.path}: member {info.filename[: -len('.npy')]!r} appears twice in the archive")
             member = self._index(info)
             self.members[member.name] = member
 

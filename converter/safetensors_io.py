@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pgconv.converter.dtypes import DTYPES, RUST_ORDER
 from pgconv.converter.sources import SourceTensor, TensorMeta
-from pgconv.errors import InputError
+from pgconv.errors import InputError, json_type, json_value_error
 
 __all__ = ["MAX_HEADER_BYTES", "read_safetensors", "rust_order", "build_header"]
 
@@ -64,6 +64,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, SourceTensor
         raise InputError(f"{path}: safetensors header is not valid JSON ({e})") from None
     except RecursionError:
         raise InputError(f"{path}: safetensors header JSON is nested too deeply") from None
+    except ValueError as e:  # an integer literal past Python's int-from-string limit (4300 digits)
+        raise InputError(f"{path}: safetensors header is not valid JSON ({json_value_error(e)})") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -94,6 +96,8 @@ def _tensor(path: Path, name: str, entry: object, data_start: int) -> SourceTens
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InputError(f"{where}: header entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):  # a list or object is not even hashable
+        raise InputError(f"{where}: dtype must be a string, got {json_type(dtype)}")
     if dtype not in DTYPES:
         raise InputError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

@@ -32,6 +32,7 @@ from typing import Any
 
 from pgconv.converter import layouts
 from pgconv.converter.spec_ops import OPS, OpSpec, SpecError
+from pgconv.errors import json_value_error
 from pgconv.model.config import PaliGemmaConfig
 
 __all__ = ["Rule", "Spec", "SpecError", "FLAGS", "FORMATS", "BUILTIN_DIR", "symbols", "spec_from_data",
@@ -259,7 +260,27 @@ def loads(text: str, fmt: str = "toml", origin: str = "<spec>") -> Spec:
         raise SpecError(f"{origin}: invalid {fmt.upper()} ({e})") from None
     except RecursionError:
         raise SpecError(f"{origin}: {fmt.upper()} nested too deeply") from None
+    except ValueError as e:  # an integer literal past Python's int-from-string limit (4300 digits)
+        raise SpecError(f"{origin}: invalid {fmt.upper()} ({json_value_error(e)})") from None
+    _check_ints(data, origin)
     return spec_from_data(data, origin)
+
+
+_INT_LIMIT = 1 << 63
+
+
+def _check_ints(data: Any, origin: str) -> None:
+    """Refuse integers of 64 bits or more anywhere in a spec: no size, axis or offset needs one, and a huge one
+    (TOML's 0x... literals have no digit limit) cannot even be printed in an error message (`str(int)` raises)."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, int) and not isinstance(x, bool) and not -_INT_LIMIT < x < _INT_LIMIT:
+            raise SpecError(f"{origin}: an integer of {x.bit_length()} bits is out of range (at most 64 bits)")
 
 
 def builtin_names() -> list[str]:

@@ -47,11 +47,11 @@ def evaluate(expr: int | str, symbols: Mapping[str, int]) -> int:
     if isinstance(expr, bool) or not isinstance(expr, (int, str)):
         raise SpecError(f"shape expression {expr!r} must be an integer or a string")
     if isinstance(expr, int):
-        return expr
+        return _bounded(expr, "")
 
     def ev(node: ast.AST) -> int:
         if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-            return node.value
+            return _bounded(node.value, expr)
         if isinstance(node, ast.Name):
             if node.id not in symbols:
                 raise SpecError(f"unknown symbol {node.id!r} in {expr!r} (known: {', '.join(symbols)})")
@@ -60,7 +60,7 @@ def evaluate(expr: int | str, symbols: Mapping[str, int]) -> int:
             left, right = ev(node.left), ev(node.right)
             if isinstance(node.op, ast.FloorDiv) and right == 0:
                 raise SpecError(f"shape expression {expr!r} divides by zero")
-            return _BINOPS[type(node.op)](left, right)
+            return _bounded(_BINOPS[type(node.op)](left, right), expr)
         raise SpecError(f"shape expression {expr!r}: only integers, symbols, + - * // and parentheses are allowed")
 
     try:
@@ -71,6 +71,15 @@ def evaluate(expr: int | str, symbols: Mapping[str, int]) -> int:
         return ev(tree.body)
     except RecursionError:
         raise SpecError(f"shape expression {expr[:80]!r} is nested too deeply") from None
+
+
+def _bounded(value: int, expr: str) -> int:
+    """`value` if it fits 64 bits: a product of literals (`0xfff...` or `9999 * 9999 * ...`) can otherwise grow past
+    what `str(int)` prints (4300 digits), and every later error message that shows the shape would raise."""
+    if not -(1 << 63) < value < 1 << 63:
+        raise SpecError(f"shape expression {expr[:80]!r} gives a {value.bit_length()}-bit value (at most 64 bits)"
+                        if expr else f"shape value of {value.bit_length()} bits is out of range (at most 64 bits)")
+    return value
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from pgconv.converter.sources import SourceTensor, TensorMeta, tensors_equal
 from pgconv.converter.spec import builtin_names, load_spec
 from pgconv.converter.spec_bind import FileTensor, bind
 from pgconv.converter.spec_ops import SpecError
-from pgconv.converter.staging import copy_companion, reap_stale, temp_sibling
+from pgconv.converter.staging import check_destination, copy_companion, publish, reap_stale, temp_sibling
 from pgconv.errors import InputError
 from pgconv.model.config import PaliGemmaConfig
 from pgconv.model.hf_config import to_hf_config
@@ -48,13 +48,13 @@ _NP_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": 
 
 
 def native_source(src: str | Path, from_: str | Path | None = None, config: str | Path | None = None, *,
-                  allow_cut: bool = False) -> tuple[Checkpoint, PaliGemmaConfig, str, dict[str, SourceTensor]]:
-    """(checkpoint, config, source format name, native name -> lazy tensor) for any supported SRC."""
+                  allow_cut: bool = False) -> tuple[Checkpoint, PaliGemmaConfig, str, dict[str, SourceTensor], Path]:
+    """(checkpoint, config, source format name, native name -> lazy tensor, local path) for any supported SRC."""
     path, trusted = resolve_source(src)
     from_ = source_spec(path, trusted, from_, config)
     if from_ is not None:
         ck = open_spec_checkpoint(path, from_, config, allow_cut=allow_cut)
-        return ck, ck.cfg, ck.spec.name, ck.tensors
+        return ck, ck.cfg, ck.spec.name, ck.tensors, path
     ck = open_checkpoint(path, trusted_root=trusted)
     cfg = ck.pg_config()
     try:
@@ -66,7 +66,7 @@ def native_source(src: str | Path, from_: str | Path | None = None, config: str 
         if not tensors_equal(ck.tensors[d.source], ck.tensors[d.equals]):
             raise InputError(f"{ck.tensors[d.source].file}: tensor {d.source!r} differs from {d.equals!r} although "
                              "the config ties them (tie_word_embeddings=true)")
-    return ck, cfg, plan.src_layout, {s.target.name: ck.tensors[s.sources[0]] for s in plan.steps}
+    return ck, cfg, plan.src_layout, {s.target.name: ck.tensors[s.sources[0]] for s in plan.steps}, path
 
 
 def _cast(parts: Iterator[torch.Tensor], code: str, lossy: dict[str, float], name: str) -> Iterator[torch.Tensor]:
@@ -156,7 +156,8 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
     if untie:
         raise InputError(f"--untie is not supported for spec {spec.name!r} outputs (add an lm_head rule with "
                          'when = ["untied"] and an untied config instead)')
-    ck, cfg, src_format, natives = native_source(src, from_, config, allow_cut=allow_cut)
+    ck, cfg, src_format, natives, src_path = native_source(src, from_, config, allow_cut=allow_cut)
+    src_is_dir = src_path.is_dir()
     if spec.format == "npz" and not str(dst).endswith(".npz"):
         raise InputError(f"{dst}: spec {spec.name!r} writes one .npz file; give DST a .npz name")
     bound = bind(spec, cfg, allow_cut=allow_cut)
@@ -165,15 +166,8 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
     codes = {ft.name: target or natives[ft.sources[0]].meta.dtype for ft in files}
     total = sum(TensorMeta(ft.name, ft.shape, codes[ft.name]).nbytes for ft in files)
     dst = Path(dst).absolute()
-    if any(p.resolve() == dst.resolve() for p in ck.files) or (dst.exists() and ck.root.resolve() == dst.resolve()):
-        raise InputError(f"{dst}: destination overlaps the source")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise InputError(f"{dst}: already exists (use --force to replace it)")
-    if not dst.parent.is_dir():
-        raise InputError(f"{dst.parent}: destination's parent " + ("is not a directory" if dst.parent.exists() else
-                                                                             "directory does not exist"))
-    if not os.access(dst.parent, os.W_OK | os.X_OK):
-        raise InputError(f"{dst.parent}: not writable")
+    # As for layout outputs: never inside a directory source (writing there, or --force over it, changes SRC).
+    check_destination(dst, ck, src_is_dir, force, file_output=spec.format == "npz")
     need = total + sum(p.stat().st_size for p in ck.companion_files()) + (1 << 20)
     free = shutil.disk_usage(dst.parent).free
     if free < need:
@@ -200,13 +194,7 @@ def convert_to_spec(src: str | Path, dst: str | Path, to: str | Path, *, from_: 
                                      "source_files": [p.name for p in ck.files], "tensors": rows})
         # Checked before the rename: a failed check must leave no DST (and a --force'd one untouched).
         report = _check(tmp, dst.name, spec, bound, cfg, natives, codes, allow_cut) if check else None
-        if dst.is_dir() and not dst.is_symlink():  # a --force'd directory: move it aside, rename, then delete it
-            old = temp_sibling(dst, "old")
-            dst.rename(old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)  # atomic, also over an existing file
+        publish(tmp, dst, force)  # atomic: a DST another run made meanwhile is refused (replaced with --force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # full disk, permissions, read-only fs: one line, exit 2 (issue 8)

@@ -17,7 +17,7 @@ import warnings
 
 import click
 
-from pgconv.errors import InputError, PgconvWarning
+from pgconv.errors import InputError, PgconvWarning, printable
 
 __all__ = ["main", "cli"]
 
@@ -121,4 +121,5 @@ def _main(argv: list[str] | None) -> None:
 
 
 def _one_line(msg: str) -> str:
-    return " ".join(msg.split())
+    # Names in messages come from files: control characters are escaped (no terminal escapes), whitespace folded.
+    return " ".join(printable(msg, keep="\t\n\r").split())

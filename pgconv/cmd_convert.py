@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pgconv.converter.layouts import LAYOUTS
+from pgconv.errors import printable
 
 __all__ = ["convert"]
 
@@ -37,4 +38,4 @@ def convert(src: str, dst: Path, to: str, from_: str | None, config: str | None,
 
     summary = run(src, dst, to=to, dtype=dtype, shard_size=shard_size, force=force, check=check, untie=untie,
                   quiet=quiet, from_=from_, config=config, allow_vocab_cut=allow_vocab_cut)
-    click.echo(str(summary))
+    click.echo(printable(str(summary)))  # tensor and file names come from the source: no raw control characters

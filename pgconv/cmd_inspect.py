@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from pgconv.errors import printable
+
 __all__ = ["inspect"]
 
 
@@ -27,6 +29,7 @@ def inspect(path: str, as_json: bool, scan: bool, from_: str | None, config: str
     from pgconv.converter.inspect import inspect as run
 
     report = run(path, scan=scan, from_=from_, config=config)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
+    # Names come from the file: JSON escapes control characters itself, the text report through `printable`.
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else printable(str(report)))
     if report.problems:
         sys.exit(1)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 __all__ = ["Result", "run_cli", "tiny_checkpoint", "sharded_checkpoint", "npz_checkpoint", "fresh_copy",
-           "read_header", "write_raw", "edit_header", "tree_digest", "litter", "assert_one_line_error"]
+           "read_header", "write_raw", "edit_header", "tree_digest", "litter", "assert_one_line_error", "no_hang"]
 
 
 @dataclass
@@ -52,6 +54,21 @@ def assert_one_line_error(res: Result, *needles: str) -> None:
     assert "Traceback" not in res.err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@contextmanager
+def no_hang(seconds: float = 60):
+    """Fail instead of hanging: SIGALRM interrupts the command after `seconds` (also a blocking open of a FIFO)."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"command still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 _CACHE: dict[tuple[str, str], Path] = {}

@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import struct
 import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,13 +30,13 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from reliability_helpers import litter, npz_checkpoint, run_cli, sharded_checkpoint, tiny_checkpoint, tree_digest
+from reliability_helpers import (litter, no_hang, npz_checkpoint, run_cli, sharded_checkpoint, tiny_checkpoint,
+                                 tree_digest)
 from pgconv.converter.layouts import LAYOUTS, key_map
 from pgconv.model.hf_config import from_hf_config
 
 INDEX = "model.safetensors.index.json"
 JSON_BYTES = b'0123456789"{}[],:.-eE tfn'  # replacement bytes that often keep JSON valid but change its meaning
-DEADLINE_S = 60
 # CI runs a fixed, fast sample; PGCONV_FUZZ_EXAMPLES=N runs N random examples per test (a longer local hunt).
 _HUNT = int(os.environ.get("PGCONV_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(deadline=None, max_examples=_HUNT or 60, derandomize=not _HUNT, print_blob=True,
@@ -47,21 +45,6 @@ FUZZ = settings(deadline=None, max_examples=_HUNT or 60, derandomize=not _HUNT, 
 
 def examples(n: int) -> settings:
     return settings(FUZZ, max_examples=_HUNT or n)
-
-
-@contextmanager
-def no_hang(seconds: int = DEADLINE_S):
-    """Fail instead of hanging: SIGALRM interrupts the command after `seconds`."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"command still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # -- mutations ------------------------------------------------------------------------------------------------------

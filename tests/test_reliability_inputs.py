@@ -411,17 +411,17 @@ def test_config_json_fifo_does_not_block(tmp_path_factory, tmp_path):
 def test_unreadable_companion_and_directory_name_the_source(tmp_path_factory, tmp_path, capsys, monkeypatch):
     """Running as root, chmod cannot make a file unreadable: the OS errors are simulated where they are raised."""
     import errno
-    import shutil as sh
+    import os
 
     src = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / "src")
-    real = sh.copyfile
+    real = os.open
 
-    def copyfile(a, b, **kw):
-        if Path(a).name == "tokenizer.json":
-            raise PermissionError(errno.EACCES, "Permission denied", str(a))
-        return real(a, b, **kw)
+    def os_open(path, *a, **kw):  # the open copy_companion does (it must not block on a FIFO, so not copyfile)
+        if Path(path) == src / "tokenizer.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **kw)
 
-    monkeypatch.setattr(sh, "copyfile", copyfile)
+    monkeypatch.setattr(os, "open", os_open)
     res = run_cli(["convert", src, tmp_path / "dst", "--to", "native", "--quiet"], capsys)
     assert_one_line_error(res, str(src / "tokenizer.json"), "cannot read", "Permission denied")
     assert not (tmp_path / "dst").exists() and litter(tmp_path) == []
