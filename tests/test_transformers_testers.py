@@ -125,3 +125,21 @@ def test_convert_drops_the_head_and_says_so(checkpoints, tmp_path, to):
     hf, _, inputs = _reference(src)
     with torch.no_grad():
         torch.testing.assert_close(out.eval()(**inputs).logits, hf(**inputs).logits, atol=0, rtol=0)
+
+
+def test_checkpoint_without_the_head_weights_reads_and_verifies(checkpoints, tmp_path):
+    """vision_use_head true but no head stored: transformers re-creates the head (warning of missing weights) and
+    never uses it; pgconv's reader and verify accept the checkpoint as well."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = shutil.copytree(checkpoints["gemma"], tmp_path / "ck")
+    sd = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if ".head." not in k}, src / "model.safetensors", metadata={"format": "pt"})
+    r = inspect(src)
+    assert (r.problems, r.ignored) == ([], [])
+    hf, _, inputs = _reference(src)
+    with torch.no_grad():
+        torch.testing.assert_close(pgconv.load(src)(*inputs.values()), hf(**inputs).logits, atol=1e-5, rtol=0)
+    assert pgconv.verify(src, max_new_tokens=2, probes="coarse")["passed"]
