@@ -15,6 +15,7 @@ model sharp, varied logits so greedy outputs are well separated and not one repe
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import numpy as np
 from pgconv.converter.layouts import key_map, native_shapes
 from pgconv.converter.safetensors_io import build_header
 from pgconv.converter.sources import TensorMeta
-from pgconv.converter.staging import reap_stale, temp_sibling
+from pgconv.converter.staging import publish, reap_stale, temp_sibling
 from pgconv.converter.tokenizer_fixture import write_tokenizer
 from pgconv.errors import InputError
 from pgconv.model.config import PRESETS, PaliGemmaConfig
@@ -253,7 +254,7 @@ def make_fixture(directory: str | os.PathLike, preset: str = "tiny", seed: int =
         raise InputError(f"{out.parent}: cannot create the fixture there ({e.strerror or e})") from None
     try:
         _write_files(tmp, plan, seed)
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, out, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # full disk mid-write: one line, exit 2, nothing left behind (issue 8)
@@ -262,20 +263,20 @@ def make_fixture(directory: str | os.PathLike, preset: str = "tiny", seed: int =
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.is_dir():
-        old = temp_sibling(out, "old")
-        old.mkdir()
-        os.rename(out, old / "x")
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old / "x", out)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
+def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    """Rename `tmp` to `out` atomically. Without `force`, rename(2) itself replaces only a missing or empty `out`:
+    a non-empty one that appeared meanwhile (another fixture run finished first) fails instead of being replaced.
+    With `force`, `publish` swaps it out."""
+    if force:
+        publish(tmp, out, force=True)
+        return
+    try:
         os.rename(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise InputError(f"{out}: another process wrote there while this fixture was being written (use "
+                             "--force to replace it)") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ def wait():
     while len(list(barrier.iterdir())) < racers and time.time() < deadline:
         time.sleep(0.01)
 
-from pgconv.converter import convert, spec_write
-for module, name in ((convert, "_write_tree"), (spec_write, "_write_npz")):
+from pgconv.converter import convert, fixture, spec_write
+for module, name in ((convert, "_write_tree"), (spec_write, "_write_npz"), (fixture, "_write_files")):
     def stopped(*a, _real=getattr(module, name), **k):
         out = _real(*a, **k)
         wait()
@@ -171,6 +171,19 @@ def test_two_forced_conversions_at_once_leave_one_complete_output(tmp_path_facto
     assert [r.returncode for r in runs] == [0, 0], [r.stderr[-1500:] for r in runs]
     assert tree_digest(out / "dst") == tree_digest(reference)
     assert sorted(p.name for p in out.iterdir()) == ["dst"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_two_fixtures_at_once(tmp_path, force):
+    """`pgconv fixture DIR` too: before, the later run replaced the earlier one's directory without --force."""
+    runs = _race(["fixture", tmp_path / "out"] + (["--force"] if force else []), tmp_path)
+    codes = sorted(r.returncode for r in runs)
+    assert codes == ([0, 0] if force else [0, 2]), [r.stderr[-1500:] for r in runs]
+    if not force:
+        err = next(r for r in runs if r.returncode == 2).stderr.strip().splitlines()
+        assert len(err) == 1 and str(tmp_path / "out") in err[0], err
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert litter(tmp_path) == []
 
 
 def test_publish_refuses_a_destination_made_meanwhile(tmp_path):
