@@ -8,7 +8,8 @@ no config class knows (`seq_length`, `is_training`, ...) and use vocab 99, hidde
 
 `pg_tester_checkpoint` builds the model with transformers from that config, randomises every parameter
 (`reference_models.randomize_`) and `save_pretrained`s it, next to a tokenizer whose 99 ids fit the vocabulary
-(`<image>` is id 0 as the config says) and a preprocessor config for 20 px images.
+(`<image>` is id 0 as the config says) and a preprocessor config for 20 px images. `hf_sizes` / `our_sizes` list
+every size and numerics field pgconv reads, from transformers' built config and from ours, for comparison.
 """
 
 from __future__ import annotations
