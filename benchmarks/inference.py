@@ -273,7 +273,7 @@ def markdown(result: dict) -> str:
                   f"{bw['bytes'] / 2**30:.2g} GiB (`sum`, `copy`: read + write bytes) and one-row GEMVs: set by "
                   f"**{bw['set_by']}**; all in GB/s: {streams}{one}.", ""]
         if kernels := d["rows"].get("ours", {}).get("kernels"):
-            lines += ["| ours: product | kernel | chosen | candidates (median ms) |", "|---|---|---|---|"]
+            lines += ["| ours: product | kernel | chosen | candidates (fastest call, ms) |", "|---|---|---|---|"]
             for k in kernels:
                 times = ", ".join(f"{n} {t * 1e3:.3g}" for n, t in sorted(k["times_s"].items(), key=lambda kv: kv[1]))
                 lines.append(f"| {k['key']} | {k['kernel']} | {k['source']} | {times} |")

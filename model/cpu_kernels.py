@@ -5,7 +5,7 @@ benchmarks/RESULTS.md, `python -m benchmarks.kernels`). On an AMD EPYC Zen 4 (AV
 row streamed 17-29 GB/s through ATen's GEMV (oneDNN off) but 15-17 GB/s through torch's default (oneDNN brgemm),
 and oneDNN's fp32 kernels beat MKL's; on an Intel Xeon with AMX torch's defaults won. So for each distinct
 (dtype, weight shape, bias, rows bucket) the first product times every candidate in `KERNELS` on the real weight
-and input (`pgconv.tuning.measure`: a warm-up, then a median of a few interleaved calls) and keeps the fastest, for
+and input (`pgconv.tuning.measure`: a warm-up, then the fastest of a few interleaved calls) and keeps the fastest, for
 this process and, cached per (CPU model and ISA, torch version, thread count), for every later one.
 `PGCONV_KERNELS=default` turns this off (torch's own picks); `PGCONV_KERNELS=<kernel>` forces one where it applies.
 
@@ -87,7 +87,7 @@ class Choice:
     key: str  # e.g. "linear bfloat16 2048->16384 rows=1"
     kernel: str
     source: str  # measured | cached | default (PGCONV_KERNELS=default) | forced | over budget
-    times_s: dict[str, float] = field(default_factory=dict)  # median per candidate, when measured
+    times_s: dict[str, float] = field(default_factory=dict)  # fastest call per candidate, when measured
 
 
 _lock = threading.Lock()

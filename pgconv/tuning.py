@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import tempfile
 import threading
 import time
@@ -117,15 +116,16 @@ class Decisions:
 def measure(candidates: Mapping[str, Callable[[], object]], reps: int = 5, warmup: int = 1,
             budget_s: float = 5.0, drop_factor: float = 2.0, max_reps: int = 31,
             min_time_s: float = 0.05) -> dict[str, float]:
-    """Median seconds per call of each candidate.
+    """Seconds per call of each candidate: the fastest of its timed calls.
 
-    Each runs `warmup` untimed calls (first-call set-up, page faults), then the candidates take turns, one timed
-    call each per round, so that a busy spell on the machine hits all of them alike. After each round a candidate
-    whose median is over `drop_factor` x the best one stops being timed (no noise is that large, and a kernel 9x
-    slower must not cost 9x the probe). Rounds stop after `reps`, or once `budget_s` is spent (with at least one
-    timed call each); calls of microseconds, which one scheduler tick on a shared machine swamps, get more rounds
-    (up to `max_reps`, until `min_time_s` has passed). A candidate that raises is left out (e.g. an op this build
-    lacks for the dtype).
+    The minimum, not the median: interference only ever adds time, and on a shared machine (2 cores, load 4) the
+    median of every candidate came out as the 12 ms scheduler tick, deciding nothing. Each runs `warmup` untimed
+    calls (first-call set-up, page faults), then the candidates take turns, one timed call each per round, so that
+    a busy spell hits all of them alike. After each round a candidate slower than `drop_factor` x the best stops
+    being timed (after fewer than 3 rounds only at 3 x that gap: one unlucky call must not drop a kernel, but one
+    9x slower must not cost 9x the probe either). Rounds stop after `reps`, or once `budget_s` is spent (with at
+    least one timed call each); calls of microseconds get more rounds (up to `max_reps`, until `min_time_s` has
+    passed). A candidate that raises is left out (e.g. an op this build lacks for the dtype).
     """
     times: dict[str, list[float]] = {}
     live: dict[str, Callable[[], object]] = {}
@@ -144,9 +144,10 @@ def measure(candidates: Mapping[str, Callable[[], object]], reps: int = 5, warmu
             t0 = clock()
             fn()
             times[name].append(clock() - t0)
-        medians = {n: statistics.median(t) for n, t in times.items() if t}
-        best = min(medians.values(), default=0.0)
-        live = {n: fn for n, fn in live.items() if medians[n] <= drop_factor * best}
+        fastest = {n: min(t) for n, t in times.items() if t}
+        best = min(fastest.values(), default=0.0)
+        gap = drop_factor * (1 if rnd >= 2 else 3)
+        live = {n: fn for n, fn in live.items() if fastest[n] <= gap * best}
         if clock() - start > budget_s:
             break
-    return {n: statistics.median(t) for n, t in times.items() if t}
+    return {n: min(t) for n, t in times.items() if t}

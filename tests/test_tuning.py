@@ -1,4 +1,4 @@
-"""pgconv.tuning.measure with a fake timer: medians, interleaving, early drop of hopeless candidates, the budget."""
+"""pgconv.tuning.measure with a fake timer: fastest call, interleaving, early drop of hopeless candidates, the budget."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ def fake(monkeypatch):
     return state
 
 
-def test_median_of_the_timed_calls_after_the_warm_up(fake):
+def test_the_fastest_timed_call_after_the_warm_up_counts(fake):
     k = fake["kernel"]
-    times = tuning.measure({"a": k("a", 9.0, 1.0, 5.0, 1.0, 1.0, 1.0), "b": k("b", 9.0, 2.0)}, reps=5, budget_s=1e9)
-    assert times == {"a": 1.0, "b": 2.0}  # the 9 s warm-ups and a' 5 s spike do not count
+    times = tuning.measure({"a": k("a", 9.0, 3.0, 5.0, 3.0, 1.0, 3.0), "b": k("b", 9.0, 2.5)}, reps=5, budget_s=1e9)
+    assert times == {"a": 1.0, "b": 2.5}  # the 9 s warm-ups and the slow (interrupted) calls do not count
     assert fake["log"][:2] == ["a", "b"] and fake["log"][2:6] == ["a", "b", "a", "b"]  # interleaved rounds
 
 
@@ -34,6 +34,9 @@ def test_a_hopeless_candidate_stops_being_timed_and_the_budget_ends_the_rounds(f
     k = fake["kernel"]
     times = tuning.measure({"fast": k("fast", 1.0), "slow": k("slow", 10.0)}, reps=5, budget_s=1e9)
     assert times == {"fast": 1.0, "slow": 10.0} and fake["log"].count("slow") == 2  # warm-up + one timed call
+    fake["log"].clear()
+    times = tuning.measure({"fast": k("fast", 1.0), "slower": k("slower", 3.0)}, reps=5, budget_s=1e9)
+    assert fake["log"].count("slower") == 1 + 3  # 3x: timed for 3 rounds before it is dropped
     fake["log"].clear()
     times = tuning.measure({"a": k("a", 1.0), "b": k("b", 1.5)}, reps=50, budget_s=6.0)
     assert fake["log"].count("a") == 3  # warm-ups (to 2.5 s), rounds to 5 s and 7.5 s: past the 6 s budget
