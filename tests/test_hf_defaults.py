@@ -73,6 +73,7 @@ def _check(d: dict, what: str) -> None:
 
 _SOURCES = {
     "paligemma-3b-pt-224": lambda: to_hf_config(PRESETS["paligemma-3b-pt-224"]),
+    "paligemma2-3b-pt-224": lambda: to_hf_config(PRESETS["paligemma2-3b-pt-224"]),
     "paligemma2-10b-pt-448": lambda: to_hf_config(PRESETS["paligemma2-10b-pt-448"]),
     "tiny": lambda: to_hf_config(PRESETS["tiny"]),
     "tiny-pg2": lambda: to_hf_config(PRESETS["tiny-pg2"]),
