@@ -163,15 +163,19 @@ def _parent_lock(dst: Path) -> Iterator[None]:
     filesystems where that fails, e.g. NFS, an fcntl lock on a `.DST.pgconv-lock` file, which stays)."""
     fd = os.open(dst.parent, os.O_RDONLY)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        fd = os.open(dst.parent / f".{dst.name}.pgconv-lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            os.close(fd)
-            fd = os.open(dst.parent / f".{dst.name}.pgconv-lock", os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.lockf(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+    try:
         yield
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
 
 
 def _remove(path: Path) -> None:

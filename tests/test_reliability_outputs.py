@@ -212,6 +212,26 @@ def test_publish_refuses_a_destination_made_meanwhile(tmp_path):
             assert (tmp / "new").read_text() == "new"  # the caller removes it
 
 
+def test_lock_fallback_without_flock_on_directories(tmp_path, monkeypatch):
+    """Where a directory cannot be flock'ed (NFS), the lock is an fcntl lock on a lock file next to DST."""
+    import fcntl
+
+    from pgconv.converter import staging
+
+    def no_flock(fd, op):
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(staging, "_renameat2_fn", None)
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    for force in (False, True):
+        tmp = tmp_path / f".dst.pgconv-tmp-{force}"
+        tmp.mkdir()
+        (tmp / "f").write_text(str(force))
+        staging.publish(tmp, tmp_path / "dst", force=force)
+        assert (tmp_path / "dst" / "f").read_text() == str(force) and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dst.pgconv-lock", "dst"]
+
+
 # -- companions that cannot be copied, DST symlink loops ----------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["fifo", "dangling-link"])
