@@ -91,7 +91,7 @@ class Choice:
 
 
 _lock = threading.Lock()
-_chosen: dict[tuple, Choice] = {}  # (threads, mode, key) -> decision, this process
+_chosen: dict[tuple, Choice] = {}  # (threads, mode, dtypes, shape, bias, rows bucket) -> decision, this process
 _decisions: dict[int, tuning.Decisions] = {}  # threads -> cache file
 _spent = [0.0]  # probe seconds this process
 
@@ -137,14 +137,14 @@ def choose(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
     mode, threads = _mode(), torch.get_num_threads()
     n, k = weight.shape
     bucket = _rows_bucket(x2.shape[0])
-    key = (f"linear {str(x2.dtype).removeprefix('torch.')} {k}->{n}{' +bias' if bias is not None else ''} "
-           f"rows{'=' if bucket == 1 else '<='}{bucket}")
-    slot = (threads, mode, key)
+    slot = (threads, mode, x2.dtype, weight.dtype, n, k, bias is not None, bucket)
     if (hit := _chosen.get(slot)) is not None:  # the per-call path: one dict lookup
         return hit
     with _lock:
         if (hit := _chosen.get(slot)) is not None:
             return hit
+        key = (f"linear {str(x2.dtype).removeprefix('torch.')} {k}->{n}{' +bias' if bias is not None else ''} "
+               f"rows{'=' if bucket == 1 else '<='}{bucket}")
         names = candidates(x2.dtype) if x2.dtype == weight.dtype else ["default"]
         if mode == "default" or names == ["default"]:
             choice = Choice(key, "default", "default" if mode == "default" else "only candidate")
