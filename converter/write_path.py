@@ -87,7 +87,7 @@ def _mode() -> str:
 
 
 _lock = threading.Lock()
-_plans: dict[tuple, Plan] = {}  # per process: (mode, fs key) -> plan
+_plans: dict[tuple, Plan] = {}  # per process: filesystem key -> plan (auto mode)
 
 
 def reset() -> None:
