@@ -4,7 +4,9 @@ For each weight shape of the PaliGemma-3B decoder (and SigLIP's), the throughput
 `F.linear`: one row (decode: GB/s of weights streamed) and a prompt's worth of rows (prefill: GFLOPS):
 - bf16 one row: oneDNN brgemm (torch's default) vs ATen's GEMV (oneDNN off) vs ours (`cpu_kernels.linear`);
 - fp32 rows: MKL SGEMM/SGEMV (torch's default) vs oneDNN (`mkldnn::_linear_pointwise`) vs ours;
-plus the read bandwidth of a large `sum`, the roofline's denominator. Best of several repetitions.
+plus the read bandwidth, the roofline's denominator: the fastest of a large `sum`, a `copy` (read + write bytes)
+and every one-row GEMV in the table (which one set it is named), and the disk's durable write speeds. Best of
+several repetitions.
 
     python -m benchmarks.kernels [--quick] [--threads 2] [--rows 262]
 
@@ -17,7 +19,7 @@ import argparse
 import sys
 import time
 
-from benchmarks.common import OUT, machine, machine_markdown
+from benchmarks.common import OUT, disk_write_speeds, machine, machine_markdown
 
 __all__ = ["main"]
 
@@ -68,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     reps = 3 if args.quick else 10
     shapes = QUICK_SHAPES if args.quick else SHAPES
     onednn = torch.ops.mkldnn._linear_pointwise
-    lines = ["## CPU kernels for `F.linear` at the model's shapes", "", machine_markdown(machine(args.threads))]
+    info = {**machine(args.threads), "disk_write": disk_write_speeds(OUT, (64 if args.quick else 512) << 20)}
+    lines = ["## CPU kernels for `F.linear` at the model's shapes", "", machine_markdown(info)]
     x = torch.ones((16 << 20) if args.quick else (512 << 20))  # fp32: 64 MiB / 2 GiB, far beyond the caches
-    read, gib = x.numel() * 4 / _best([lambda: x.sum()], 3 if args.quick else 5)[0], x.numel() * 4 / 2**30
-    del x
-    lines += [f"Read bandwidth (`sum` over {gib:.2f} GiB): **{read / 1e9:.1f} GB/s**.", "",
-              "One row (decode), GB/s of weights streamed:", "",
+    y = torch.zeros_like(x)
+    t_sum, t_copy = _best([lambda: x.sum(), lambda: y.copy_(x)], 3 if args.quick else 5)
+    streams = {"sum": x.numel() * 4 / t_sum, "copy": 2 * x.numel() * 4 / t_copy}  # copy: bytes read + written
+    gib = x.numel() * 4 / 2**30
+    del x, y
+    bandwidth_at = len(lines)
+    lines += ["", "One row (decode), GB/s of weights streamed:", "",
               "| weight | bf16 oneDNN (torch default) | bf16 ATen GEMV | bf16 ours | fp32 MKL (torch default) | "
               "fp32 oneDNN | fp32 ours |", "|---|---:|---:|---:|---:|---:|---:|"]
     prefill = ["", f"{args.rows} rows (prefill), GFLOPS:", "",
@@ -92,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     kinds = [lambda: F.linear(row, w), lambda: onednn(row, w, None, "none", [], "")]
                 kinds.append(lambda: cpu_kernels.linear(row, w))
-                cells += [f"{nbytes / t / 1e9:.1f}" for t in _best(kinds, reps)]
+                rates = [nbytes / t for t in _best(kinds, reps)]
+                cells += [f"{r / 1e9:.1f}" for r in rates]
+                streams[f"{name} {str(dtype)[6:]} GEMV"] = max(rates)
                 if name == "head":  # a prompt's worth of head rows never runs (logits for the last position only)
                     gemm += ["-"] * (2 if dtype == torch.bfloat16 else 3)
                     continue
@@ -105,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} ({n}x{k}) | " + " | ".join(cells) + " |")
             prefill.append(f"| {name} ({n}x{k}) | " + " | ".join(gemm) + " |")
             print(lines[-1], file=sys.stderr, flush=True)
+    best = max(streams, key=streams.__getitem__)
+    lines.insert(bandwidth_at, f"Read bandwidth, the fastest streaming kernel ({gib:.2f} GiB `sum` and `copy`, every "
+                 f"one-row GEMV below): **{streams[best] / 1e9:.1f} GB/s**, set by {best}; `sum` "
+                 f"{streams['sum'] / 1e9:.1f}, `copy` {streams['copy'] / 1e9:.1f} GB/s.")
     md = "\n".join(lines + prefill) + "\n"
     print(md)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 Which write path is fastest depends on the machine: on an AMD EPYC VM O_DIRECT writes won (the buffered path cost
 ~1 CPU-second per GB in page-cache copies), on an Intel Xeon VM buffered writeback ran at ~1.4 GB/s and
 `dd oflag=direct` at 0.96 GB/s. So before the first conversion to a filesystem, `plan_for(directory)` writes a
-few temporary files in `directory` (`PROBE_BYTES` each, at most `len(CONFIGS) + 1` of them: <= 320 MiB) with each
+few temporary files in `directory` (`PROBE_BYTES` each, at most `len(CONFIGS) + 1` of them: <= 240 MiB) with each
 candidate `Plan` - O_DIRECT or buffered with early writeback (`sync_file_range`), staging block size, worker
 count - each ended by the fsync every conversion does, removes them, and keeps the fastest. Decisions are
 cached per (device id, filesystem type, mount source) through `pgconv.tuning`; a candidate must beat the default
@@ -33,7 +33,7 @@ DEFAULT_STAGE = 32 << 20  # per worker; large enough that each direct write stre
 # More workers than cores: while some wait for their writes, the others read, cast and hash (SHA-256 at ~1.5 GB/s
 # per core is a conversion's CPU cost). On 2 cores, 5 workers beat 3 by ~0.2 s of ~3.8 s at 3B (2026-11-28).
 DEFAULT_WORKERS = max(3, min(8, (os.cpu_count() or 1) + 3))
-PROBE_BYTES = 64 << 20  # per candidate: 2 x the largest stage, so that writes overlap as in a conversion
+PROBE_BYTES = 48 << 20  # per candidate: > the largest stage, so that writes overlap as in a conversion
 MARGIN = 1.05
 
 
