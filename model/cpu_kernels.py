@@ -86,7 +86,7 @@ class Choice:
 
     key: str  # e.g. "linear bfloat16 2048->16384 rows=1"
     kernel: str
-    source: str  # measured | cached | default (PGCONV_KERNELS=default) | forced | over budget
+    source: str  # measured | cached | default (PGCONV_KERNELS=default) | forced | only candidate | over budget
     times_s: dict[str, float] = field(default_factory=dict)  # fastest call per candidate, when measured
 
 
@@ -168,8 +168,8 @@ def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tens
     with torch.no_grad():
         times = tuning.measure({name: partial(KERNELS[name], x2, weight, bias) for name in names})
     _spent[0] += tuning.clock() - start
-    if not times:
-        return Choice(key, "default", "over budget")
+    if not times:  # every candidate raised (bad input): F.linear raises its own error
+        return Choice(key, "default", "no candidate ran")
     kernel = min(times, key=times.__getitem__)  # dicts keep candidate order: `default` wins a tie
     cache.put(key, {"kernel": kernel, "times_s": times})
     return Choice(key, kernel, "measured", times)
@@ -182,10 +182,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     # The oneDNN op has no autograd formula: measured kernels only when no gradient can flow.
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if needs_grad or x2.device.type != "cpu" or x2.shape[0] == 0:
+    kernel = "default"
+    if not needs_grad and x2.device.type == "cpu" and x2.shape[0] > 0:
+        kernel = choose(x2, weight, bias).kernel
+    try:
+        out = KERNELS[kernel](x2, weight, bias)
+    except (RuntimeError, NotImplementedError):
+        if kernel == "default":
+            raise
+        # An input the probe never saw (a layout or dtype mix the private op refuses): torch's own kernel.
         out = F.linear(x2, weight, bias)
-    else:
-        out = KERNELS[choose(x2, weight, bias).kernel](x2, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

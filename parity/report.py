@@ -3,7 +3,10 @@
 report.json (schema_version 1) top level: `schema_version`, `passed`, `failures` (one line each), `checkpoint`,
 `checkpoint_path`, `family`, `dtype`, `device`, `probes_mode`, `max_new_tokens`, `tolerances` {source, version},
 `versions`, `timing`, `weights` {passed, mapped, bit_identical, shared, mismatched, layout (the transformers
-in-memory names the map uses), checkpoint_layout, map[]},
+in-memory names the map uses), checkpoint_layout, map[]}, `processor` {image_processor (the transformers class that
+made the models' inputs from the files: SiglipImageProcessorPil, or SiglipImageProcessor when torchvision is
+installed), backend, fallbacks, checked, passed, compared_with, tokens_equal, pixel_values_max_abs,
+reference_pixel_values_max_abs; per case under `cases[].processor`, see `parity.inputs`},
 `first_divergence` {probe, kind, stack, layer, nrmse, max_abs, contributed_*, fp64, case} or null,
 `probes` [{name, kind, stack, layer, passed, verdict, max_abs, mean_abs, max_rel, rmse, cosine, nrmse, nmax,
 contributed_max_abs, contributed_nrmse, contributed_nmax, contributed_cosine, within_budget,
@@ -132,7 +135,8 @@ def terminal(report: dict[str, Any]) -> str:
     w = report["weights"]
     head = [f"pgconv verify: {report['checkpoint']} ({report['family']}, {report['dtype']}, {report['device']})",
             f"weights: {w['bit_identical']}/{w['mapped']} mapped tensors bit-identical, {w['shared']} shared storage"
-            f" (checkpoint layout {w.get('checkpoint_layout', '?')}; transformers' names: {w['layout']})", ""]
+            f" (checkpoint layout {w.get('checkpoint_layout', '?')}; transformers' names: {w['layout']})",
+            _processor_line(report), ""]
     rows = [list(_COLUMNS)] + [_probe_cells(p) for p in report["probes"]]
     lg = report["logits"]
     tail = ["", f"logits: KL mean {fmt(lg['kl_mean'])} max {fmt(lg['kl_max'])}, top-1 {fmt(lg['top1_agreement'])}, "
@@ -152,6 +156,27 @@ def terminal(report: dict[str, Any]) -> str:
     return "\n".join(head + _table(rows) + tail)
 
 
+def _processor_line(report: dict[str, Any]) -> str:
+    """Which transformers image processor made the models' inputs from the files, and how pgconv's compares."""
+    p = report.get("processor") or {}
+    if not p.get("image_processor"):
+        return "inputs: -"
+    line = f"inputs: transformers' {p['image_processor']} ({p['backend']}) loaded the image files"
+    if p.get("fallbacks"):
+        line += f" ({len(p['fallbacks'])} case(s) with the PIL processor: {p['fallbacks'][0]})"
+    if not p.get("checked"):
+        return line + "; pgconv's processor not compared (no tokenizer.json)"
+    if p["passed"]:
+        line += f"; pgconv's processor: identical to {p['compared_with']}"
+    else:
+        line += (f"; pgconv's processor DIFFERS from {p['compared_with']} (token ids "
+                 f"{'equal' if p['tokens_equal'] else 'differ'}, pixel values max |diff| "
+                 f"{fmt(p['pixel_values_max_abs'])})")
+    if p.get("reference_pixel_values_max_abs"):
+        line += f"; max |diff| to the models' pixel values {fmt(p['reference_pixel_values_max_abs'])}"
+    return line
+
+
 def _fp64(fp: dict[str, Any] | None) -> str:
     if not fp:
         return "-"
@@ -163,7 +188,8 @@ def markdown(report: dict[str, Any]) -> str:
     w, lg, g = report["weights"], report["logits"], report["generation"]
     lines = [f"## pgconv verify: {status}", "",
              f"`{report['checkpoint']}`: {report['family']}, {report['dtype']} on {report['device']}, tolerances "
-             f"{report['tolerances']['version']}, transformers {report['versions']['transformers']}", ""]
+             f"{report['tolerances']['version']}, transformers {report['versions']['transformers']}", "",
+             _processor_line(report), ""]
     for f in report["failures"]:
         lines.append(f"- **{f}**")
     fd = report["first_divergence"]

@@ -245,3 +245,18 @@ def test_describe_names_the_kernel_and_the_measured_times(measuring):
     cpu_kernels.linear(*_product(1))
     line = cpu_kernels.describe(cpu_kernels.choices()[0])
     assert line.startswith("linear bfloat16 64->48 rows=1: aten (measured: aten 1 ms, onednn 2 ms, default 3 ms")
+
+
+def test_a_kernel_that_refuses_an_input_falls_back_to_f_linear(monkeypatch):
+    def refuses(x, w, b):
+        raise RuntimeError("mkldnn: unsupported layout")
+
+    monkeypatch.setenv("PGCONV_KERNELS", "onednn")
+    monkeypatch.setitem(cpu_kernels.KERNELS, "onednn", refuses)
+    cpu_kernels.reset()
+    x, w = _product(2, torch.float32)
+    assert torch.equal(cpu_kernels.linear(x, w), F.linear(x, w))
+    monkeypatch.setenv("PGCONV_KERNELS", "default")
+    with pytest.raises(RuntimeError):  # torch's own error for a real mismatch
+        cpu_kernels.linear(x, w[:, :5])
+    cpu_kernels.reset()
