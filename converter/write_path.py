@@ -119,7 +119,8 @@ def plan_for(directory: Path, stage: int = DEFAULT_STAGE, workers: int = DEFAULT
         except (TypeError, KeyError, ValueError, AttributeError):
             plan = _measure(directory) or Plan("direct", stage, workers)
             if plan.source == "measured":
-                cache.put("plan", {k: v for k, v in asdict(plan).items() if k != "source"})
+                cache.put("plan", {**{k: v for k, v in asdict(plan).items() if k != "source"},
+                                   "load_avg_1min": round(os.getloadavg()[0], 2)})
         _plans[slot] = plan
         return plan
 

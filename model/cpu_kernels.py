@@ -171,7 +171,8 @@ def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tens
     if not times:  # every candidate raised (bad input): F.linear raises its own error
         return Choice(key, "default", "no candidate ran")
     kernel = min(times, key=times.__getitem__)  # dicts keep candidate order: `default` wins a tie
-    cache.put(key, {"kernel": kernel, "times_s": times})
+    # The load average says, later, whether the machine was busy when this was decided (delete the file to redo it).
+    cache.put(key, {"kernel": kernel, "times_s": times, "load_avg_1min": round(os.getloadavg()[0], 2)})
     return Choice(key, kernel, "measured", times)
 
 
