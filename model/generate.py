@@ -74,6 +74,12 @@ def sample_next(
     if top_p is not None and top_p < 1.0:
         logits = _filter_top_p(logits, top_p)
     probs = logits.softmax(dim=-1)
+    # A NaN or +inf logit makes the distribution NaN, and torch.multinomial raises a bare RuntimeError (transformers
+    # does). Greedy argmax still picks a token from such scores (as transformers' does), so only sampling stops here.
+    if not bool(torch.isfinite(probs).all()):
+        raise InputError("cannot sample the next token: the model's scores are NaN or infinite (the checkpoint holds "
+                         "NaN/Inf weights, see `pgconv inspect --scan`, or float16 activations overflowed: use "
+                         "--dtype bfloat16 or float32)")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -2,10 +2,13 @@
 
 Matches transformers 5.24 `PaliGemmaProcessor` with the PIL image backend (`SiglipImageProcessorPil`) bit for bit:
 
-- Image (`image_transforms.convert_to_rgb`, `PilBackend._preprocess`): images with an alpha band or a
-  `transparency` entry (RGBA, LA, PA, P/L with a transparent colour) are alpha-composited onto opaque white, all
-  others go through `Image.convert("RGB")` (L, P, CMYK, I;16, ...); then PIL resize to (H, W) with the configured
-  filter (bicubic), `uint8 -> float64 * rescale_factor -> float32`, `(x - mean) / std` in float32, CHW.
+- Image file (a path): as transformers' `image_utils.load_image`, which its processors call on a path: decoded, EXIF
+  orientation applied (`ImageOps.exif_transpose`), then a plain `Image.convert("RGB")` (alpha dropped, not composited;
+  L, P, CMYK, I;16, F, ... as Pillow converts them). A PIL image (not a path) is used as given (no EXIF rotation, as
+  transformers): with an alpha band or a `transparency` entry (RGBA, LA, PA, P/L with a transparent colour) it is
+  alpha-composited onto opaque white (`image_transforms.convert_to_rgb`), others go through `convert("RGB")`. Then
+  (`PilBackend._preprocess`) PIL resize to (H, W) with the configured filter (bicubic),
+  `uint8 -> float64 * rescale_factor -> float32`, `(x - mean) / std` in float32, CHW.
 - Text (`pgconv.model.prompts`): `"<image>" * num_image_tokens * n_images + "<bos>" + prompt + "\\n"`; a prompt
   that holds `<image>` markers takes one image per marker, each marker becomes one image's tokens and `<bos>` goes
   after the last one (as transformers does). A suffix is tokenised separately as `suffix + "<eos>"`
@@ -18,9 +21,14 @@ Matches transformers 5.24 `PaliGemmaProcessor` with the PIL image backend (`Sigl
   `<image>` markers in the prompts and a flat list consumed in order; `pixel_values` holds every image of the batch
   in order (total images, 3, H, W), which is how the model scatters them into the image-token blocks.
 
-Deliberate differences: images are always converted to RGB (hub preprocessor configs say `"do_convert_rgb": null`,
-which transformers 5.24 reads as "do not convert" and then fails on L/RGBA/CMYK images; we match what it computes
-with `do_convert_rgb=True`), a batch mixing prompts with and without `<image>` is handled prompt by prompt
+`do_convert_rgb` as transformers reads it: a missing key means true, `null` (what hub configs say) means false. It
+only matters for transparency: with it, an image file whose RGB conversion keeps a `transparency` colour (a GIF, a
+PNG with a tRNS chunk) has that colour composited onto white, and PIL images are converted as above; without it, the
+RGB pixels are used as they are.
+
+Deliberate differences: a PIL image that is not 3-band (L, RGBA, CMYK, ...) is converted as with
+`do_convert_rgb=True` even when it is off (transformers 5.24 then raises, e.g. "mean must have 4 elements"; files
+never hit this, `load_image` makes them RGB), a batch mixing prompts with and without `<image>` is handled prompt by prompt
 (transformers inserts `<bos>` at character 6 of the prompts that lack it), one image given for several prompts goes
 with each of them, and bad image files raise `InputError` instead of PIL exceptions.
 """
@@ -31,13 +39,14 @@ import json
 import math
 import os
 import stat
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -46,7 +55,7 @@ from pgconv.model.config import PaliGemmaConfig
 from pgconv.model.hf_config import MAX_IMAGE_TOKENS as CONFIG_MAX_IMAGE_TOKENS, from_hf_config
 from pgconv.model.prompts import IMAGE_TOKEN, image_slots, images_per_prompt, labels, prompt_text
 
-__all__ = ["Processor", "ImageInput", "IMAGE_TOKEN", "load_image", "to_rgb", "check_utf8"]
+__all__ = ["Processor", "ImageInput", "IMAGE_TOKEN", "load_image", "to_rgb", "check_utf8", "require_regular_file"]
 
 EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
 # Pillow raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS; we keep that limit even if a caller disabled it.
@@ -55,21 +64,47 @@ MAX_PIXELS = 2 * 89_478_485
 ImageInput = Image.Image | str | os.PathLike
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file; every failure is an `InputError` naming the file."""
+def require_regular_file(path: str | os.PathLike, what: str = "file", missing_ok: bool = False) -> bool:
+    """True when `path` is a regular file (symlinks followed); False when nothing is there and `missing_ok`.
+
+    Anything else is an `InputError` naming `path`: a missing `what`, and a FIFO, socket or device (opening or
+    reading one blocks, or never ends) or a directory. Check before every open of a user-given file."""
     try:
-        image = Image.open(path)
-        _check_size(image, path)
-        image.load()  # decode now, so a truncated file fails here and not halfway through a batch
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise InputError(f"{path}: image file not found") from None
+        if missing_ok:
+            return False
+        raise InputError(f"{path}: {what} not found") from None
+    except OSError as e:  # a symlink loop (ELOOP), a path through a file (ENOTDIR), permissions
+        raise InputError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: not a regular file")
+    return True
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An image file as transformers' `image_utils.load_image` (what its processors do with a path) returns it:
+    decoded, EXIF orientation applied (`ImageOps.exif_transpose`), then a plain `convert("RGB")`: an alpha band is
+    dropped, not composited (unlike a PIL image handed to the processor, see `to_rgb`). Every failure is an
+    `InputError` naming the file."""
+    require_regular_file(path, "image")  # a FIFO would block in Image.open
+    try:
+        with Image.open(path) as image:
+            _check_size(image, path)
+            image.load()  # decode now, so a truncated file fails here and not halfway through a batch
+            upright = ImageOps.exif_transpose(image)
+            _check_size(upright, path)
+            return upright.convert("RGB")
+    except FileNotFoundError:  # removed between the check and the open
+        raise InputError(f"{path}: image not found") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file (Pillow cannot identify it)") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports truncated/corrupt data as OSError/SyntaxError
-        raise InputError(f"{path}: cannot decode image ({e})") from None
-    return image
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, struct.error) as e:
+        # Pillow reports truncated/corrupt data as OSError/SyntaxError, and a malformed EXIF block or palette as
+        # whatever its parser hits (struct.error, IndexError, KeyError, TypeError).
+        raise InputError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def _check_size(image: Image.Image, where: object) -> None:
@@ -81,7 +116,8 @@ def _check_size(image: Image.Image, where: object) -> None:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """transformers' `convert_to_rgb`: composite transparency onto white, otherwise a plain `convert("RGB")`."""
+    """transformers' `convert_to_rgb` for a PIL image given to the processor: composite transparency onto white,
+    otherwise a plain `convert("RGB")` (a no-op on what `load_image` returns)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -105,14 +141,8 @@ def _token_content(value: Any, default: str) -> str:
 
 def _read_json(path: Path) -> dict:
     """A JSON object from `path`, {} when the file does not exist; anything else unusable is an `InputError`."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
+    if not require_regular_file(path, "JSON file", missing_ok=True):  # a FIFO would block in read_text
         return {}
-    except OSError as e:
-        raise InputError(f"{path}: cannot read JSON ({e})") from None
-    if not stat.S_ISREG(mode):  # a FIFO or device would block (or never end) in read_text
-        raise InputError(f"{path}: not a regular file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:  # json's C decoder recurses once per nesting level
@@ -196,6 +226,12 @@ def _preprocessor_options(pre: dict, path: Path) -> dict[str, Any]:
         if value is not None and not isinstance(value, bool):
             raise bad(key, "true or false")
         opts[key] = value is not False  # null (or missing) means transformers' default, true
+    # do_convert_rgb differs: transformers keeps a null as None, which its processors read as "do not convert"
+    # (hub configs say null); only a missing key gets the class default, true.
+    value = pre.get("do_convert_rgb", True)
+    if value is not None and not isinstance(value, bool):
+        raise bad("do_convert_rgb", "true, false or null")
+    opts["do_convert_rgb"] = bool(value)
     size = pre.get("size")
     if size is not None and not isinstance(size, dict):
         raise bad("size", 'an object {"height": H, "width": W}')
@@ -229,6 +265,7 @@ class Processor:
         do_resize: bool = True,
         do_rescale: bool = True,
         do_normalize: bool = True,
+        do_convert_rgb: bool = True,
         padding_side: str = "left",
         bos_token: str = "<bos>",
         eos_token: str = "<eos>",
@@ -259,7 +296,12 @@ class Processor:
         self.rescale_factor = float(rescale_factor)
         self.resample = Image.Resampling(resample)
         self.do_resize, self.do_rescale, self.do_normalize = do_resize, do_rescale, do_normalize
+        self.do_convert_rgb = do_convert_rgb
         self.padding_side = padding_side
+        # Set by from_pretrained from config.json: ids at or past it would index past the embedding (transformers
+        # fails with "IndexError: index out of range in self"); `tokenizer_source` names the file in that error.
+        self.vocab_size: int | None = None
+        self.tokenizer_source = "tokenizer"
 
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -321,6 +363,9 @@ class Processor:
         )
         if config is not None and proc.image_token_id != config.image_token_index:
             raise InputError(f"{tok_path}: <image> is token {proc.image_token_id} but config.json says image_token_index={config.image_token_index}")
+        proc.tokenizer_source = str(tok_path)
+        if config is not None:
+            proc.vocab_size = config.text.vocab_size
         return proc
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -355,7 +400,10 @@ class Processor:
         else:
             raise InputError(f"expected a PIL image or an image file path, got {type(image).__name__}")
         try:
-            rgb = to_rgb(image)
+            # Without do_convert_rgb transformers uses the pixels as they are: fine for 3 bands (load_image's RGB
+            # keeps an RGB `transparency` colour, composited only when converting); other modes make it raise, and
+            # we convert them instead (module docstring).
+            rgb = image if not self.do_convert_rgb and len(image.getbands()) == 3 else to_rgb(image)
             if self.do_resize:
                 h, w = self.image_size
                 rgb = rgb.resize((w, h), resample=self.resample)  # PIL sizes are (width, height)
@@ -403,6 +451,7 @@ class Processor:
                 tail = self.tokenizer.encode(suffixes[i] + self.eos_token, add_special_tokens=False).ids
                 ids, types = ids + tail, types + [1] * len(tail)
             rows.append((ids, types))
+        self._check_vocabulary(rows)
         length = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         token_type_ids = torch.zeros((len(rows), length), dtype=torch.long)
@@ -414,6 +463,19 @@ class Processor:
             attention_mask[b, span] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                 "labels": labels(input_ids, token_type_ids)}
+
+    def _check_vocabulary(self, rows: list[tuple[list[int], list[int]]]) -> None:
+        if self.vocab_size is None:
+            return
+        ids = [i for row, _ in rows for i in row]
+        if len({len(row) for row, _ in rows}) > 1:  # shorter rows are padded with <pad>
+            ids.append(self.pad_token_id)
+        bad = max(ids)
+        if bad < self.vocab_size:
+            return
+        raise InputError(f"{self.tokenizer_source}: token {self.tokenizer.id_to_token(bad)!r} has id {bad}, past the "
+                         f"model's vocabulary (vocab_size {self.vocab_size} in config.json): the tokenizer does not "
+                         "belong to this model")
 
     # -----------------------------------------------------------------------------------------------------------------
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:

@@ -101,23 +101,19 @@ def _check_lengths(cases: list[tuple[list[Path], str]], processor: Any, cfg: Any
                      new="max_new_tokens (--max-new-tokens)")
 
 
-def _inputs(processor: Any, images: Sequence[Path], prompt: str, device: str) -> dict:
-    from pgconv.model.processor import load_image
+def _inputs(processors: tuple[Any, Any], ours: Any, images: Sequence[Path], prompt: str, device: str,
+            vocab_size: int) -> tuple[dict, dict]:
+    """(the models' inputs, the processor record): transformers' processor is given the image *files* and loads them
+    itself, and pgconv's processor (`ours`, None without tokenizer.json) is compared with it (`parity.inputs`)."""
+    from pgconv.parity.inputs import check_processor, reference_inputs
 
-    rgbs = []
-    for image in images:
-        if not Path(image).is_file():
-            raise InputError(f"{image}: image not found")
-        # load_image: non-images, truncated files and decompression bombs become an InputError naming the file.
-        with load_image(image) as im:
-            rgbs.append(im.convert("RGB"))
-    # One <image> marker per image, up front unless the prompt places them (the processor expands each marker to
-    # one image's tokens and inserts <bos> after the last one).
-    text = prompt if "<image>" in prompt else "<image>" * len(rgbs) + prompt
-    enc = processor(images=rgbs, text=text, return_tensors="pt")
-    # The v5 processor always returns labels (all -100 without a suffix: loss NaN); the harness never wants them
-    # (paligemma.md trap 15). token_type_ids are kept and always passed (trap 3).
-    return {k: enc[k].to(device) for k in ("input_ids", "pixel_values", "token_type_ids", "attention_mask")}
+    inputs, info = reference_inputs(processors, images, prompt, device)
+    if ours is None:  # ours checks token ids against the vocabulary; transformers' model would raise an IndexError
+        if (top := int(inputs["input_ids"].max())) >= vocab_size:
+            raise InputError(f"prompt {prompt[:60]!r}: transformers' tokenizer gives id {top}, past the model's "
+                             f"vocabulary (vocab_size {vocab_size} in config.json)")
+        return inputs, info
+    return inputs, check_processor(ours, processors[1], images, prompt, inputs, info)
 
 
 def _resolve(checkpoint: str | Path | None) -> tuple[Path, str, Any]:
@@ -179,7 +175,7 @@ def verify(
     tol = load_tolerances(tolerances)
     path, layout, settings = _resolve(checkpoint)
     cfg = read_config(path)
-    from pgconv.model.processor import Processor
+    from pgconv.model.processor import Processor, load_image
 
     # Tokenizer and preprocessor files against config.json before any weight is loaded (a directory with only a
     # sentencepiece tokenizer.model is left to transformers' processor).
@@ -188,16 +184,13 @@ def verify(
         ours_processor = Processor.from_pretrained(path, config=cfg)
     cases = _cases(images, prompts)
     for image in dict.fromkeys(i for imgs, _ in cases for i in imgs):  # before the (maybe minutes-long) load
-        if not Path(image).is_file():
-            raise InputError(f"{image}: image not found")
+        load_image(image)  # missing, not a regular file (a FIFO would block), not an image, truncated, a bomb
     _check_lengths(cases, ours_processor, cfg, max_new_tokens)
     timing: dict[str, float] = {}
-    from transformers import AutoProcessor
+    from pgconv.parity.inputs import reference_processors
 
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as e:  # e.g. no preprocessor_config.json (ours defaults it, transformers does not)
-        raise InputError(f"{path}: transformers cannot load the processor ({str(e).strip().splitlines()[0]})") from None
+    processors = reference_processors(path)  # (AutoProcessor's pick, its PIL-backend twin)
+    processor = processors[0]
     table = probes_for(cfg, probes)  # type: ignore[arg-type]
     results, per_dtype = [], {}
     for dt in dtypes:
@@ -207,13 +200,13 @@ def verify(
         per_dtype[dt] = {**weight_parity(ours, ref, cfg), "checkpoint_layout": layout}
         timing["load" if len(dtypes) == 1 else f"load_{dt}"] = round(time.perf_counter() - t_load, 4)
         for imgs, prompt in cases:
-            inputs = _inputs(processor, imgs, prompt, device)
+            inputs, proc_check = _inputs(processors, ours_processor, imgs, prompt, device, cfg.text.vocab_size)
             result = run_case(
                 ours, ref, inputs, table, tol, dt, max_new_tokens, settings, cfg.image_token_index,
                 lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=False),
             )
             results.append({"image": " + ".join(map(str, imgs)), "images": [str(i) for i in imgs],
-                            "prompt": prompt, "dtype": dt, **result})
+                            "prompt": prompt, "dtype": dt, **result, "processor": proc_check})
         del ours, ref  # one pair of models at a time
     timing["total"] = round(time.perf_counter() - t0, 4)
     report = _fold(results, _weights(per_dtype), tol)
@@ -246,6 +239,8 @@ def _weights(per_dtype: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dict[str, Any]:
     """One verdict over all cases: each probe's worst row, the first case's divergence that fails, and so on."""
+    from pgconv.parity.inputs import fold_processor
+
     probes: list[dict[str, Any]] = []
     for rows in zip(*(c["probes"] for c in cases)):
         worst = max(rows, key=lambda r: (_SEVERITY[r["verdict"]], r["nrmse"]))
@@ -284,6 +279,11 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
         failures.append("logits: KL or decisive top-1 agreement over budget" + where(bad_logits))
     if not gen["passed"]:
         failures.append("generation: " + _gen_reason(gen))
+    processor = fold_processor(cases)
+    if not processor["passed"]:
+        failures.append(f"processor: pgconv's inputs differ from transformers' {processor['compared_with']} on the "
+                        f"same files (token ids {'equal' if processor['tokens_equal'] else 'differ'}, pixel values "
+                        f"max |diff| {processor['pixel_values_max_abs']:.3g})")
     return {
         "schema_version": SCHEMA_VERSION,
         "passed": not failures,
@@ -295,6 +295,7 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
         "logits": logits,
         "generation": gen,
         "cases": cases,
+        "processor": processor,
     }
 
 

@@ -37,6 +37,22 @@ def ours(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def converting(tiny_dir, tmp_path_factory):
+    """(ours, transformers') from a copy of the fixture whose preprocessor_config.json has no do_convert_rgb key
+    (transformers' class default: convert; the fixture, like the hub, says null: do not)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("converting") / "tiny"
+    shutil.copytree(tiny_dir, d)
+    pre = json.loads((d / "preprocessor_config.json").read_text())
+    assert "do_convert_rgb" in pre and pre.pop("do_convert_rgb") is None
+    (d / "preprocessor_config.json").write_text(json.dumps(pre))
+    hf_c = transformers.PaliGemmaProcessor.from_pretrained(d)
+    assert hf_c.image_processor.do_convert_rgb is True
+    return Processor.from_pretrained(d), hf_c
+
+
+@pytest.fixture(scope="session")
 def hf(tiny_dir):
     proc = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir)
     # The oracle must be the PIL backend (the torchvision one differs by up to one uint8 level, trap 7).
@@ -72,14 +88,22 @@ MODES = ["RGB", "RGBA", "L", "LA", "P", "P-transparent", "PA", "L-transparent", 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", [(37, 23), (5, 91), (28, 28)])
-def test_pixel_values_bit_identical_to_transformers_pil_backend(ours, hf, mode, size):
+def test_pixel_values_bit_identical_to_transformers_pil_backend(ours, converting, hf, mode, size):
     image = _random_image(mode, size, seed=len(mode) * 7 + size[0])
-    # Hub preprocessor configs say "do_convert_rgb": null, which 5.24 reads as "don't convert" (then fails on
-    # anything but RGB); the conversion we match is the one transformers applies when asked to convert.
-    expected = hf.image_processor(image, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+    # The fixture says "do_convert_rgb": null, as hub configs do: transformers 5.24 then uses a PIL image's pixels as
+    # they are, which works for 3-band images and raises for the rest ("mean must have 4 elements"); there we match
+    # what it computes when asked to convert (the documented difference).
+    try:
+        expected = hf.image_processor(image, return_tensors="pt")["pixel_values"]
+    except ValueError:
+        assert len(image.getbands()) != 3, mode
+        expected = hf.image_processor(image, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
     got = ours.preprocess([image])
     assert got.dtype == torch.float32 and got.shape == (1, 3, 28, 28)
     assert torch.equal(got, expected), (mode, size, (got - expected).abs().max())
+    ours_c, hf_c = converting  # the key absent: transformers' class default, convert
+    expected = hf_c.image_processor(image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(ours_c.preprocess([image]), expected), mode
 
 
 @pytest.mark.parametrize("size", [224, 448])
@@ -104,6 +128,74 @@ def test_image_paths_and_builtin_image(ours, hf, tmp_path):
         expected = hf.image_processor(Image.open(p), return_tensors="pt")["pixel_values"]
         assert torch.equal(ours.preprocess([p]), expected)
         assert torch.equal(ours.preprocess([str(p)]), expected)
+
+
+# Image files as people have them, per PIL mode: every format Pillow writes that mode to (some store it converted:
+# a WebP of an L image reads back RGB), plus transparency colours (PNG tRNS, GIF) that only do_convert_rgb composites.
+FILE_MODES = {"1": ["png", "tiff", "bmp"], "L": ["png", "jpg", "tiff"], "LA": ["png", "tiff", "webp"],
+              "P": ["png", "gif", "tiff", "bmp"], "PA": ["tiff", "webp"], "RGB": ["png", "jpg", "webp", "tiff"],
+              "RGBA": ["png", "webp", "tiff", "gif"], "CMYK": ["jpg", "tiff"], "I;16": ["png", "tiff"], "F": ["tiff"],
+              "P-transparent": ["png", "gif"], "L-transparent": ["png"], "RGB-transparent": ["png"]}
+
+
+def _image_file(tmp_path, mode: str, fmt: str, size=(37, 23), seed=0, **save):
+    if mode == "RGB-transparent":
+        image = _random_image("RGB", size, seed).quantize(7).convert("RGB")  # few colours: the tRNS one is hit
+        image.info["transparency"] = image.getpixel((0, 0))
+    else:
+        image = _random_image(mode, size, seed)
+        if mode == "LA":  # alpha varies (convert("LA") of random RGBA keeps it), so compositing would show
+            assert len(set(np.asarray(image)[..., 1].ravel())) > 1
+    path = tmp_path / f"{mode.replace(';', '_')}.{fmt}"
+    kwargs = {"transparency": image.info["transparency"]} if "transparency" in image.info else {}
+    image.save(path, **kwargs, **save)
+    return path
+
+
+def _hf_from_path(hf, path, prompt="caption en"):
+    """transformers' processor given the file path: its own loading (image_utils.load_image)."""
+    return hf(images=str(path), text="<image>" + prompt, return_tensors="pt")
+
+
+@pytest.mark.parametrize("mode,fmt", [(m, f) for m, fmts in FILE_MODES.items() for f in fmts])
+def test_image_files_identical_to_transformers_given_the_path(ours, converting, hf, tmp_path, mode, fmt):
+    """Alpha is dropped, not composited (RGBA and LA PNGs differed by up to 1.46); with do_convert_rgb (key absent)
+    a transparency colour is composited onto white, as transformers' convert_to_rgb does after load_image."""
+    path = _image_file(tmp_path, mode, fmt)
+    for proc, ref in ((ours, hf), converting):
+        expected = _hf_from_path(ref, path)
+        got = proc([path], ["caption en"])
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+        assert torch.equal(got["pixel_values"], expected["pixel_values"]), \
+            (mode, fmt, Image.open(path).mode, (got["pixel_values"] - expected["pixel_values"]).abs().max())
+        assert torch.equal(proc.preprocess([str(path)]), expected["pixel_values"])
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "webp", "tiff"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applied_as_transformers(ours, hf, tmp_path, fmt, orientation):
+    """Phone photos carry EXIF orientation; transformers' load_image applies it (ImageOps.exif_transpose)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    save = {"tiffinfo": {0x0112: orientation}} if fmt == "tiff" else {"exif": exif}  # TIFF: a tag of its own IFD
+    path = _image_file(tmp_path, "RGB", fmt, size=(41, 17), **save)
+    expected = _hf_from_path(hf, path)["pixel_values"]
+    got = ours([path], ["caption en"])["pixel_values"]
+    assert torch.equal(got, expected), (fmt, orientation, (got - expected).abs().max())
+    as_stored = ours.preprocess([Image.open(path)])  # a PIL image is used as given (transformers: the same)
+    assert torch.equal(as_stored, hf.image_processor(Image.open(path), return_tensors="pt")["pixel_values"])
+    if fmt != "tiff":  # Pillow's TIFF decoder applies the orientation tag itself
+        assert torch.equal(as_stored, got) == (orientation == 1)  # the rotation happened: this test can fail
+
+
+def test_rgba_file_and_rgba_image_differ_as_in_transformers(ours, converting, tmp_path):
+    """The same RGBA pixels: from a file the alpha is dropped, as a PIL image (with conversion) composited."""
+    path = _image_file(tmp_path, "RGBA", "png")
+    ours_c, hf_c = converting
+    image = Image.open(path)
+    from_file, from_image = ours_c.preprocess([path]), ours_c.preprocess([image])
+    assert torch.equal(from_image, hf_c.image_processor(image, return_tensors="pt")["pixel_values"])
+    assert (from_file - from_image).abs().max() > 1  # white shows through where alpha is low
 
 
 def _compare(ours, hf, prompts, suffixes=None, images=None):

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from reliability_helpers import assert_one_line_error, fresh_copy, litter, run_cli, tiny_checkpoint, tree_digest
 from pgconv.errors import InputError
@@ -490,3 +492,68 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(tmp_path_factory, tmp_path
     assert res.code == 0, res.err
     assert dst.exists()
     assert litter(out) == sorted([live.name, other_host.name])
+
+
+# -- issue 15: files that would block, and tolerance budgets that could never fail ---------------------------------
+
+def _pgconv_subprocess(argv: list, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real CLI in a child process: a blocking open would hang the test runner in-process (the timeout fails
+    the test instead)."""
+    return subprocess.run([sys.executable, "-c", "from pgconv.cli import main; main()", *map(str, argv)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("command, option", [("generate", "--image"), ("verify", "--image"),
+                                             ("verify", "--tolerances")])
+def test_fifo_inputs_are_refused_not_opened(tmp_path_factory, tmp_path, command, option):
+    """`--image` / `--tolerances` naming a FIFO blocked forever in open(); now one line, exit 2."""
+    src = tiny_checkpoint(tmp_path_factory)
+    fifo = tmp_path / ("pipe.png" if option == "--image" else "pipe.json")
+    os.mkfifo(fifo)
+    run = _pgconv_subprocess([command, src, option, fifo, "--max-new-tokens", "1"])
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"{fifo}: not a regular file" in run.stderr and run.stdout == "", run.stderr
+
+
+_BUDGET_KEYS = [("probes", "text_block", "nrmse"), ("probes", "vision_block", "nmax"), ("probes", "projector", "k"),
+                ("probes", "text_sub", "floor"), ("arbitration", None, "k"), ("arbitration", None, "floor_fraction"),
+                ("logits", None, "kl_mean"), ("logits", None, "kl_max"), ("logits", None, "decisive_top1_min"),
+                ("logits", None, "near_tie_nats"), ("generation", None, "teacher_forced_kl_max"),
+                ("generation", None, "cache_kl_max"), ("generation", None, "near_tie_nats")]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(_BUDGET_KEYS), dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+       value=st.one_of(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "-1", "-0.5",
+                                        "true", "false", "null", '"0.1"', "[0.1]", "{}"]),
+                       st.floats(max_value=-1e-300, allow_nan=False, allow_infinity=False).map(repr)))
+def test_tolerance_budgets_must_be_finite_non_negative(tmp_path, capsys, where, dtype, value):
+    """NaN passes every comparison (a NaN budget could never fail); inf, negative or non-number budgets are input
+    errors naming the file and the key, before any model loads."""
+    section, kind, key = where
+    entry = f'{{"{dtype}": {{"{key}": {value}}}}}'
+    body = f'{{"{section}": {{"{kind}": {entry}}}}}' if kind else f'{{"{section}": {entry}}}'
+    tol = tmp_path / "tol.json"
+    tol.write_text(body)
+    res = run_cli(["verify", "/nonexistent-checkpoint", "--tolerances", tol], capsys)
+    assert_one_line_error(res, str(tol), ".".join(filter(None, (section, kind, dtype, key))))
+
+
+@pytest.mark.parametrize("value", ["1.0000001", "2", "1e300"])
+def test_decisive_top1_min_is_a_fraction(tmp_path, capsys, value):
+    tol = tmp_path / "tol.json"
+    tol.write_text(f'{{"logits": {{"float32": {{"decisive_top1_min": {value}}}}}}}')
+    res = run_cli(["verify", "/nonexistent-checkpoint", "--tolerances", tol], capsys)
+    assert_one_line_error(res, str(tol), "logits.float32.decisive_top1_min", "a fraction from 0 to 1")
+
+
+def test_valid_tolerance_overrides_still_load(tmp_path):
+    from pgconv.parity.tolerances import load_tolerances
+
+    tol = tmp_path / "tol.json"
+    tol.write_text('{"probes": {"text_block": {"float32": {"nrmse": 0, "nmax": 1e300, "k": 5}}}, '
+                   '"logits": {"float16": {"decisive_top1_min": 1}}}')
+    t = load_tolerances(tol)
+    assert t.probe("text_block", "float32")["nmax"] == 1e300 and t.section("logits", "float16")["decisive_top1_min"] == 1

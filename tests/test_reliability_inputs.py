@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from reliability_helpers import (assert_one_line_error, edit_header, fresh_copy, litter, read_header, run_cli,
@@ -504,3 +506,177 @@ def test_single_file_next_to_shards_wins_as_in_transformers(tmp_path_factory, tm
     res = run_cli(["inspect", src], capsys)
     assert res.code == 1 and "model.safetensors.index.json: ignored, model.safetensors takes precedence" in res.out
 
+
+
+# -- issue 15: tokenizer ids past the vocabulary; non-finite scores when sampling ----------------------------------
+
+_WORDS = ["caption en", "answer en where is the cow standing?", "detect cat", "ding dong", "the quick brown fox"]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.sampled_from(_WORDS), which=st.integers(0, 100), past=st.sampled_from([0, 1, 63, 10**6]),
+       command=st.sampled_from(["generate", "verify"]))
+def test_tokenizer_ids_past_the_vocabulary_are_one_line(tmp_path_factory, capsys, text, which, past, command):
+    """A tokenizer.json giving a prompt token an id >= config.json's vocab_size: transformers (and our model) fail
+    with `IndexError: index out of range in self`; pgconv names the file, the token and the id, before any weight
+    is read."""
+    from tokenizers import Tokenizer
+
+    base = tiny_checkpoint(tmp_path_factory)
+    vocab = json.loads((base / "config.json").read_text())["text_config"]["vocab_size"]
+    tok = json.loads((base / "tokenizer.json").read_text())
+    pieces = [p for p in Tokenizer.from_file(str(base / "tokenizer.json")).encode(text).tokens
+              if p in tok["model"]["vocab"]]
+    piece = pieces[which % len(pieces)]
+    tok["model"]["vocab"][piece] = vocab + past
+    d = fresh_copy(base, tmp_path_factory.mktemp("tok") / "ck")
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    res = run_cli([command, d, "--prompt", text, "--max-new-tokens", "1"], capsys)
+    assert_one_line_error(res, "tokenizer.json", repr(piece), f"id {vocab + past}", f"vocab_size {vocab}")
+
+
+def test_transformers_also_fails_on_ids_past_the_vocabulary(tmp_path_factory, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    base = tiny_checkpoint(tmp_path_factory)
+    tok = json.loads((base / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["ding"] = 10**6
+    d = fresh_copy(base, tmp_path / "ck")
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    proc = transformers.PaliGemmaProcessor.from_pretrained(d)
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(d)
+    from pgconv.converter.fixture import default_image
+
+    inputs = proc(images=str(default_image()), text="<image>ding dong", return_tensors="pt")
+    assert int(inputs["input_ids"].max()) == 10**6
+    inputs.pop("labels")
+    with pytest.raises(IndexError):
+        model(**inputs)
+
+
+def _nonfinite(tmp_path_factory, tmp_path, kind: str) -> Path:
+    d = fresh_copy(tiny_checkpoint(tmp_path_factory), tmp_path / kind)
+    sd = load_file(d / ST)
+    if kind == "nan":
+        sd[EMBED][:] = float("nan")
+    else:  # finite in float32, +-inf logits once run in float16
+        sd[EMBED] *= 1e4
+    save_file(sd, d / ST, metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("kind, dtype", [("nan", "float32"), ("nan", "bfloat16"), ("overflow", "float16")])
+def test_sampling_on_nonfinite_scores_is_one_line(tmp_path_factory, tmp_path, capsys, kind, dtype):
+    """torch.multinomial raised `probability tensor contains either inf, nan or element < 0` (a traceback); greedy
+    picks a token from the same scores, as transformers' greedy does."""
+    d = _nonfinite(tmp_path_factory, tmp_path, kind)
+    argv = ["generate", d, "--dtype", dtype, "--max-new-tokens", "2"]
+    res = run_cli(argv + ["--temperature", "1", "--seed", "0"], capsys)
+    assert_one_line_error(res, "cannot sample", "NaN or infinite", "inspect --scan", "--dtype bfloat16 or float32")
+    assert res.out.strip() == ""
+    res = run_cli(argv + ["--temperature", "1", "--top-k", "5", "--top-p", "0.9", "--seed", "0"], capsys)
+    assert_one_line_error(res, "cannot sample")
+    res = run_cli(argv, capsys)
+    assert res.code == 0 and "Traceback" not in res.err, res.err
+    if kind == "overflow":  # the same weights sample fine in float32: the message's advice holds
+        res = run_cli(["generate", d, "--dtype", "float32", "--max-new-tokens", "2", "--temperature", "1"], capsys)
+        assert res.code == 0, res.err
+
+
+# -- issue 15: verify gives transformers the image files ------------------------------------------------------------
+
+def _photo_files(tmp_path: Path) -> list[Path]:
+    """An RGBA PNG with varying alpha, an LA PNG and an EXIF-rotated JPEG: where pgconv and transformers differed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (23, 37, 4), dtype=np.uint8), "RGBA")
+    paths = [tmp_path / "alpha.png", tmp_path / "grey-alpha.png", tmp_path / "rotated.jpg"]
+    rgba.save(paths[0])
+    rgba.convert("LA").save(paths[1])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": what phones write
+    rgba.convert("RGB").save(paths[2], exif=exif)
+    return paths
+
+
+def test_verify_gives_transformers_the_files_and_compares_the_processor(tmp_path_factory, tmp_path, monkeypatch):
+    import transformers
+
+    from pgconv.parity.verify import verify
+
+    seen = []
+    call = transformers.PaliGemmaProcessor.__call__
+    monkeypatch.setattr(transformers.PaliGemmaProcessor, "__call__",
+                        lambda self, images=None, **kw: seen.append(images) or call(self, images=images, **kw))
+    paths = _photo_files(tmp_path)
+    report = verify(tiny_checkpoint(tmp_path_factory), images=paths, prompts=["caption en"], max_new_tokens=1,
+                    probes="coarse")
+    assert report["passed"], report["failures"]
+    assert seen and all(isinstance(i, str) for images in seen for i in images)  # paths: transformers' own loading
+    assert {str(i) for images in seen for i in images} == set(map(str, paths))
+    p = report["processor"]
+    assert p["image_processor"] == p["compared_with"] == "SiglipImageProcessorPil" and p["backend"] == "pil"
+    assert p["checked"] and p["passed"] and p["pixel_values_max_abs"] == 0 and p["tokens_equal"]
+    assert all(c["processor"]["passed"] for c in report["cases"])
+
+
+def test_verify_fails_when_pgconv_loads_images_differently(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """The loading pgconv had before issue 15 (alpha composited onto white, EXIF ignored) is now caught by verify."""
+    from PIL import Image
+
+    import pgconv.model.processor as processor_mod
+
+    def composite_no_exif(path):
+        with Image.open(path) as im:
+            return processor_mod.to_rgb(im)
+
+    monkeypatch.setattr(processor_mod, "load_image", composite_no_exif)
+    for path in _photo_files(tmp_path):
+        res = run_cli(["verify", tiny_checkpoint(tmp_path_factory), "--image", path, "--max-new-tokens", "1",
+                       "--probes", "coarse"], capsys)
+        assert res.code == 1 and "Traceback" not in res.err, res.err
+        assert "pgconv's processor DIFFERS from SiglipImageProcessorPil" in res.out, res.out
+        assert "processor: pgconv's inputs differ from transformers' SiglipImageProcessorPil" in res.out
+
+
+class _TorchvisionLike:
+    """Stands in for transformers' torchvision-backed processor (not installed here): another backend whose pixels
+    differ by one uint8 level, or whose decoder cannot read the file."""
+
+    def __init__(self, pil, fail: bool):
+        self.pil, self.fail = pil, fail
+        self.tokenizer = pil.tokenizer
+        self.image_processor = type("SiglipImageProcessor", (), {"backend": "torchvision"})()
+
+    def __call__(self, **kw):
+        if self.fail:
+            raise RuntimeError("decode_image: Unsupported image file. Only jpeg, png, webp and gif are supported")
+        enc = self.pil(**kw)
+        enc["pixel_values"] = enc["pixel_values"] + 1 / 127.5
+        return enc
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_verify_with_the_torchvision_processor(tmp_path_factory, tmp_path, monkeypatch, fail):
+    """The models get AutoProcessor's pick (named in the report); pgconv's processor is compared with the PIL one;
+    a file the torchvision decoder cannot read falls back to the PIL processor, recorded."""
+    from pgconv.parity import inputs as inputs_mod
+    from pgconv.parity.verify import verify
+
+    real = inputs_mod.reference_processors
+    monkeypatch.setattr(inputs_mod, "reference_processors",
+                        lambda path: (_TorchvisionLike(real(path)[1], fail), real(path)[1]))
+    report = verify(tiny_checkpoint(tmp_path_factory), images=_photo_files(tmp_path)[:1], max_new_tokens=1,
+                    probes="coarse")
+    p = report["processor"]
+    assert p["passed"] and p["compared_with"] == "SiglipImageProcessorPil" and p["pixel_values_max_abs"] == 0
+    if fail:
+        assert p["image_processor"] == "SiglipImageProcessorPil" and "SiglipImageProcessor failed" in p["fallbacks"][0]
+        assert p["reference_pixel_values_max_abs"] == 0
+    else:
+        assert p["image_processor"] == "SiglipImageProcessor" and p["backend"] == "torchvision"
+        assert p["reference_pixel_values_max_abs"] == pytest.approx(1 / 127.5, abs=1e-6)
+    from pgconv.parity.report import terminal
+
+    assert f"inputs: transformers' {p['image_processor']}" in terminal(report)
