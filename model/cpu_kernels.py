@@ -5,8 +5,9 @@ benchmarks/RESULTS.md, `python -m benchmarks.kernels`). On an AMD EPYC Zen 4 (AV
 row streamed 17-29 GB/s through ATen's GEMV (oneDNN off) but 15-17 GB/s through torch's default (oneDNN brgemm),
 and oneDNN's fp32 kernels beat MKL's; on an Intel Xeon with AMX torch's defaults won. So for each distinct
 (dtype, weight shape, bias, rows bucket) the first product times every candidate in `KERNELS` on the real weight
-and input (`pgconv.tuning.measure`: a warm-up, then the fastest of a few interleaved calls) and keeps the fastest, for
-this process and, cached per (CPU model and ISA, torch version, thread count), for every later one.
+and input (`pgconv.tuning.measure`: a warm-up, then the fastest of a few interleaved calls) and keeps the fastest
+(torch's default unless another beats it by `MARGIN`), for this process and, cached per (CPU model and ISA, torch
+version, thread count), for every later one.
 `PGCONV_KERNELS=default` turns this off (torch's own picks); `PGCONV_KERNELS=<kernel>` forces one where it applies.
 
 Candidates (only bf16 and fp32 products are measured; other dtypes, other devices and products that need a
@@ -41,6 +42,7 @@ __all__ = ["linear", "Linear", "KERNELS", "Choice", "candidates", "choices", "de
 
 ENV = "PGCONV_KERNELS"  # auto (unset) | default | a name in KERNELS
 PROBE_BUDGET_S = 60.0  # per process: past it, products not yet decided take `default` (and are measured next time)
+MARGIN = 1.03  # another kernel must beat torch's default by 3 % to replace it
 
 # Private op, present in CPU builds with oneDNN; without it `onednn` is no candidate.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
@@ -170,7 +172,9 @@ def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tens
     _spent[0] += tuning.clock() - start
     if not times:  # every candidate raised (bad input): F.linear raises its own error
         return Choice(key, "default", "no candidate ran")
-    kernel = min(times, key=times.__getitem__)  # dicts keep candidate order: `default` wins a tie
+    kernel = min(times, key=times.__getitem__)
+    if "default" in times and times[kernel] * MARGIN > times["default"]:
+        kernel = "default"  # a gap within noise keeps torch's own pick
     # The load average says, later, whether the machine was busy when this was decided (delete the file to redo it).
     cache.put(key, {"kernel": kernel, "times_s": times, "load_avg_1min": round(os.getloadavg()[0], 2)})
     return Choice(key, kernel, "measured", times)
