@@ -1,6 +1,7 @@
 """PaliGemma processor: images -> pixel_values, prompts -> token ids, ids -> text. No transformers imports.
 
-Matches transformers 5.24 `PaliGemmaProcessor` with the PIL image backend (`SiglipImageProcessorPil`) bit for bit:
+Matches transformers 5.24 `PaliGemmaProcessor` with the PIL image backend (`SiglipImageProcessorPil`) bit for bit
+(the torchvision-backed `SiglipImageProcessor` differs from it by design: see `pgconv.parity.inputs`):
 
 - Image file (a path): as transformers' `image_utils.load_image`, which its processors call on a path: decoded, EXIF
   orientation applied (`ImageOps.exif_transpose`), then a plain `Image.convert("RGB")` (alpha dropped, not composited;

@@ -188,6 +188,30 @@ def test_exif_orientation_applied_as_transformers(ours, hf, tmp_path, fmt, orien
         assert torch.equal(as_stored, got) == (orientation == 1)  # the rotation happened: this test can fail
 
 
+_GOOD_EXIF = Image.Exif()
+_GOOD_EXIF[0x0112] = 6
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["jpeg", "png", "webp"]),
+       edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+       cut=st.none() | st.integers(0, 60))
+def test_damaged_exif_as_transformers_or_one_input_error(ours, hf, tmp_path, fmt, edits, cut):
+    """A damaged EXIF block: the same pixels as transformers, or (where its load_image raises) an InputError."""
+    exif = bytearray(_GOOD_EXIF.tobytes())
+    for at, byte in edits:
+        exif[at % len(exif)] = byte
+    path = tmp_path / f"x.{fmt}"
+    _random_image("RGB", (41, 17), 3).save(path, format=fmt, exif=bytes(exif[:cut] if cut is not None else exif))
+    try:
+        expected = hf.image_processor(str(path), return_tensors="pt")["pixel_values"]
+    except Exception:  # noqa: BLE001 - whatever Pillow's EXIF parser raises inside transformers
+        with pytest.raises(InputError, match=re.escape(str(path))):
+            ours.preprocess([path])
+    else:
+        assert torch.equal(ours.preprocess([path]), expected)
+
+
 def test_rgba_file_and_rgba_image_differ_as_in_transformers(ours, converting, tmp_path):
     """The same RGBA pixels: from a file the alpha is dropped, as a PIL image (with conversion) composited."""
     path = _image_file(tmp_path, "RGBA", "png")
