@@ -316,13 +316,13 @@ class Processor:
         if not d.is_dir():
             raise InputError(f"{d}: not a checkpoint directory")
         tok_path = d / "tokenizer.json"
-        if not tok_path.is_file():
+        if not require_regular_file(tok_path, missing_ok=True):  # a FIFO would block in Tokenizer.from_file
             raise InputError(f"{tok_path}: missing (pgconv needs the checkpoint's own tokenizer.json)")
         try:
             tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise InputError(f"{tok_path}: cannot load tokenizer ({e})") from None
-        if config is None and (d / "config.json").is_file():
+        if config is None and require_regular_file(d / "config.json", missing_ok=True):
             config = from_hf_config(_read_json(d / "config.json"))
         pre_path, pre = _image_processor_config(d)
         opts = _preprocessor_options(pre, pre_path)

@@ -527,11 +527,12 @@ def test_json_files_must_be_readable_objects(tiny_dir, tmp_path, name, content, 
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
-@pytest.mark.parametrize("name", ["preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"])
+@pytest.mark.parametrize("name", ["preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                                  "tokenizer.json", "processor_config.json", "config.json"])
 def test_non_regular_json_file_is_refused(tiny_dir, tmp_path, name):
     """A FIFO would block read_text forever (nobody writes to it); a directory is no file either."""
     d = _processor_dir(tiny_dir, tmp_path)
-    (d / name).unlink()
+    (d / name).unlink(missing_ok=True)
     os.mkfifo(d / name)
     with pytest.raises(InputError, match=re.escape(f"{name}: not a regular file")):
         Processor.from_pretrained(d)
