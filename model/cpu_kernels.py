@@ -163,7 +163,8 @@ def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tens
     entry = cache.get(key)
     if entry is not None and entry.get("kernel") in names:
         times = entry.get("times_s")
-        return Choice(key, entry["kernel"], "cached", dict(times) if isinstance(times, dict) else {})
+        times = {k: v for k, v in times.items() if isinstance(v, (int, float))} if isinstance(times, dict) else {}
+        return Choice(key, entry["kernel"], "cached", times)
     if _spent[0] > PROBE_BUDGET_S:
         return Choice(key, "default", "over budget")
     start = tuning.clock()

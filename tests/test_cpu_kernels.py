@@ -236,6 +236,12 @@ def test_a_corrupt_or_foreign_cache_file_is_ignored_and_rewritten(measuring):
         assert cpu_kernels.choices()[0].source == "measured"
         data = json.loads(path.read_text())
         assert data["decisions"]["linear bfloat16 64->48 rows=1"]["kernel"] == "aten"
+    data["decisions"]["linear bfloat16 64->48 rows=1"]["times_s"] = {"aten": "fast", "onednn": None}
+    path.write_text(json.dumps(data))
+    cpu_kernels.reset()
+    cpu_kernels.linear(x, w)  # a usable decision with junk times: kept, the junk dropped (describe must not fail)
+    assert cpu_kernels.choices()[0].source == "cached" and cpu_kernels.choices()[0].times_s == {}
+    assert "aten (cached)" in cpu_kernels.describe(cpu_kernels.choices()[0])
     path.unlink()
     path.mkdir()  # unwritable in place: the decision holds for this process, no crash
     cpu_kernels.reset()
