@@ -70,7 +70,8 @@ def _row_stats(a2: Tensor, e2: Tensor) -> dict[str, Tensor]:
             floor = (sq_e / e.shape[-1]).sqrt().mul(1e-3).clamp_min(1e-300).to(wide)
             stats.update(sum_abs=vector_norm(d, 1, dim=-1), sum_sq=vector_norm(d, dim=-1).double().pow(2),
                          max_abs=torch.maximum(-lo, hi), sq_a=vector_norm(a, dim=-1).double().pow(2),
-                         max_rel=d.abs_().div_(torch.maximum(e.abs_(), floor[:, None])).amax(-1))
+                         # e.abs(), not abs_(): `e` is the caller's tensor itself when it is already `wide`.
+                         max_rel=d.abs_().div_(torch.maximum(e.abs(), floor[:, None])).amax(-1))
         for key, v in stats.items():
             parts[key].append(v.double())
     st = {k: torch.cat(v) for k, v in parts.items()}

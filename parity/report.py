@@ -30,7 +30,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from pgconv.errors import InputError
 
-__all__ = ["finalise", "terminal", "markdown", "junit", "write_reports", "fmt"]
+__all__ = ["finalise", "terminal", "markdown", "junit", "write_reports", "write_texts", "fmt"]
 
 
 def finalise(obj: Any) -> Any:
@@ -254,8 +254,12 @@ def junit(report: dict[str, Any]) -> str:
 def write_reports(report: dict[str, Any], directory: Path) -> None:
     from pgconv.parity.report_html import html
 
-    texts = {"report.json": json.dumps(finalise(report), indent=1, allow_nan=False) + "\n",
-             "report.md": markdown(report), "report.html": html(report), "junit.xml": junit(report)}
+    write_texts({"report.json": json.dumps(finalise(report), indent=1, allow_nan=False) + "\n",
+                 "report.md": markdown(report), "report.html": html(report), "junit.xml": junit(report)}, directory)
+
+
+def write_texts(texts: dict[str, str], directory: Path) -> None:
+    """{file name: text} written into `directory` (created if needed), all or nothing."""
     # All four written under temporary names first, then renamed: a full disk leaves no half-written report.
     tmp = {name: directory / f".{name}.pgconv-tmp" for name in texts}
     created = not directory.exists()

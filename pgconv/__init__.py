@@ -23,6 +23,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "inspect": ("pgconv.converter.inspect", "inspect"),
     "make_fixture": ("pgconv.converter.fixture", "make_fixture"),
     "verify": ("pgconv.parity.verify", "verify"),
+    "golden": ("pgconv.parity.golden", "golden"),
+    "compare": ("pgconv.parity.dump", "compare"),
     "InputError": ("pgconv.errors", "InputError"),
 }
 

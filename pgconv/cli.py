@@ -27,6 +27,8 @@ COMMANDS = {
     "inspect": ("pgconv.cmd_inspect", "inspect", "Describe a checkpoint: layout, preset, dtypes, problems."),
     "generate": ("pgconv.cmd_generate", "generate", "Generate text from an image and a prompt."),
     "fixture": ("pgconv.cmd_fixture", "fixture", "Write an offline random-weight checkpoint (tiny or full size)."),
+    "golden": ("pgconv.cmd_golden", "golden", "Write transformers' activations at every probe, for any port."),
+    "compare": ("pgconv.cmd_compare", "compare", "Compare another implementation's dump with golden activations."),
 }
 
 

@@ -289,3 +289,13 @@ def test_calibration_measures_real_noise_below_the_budgets():
     assert 0 < block["nrmse"] < tol.probe("text_block", "float32")["nrmse"] / 3
     assert 0 < noise["contributed"]["vision_block"]["nmax"] < tol.probe("vision_block", "float32")["nmax"] / 3
     assert noise["logits"]["eager_vs_sdpa"]["kl_max"] < tol.section("logits", "float32")["kl_max"]
+
+
+def test_metrics_leave_float64_inputs_unchanged():
+    """The row statistics work in float64: a float64 reference must not be modified in place (abs_ on it)."""
+    from pgconv.parity.metrics import segment_metrics
+
+    ref = -torch.rand(3, 5, 7, dtype=torch.float64)
+    ours, before = ref + 1e-3, ref.clone()
+    segment_metrics(ours, ref, None)
+    assert torch.equal(ref, before)

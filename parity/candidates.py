@@ -1,0 +1,243 @@
+"""Candidate implementations for `pgconv verify --candidate NAME`: anything that maps golden inputs to probe values.
+
+The protocol (a porter's adapter implements it; `examples/adapter_template.py` is a complete one to copy):
+
+    def load(checkpoint: Path, dtype: torch.dtype, device: str) -> Candidate   # module-level, in an adapter file
+
+    class Candidate:
+        name: str
+        def run(self, inputs: dict[str, Tensor], probes: list[str]) -> dict[str, Tensor]: ...
+        # optional: the step alone on the golden value of the probe's teacher_input (teacher forcing)
+        def teacher(self, probe: str, x: Tensor, inputs: dict[str, Tensor]) -> Tensor | None: ...
+        # optional: greedy tokens
+        def generate(self, inputs: dict[str, Tensor], max_new_tokens: int) -> list[int]: ...
+
+`inputs` are golden's (`input_ids`, `pixel_values`, `attention_mask`, `token_type_ids`, as transformers' processor
+gives them); `probes` the schema names wanted (`probes.json`); `run` returns any subset, by those names and in the
+golden shapes (`parity.golden`). Built in: `transformers-sdpa` (transformers with SDPA attention, the question "is
+SDPA the same as eager here?"), `keras-hub` (`parity.keras_hub`, the optional extra `pgconv[keras]`), `pgconv`
+through this protocol (`pgconv-adapter`: what the default verify checks in depth), a dump file (`dump:FILE`), or
+a Python file defining `load` (`path/to/adapter.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from pgconv.errors import InputError
+
+__all__ = ["Candidate", "load_candidate", "verify_candidate", "BUILT_IN"]
+
+
+class Candidate(Protocol):
+    name: str
+
+    def run(self, inputs: dict[str, Tensor], probes: list[str]) -> dict[str, Tensor]: ...
+
+
+class _Recorded:
+    """Probe values of a torch candidate from one hooked forward, its module calls kept for teacher forcing: a
+    probe's step is rerun on another input by calling its module again with that input in place of the first
+    tensor argument (`parity.replay`'s `call` recipe; masks, RoPE tables and the like as the forward passed them)."""
+
+    rec: Any = None
+    table: dict[str, Any]
+
+    def _module_path(self, p: Any) -> str:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _rerun(self, probe: str, x: Tensor) -> Tensor | None:
+        from pgconv.parity.capture import primary, split_path
+        from pgconv.parity.replay import _swap_first_tensor
+
+        p = self.table.get(probe)
+        if p is None or p.replay != "call" or self.rec is None:
+            return None
+        module = split_path(self._module_path(p))[0]
+        call = self.rec.calls.get(module)
+        if call is None or not call.done:
+            return None
+        args, kwargs = _swap_first_tensor(call, x.to(self.dtype))
+        return primary(self.model.get_submodule(module)(*args, **kwargs))
+
+
+class TransformersCandidate(_Recorded):
+    """transformers' PaliGemma with another attention implementation than the golden's eager one."""
+
+    def __init__(self, checkpoint: Path, dtype: torch.dtype, device: str, attn: str = "sdpa") -> None:
+        from transformers import PaliGemmaForConditionalGeneration
+
+        from pgconv.parity.models import read_config
+        from pgconv.parity.probes import probes_for
+
+        self.name, self.dtype = f"transformers-{attn}", dtype
+        self.model = PaliGemmaForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=dtype, attn_implementation=attn).to(device).eval()
+        self.table = {p.name: p for p in probes_for(read_config(checkpoint), "all")}
+
+    def _module_path(self, p: Any) -> str:
+        return p.ref
+
+    @torch.no_grad()
+    def run(self, inputs: dict[str, Tensor], probes: list[str]) -> dict[str, Tensor]:
+        from pgconv.parity.capture import Recorder
+        from pgconv.parity.compare import value
+        from pgconv.parity.logits import reference_head
+
+        table = [self.table[n] for n in probes if n in self.table]
+        norm = "model.language_model.norm"
+        self.rec = Recorder(self.model, [p.ref for p in table if p.ref] + [norm])
+        with self.rec:
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        out = {p.name: value(self.rec, p.ref, p.ref_at, p.kind) for p in table if p.ref}
+        if "logits" in probes:
+            out["logits"] = reference_head(self.model, self.rec.get(norm, "output"))
+        return out
+
+    @torch.no_grad()
+    def teacher(self, probe: str, x: Tensor, inputs: dict[str, Tensor]) -> Tensor | None:
+        from pgconv.parity.logits import reference_head
+
+        if probe == "logits":
+            return reference_head(self.model, x.to(self.dtype))
+        if probe == "image_features":  # transformers 5 merges the projector output unchanged
+            return x
+        if probe == "text.embed":  # PaliGemmaModel.forward's merge, on the golden features
+            ids = inputs["input_ids"]
+            is_image = ids == self.model.config.image_token_id
+            emb = self.model.get_input_embeddings()(ids.masked_fill(is_image, 0))
+            return emb.masked_scatter(is_image[..., None], x.to(emb.dtype))
+        return self._rerun(probe, x)
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int) -> list[int]:
+        from pgconv.parity.generation import reference_greedy
+
+        return reference_greedy(self.model, inputs, max_new_tokens)[0]
+
+
+class PgconvCandidate(_Recorded):
+    """pgconv's model through the protocol (end to end, and teacher forced on each probe's golden input)."""
+
+    def __init__(self, checkpoint: Path, dtype: torch.dtype, device: str) -> None:
+        import pgconv
+        from pgconv.parity.probes import probes_for
+
+        self.name, self.dtype = "pgconv-adapter", dtype
+        self.model = pgconv.load(checkpoint, dtype=dtype, device=device)
+        self.table = {p.name: p for p in probes_for(self.model.cfg, "all")}
+
+    def _module_path(self, p: Any) -> str:
+        return p.ours
+
+    @torch.no_grad()
+    def run(self, inputs: dict[str, Tensor], probes: list[str]) -> dict[str, Tensor]:
+        from pgconv.parity.capture import Recorder
+        from pgconv.parity.compare import value
+        from pgconv.parity.replay import OWN_PATHS, own_value
+
+        m, table = self.model, [self.table[n] for n in probes if n in self.table]
+        paths = {p.ours for p in table if p.ours and p.ours_at != "call"} | set(OWN_PATHS)
+        self.rec = Recorder(m, paths)
+        with self.rec:
+            hidden = m(inputs["input_ids"], inputs["pixel_values"].to(self.dtype), inputs["token_type_ids"],
+                       inputs["attention_mask"], return_hidden=True)
+        out = {}
+        for p in table:
+            if p.name == "logits":
+                out[p.name] = m.logits(hidden)
+            elif p.ours_at == "call":
+                out[p.name] = own_value(p, m, self.rec, inputs)
+            else:
+                out[p.name] = value(self.rec, p.ours, p.ours_at, p.kind)
+        return out
+
+    @torch.no_grad()
+    def teacher(self, probe: str, x: Tensor, inputs: dict[str, Tensor]) -> Tensor | None:
+        m, x = self.model, x.to(self.dtype)
+        if probe == "logits":
+            return m.logits(x)
+        if probe == "image_features":  # what our step between projector and merge changes, on the golden input
+            return x + (self.rec.get("image_tap", "output") - self.rec.get("projector", "output"))
+        if probe == "text.embed":
+            return m.embed(inputs["input_ids"], x)
+        return self._rerun(probe, x)
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int) -> list[int]:
+        from pgconv.model.generate import generate
+
+        m = self.model
+        return generate(m, inputs["input_ids"], inputs["pixel_values"].to(self.dtype), inputs["token_type_ids"],
+                        inputs["attention_mask"], max_new_tokens=max_new_tokens)[0].tolist()
+
+
+def _from_file(path: Path, checkpoint: Path, dtype: torch.dtype, device: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"pgconv_adapter_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"{path}: cannot be imported as a Python adapter")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: its error, in one line
+        raise InputError(f"{path}: importing the adapter failed ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, "load", None)):
+        raise InputError(f"{path}: an adapter file must define load(checkpoint, dtype, device)")
+    cand = module.load(checkpoint, dtype, device)
+    if not callable(getattr(cand, "run", None)):
+        raise InputError(f"{path}: load() must return an object with run(inputs, probes)")
+    return cand
+
+
+def _keras(checkpoint: Path, dtype: torch.dtype, device: str) -> Any:
+    from pgconv.parity.keras_hub import KerasHubCandidate
+
+    return KerasHubCandidate(checkpoint, dtype, device)
+
+
+BUILT_IN = {
+    "transformers-sdpa": lambda c, d, dev: TransformersCandidate(c, d, dev, "sdpa"),
+    "pgconv-adapter": PgconvCandidate,
+    "keras-hub": _keras,
+}
+
+
+def load_candidate(name: str, checkpoint: Path, dtype: torch.dtype, device: str) -> Any:
+    if name in BUILT_IN:
+        return BUILT_IN[name](checkpoint, dtype, device)
+    path = Path(name)
+    if name.endswith(".py"):
+        if not path.is_file():
+            raise InputError(f"{path}: adapter file not found (--candidate)")
+        return _from_file(path, checkpoint, dtype, device)
+    raise InputError(f"--candidate {name!r}: not one of pgconv, {', '.join(BUILT_IN)}, dump:FILE or FILE.py")
+
+
+def verify_candidate(checkpoint: str | Path | None, candidate: str, *, images=(), prompts=(), dtype: str = "float32",
+                     device: str = "cpu", probes: str = "all", max_new_tokens: int = 10,
+                     tolerances: str | Path | None = None, report_dir: str | Path | None = None) -> dict[str, Any]:
+    """Golden activations of CHECKPOINT (written to a temporary directory), then the candidate's against them with
+    `pgconv compare`'s rules and reports (`parity.dump`)."""
+    from pgconv.parity.dump import compare, compare_cases
+    from pgconv.parity.golden import golden
+    from pgconv.parity.verify import _resolve, dtype_list
+
+    if not candidate.startswith("dump:") and dtype_list(dtype) and len(dtype_list(dtype)) != 1:
+        raise InputError(f"--candidate {candidate}: one dtype at a time")
+    with tempfile.TemporaryDirectory(prefix="pgconv-golden-") as tmp:
+        gdir = Path(tmp) / "golden"
+        doc = golden(checkpoint, gdir, images=images, prompts=prompts, dtype=dtype, device=device, probes=probes,
+                     max_new_tokens=max_new_tokens)
+        if candidate.startswith("dump:"):
+            return compare(gdir, candidate[5:], tolerances=tolerances, report_dir=report_dir)
+        path, _, _ = _resolve(checkpoint)
+        cand = load_candidate(candidate, path, getattr(torch, dtype), device)
+        return compare_cases(gdir, doc, cand, max_new_tokens=max_new_tokens, tolerances=tolerances,
+                             report_dir=report_dir)
