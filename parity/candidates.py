@@ -229,8 +229,14 @@ def verify_candidate(checkpoint: str | Path | None, candidate: str, *, images=()
     from pgconv.parity.golden import golden
     from pgconv.parity.verify import _resolve, dtype_list
 
-    if not candidate.startswith("dump:") and dtype_list(dtype) and len(dtype_list(dtype)) != 1:
+    if len(dtype_list(dtype)) != 1:
         raise InputError(f"--candidate {candidate}: one dtype at a time")
+    # The candidate's name (and its file) before the reference loads and the golden activations are written.
+    if candidate.startswith("dump:"):
+        if not Path(candidate[5:]).is_file():
+            raise InputError(f"{candidate[5:]}: not a file (--candidate dump:FILE)")
+    elif candidate not in BUILT_IN and not (candidate.endswith(".py") and Path(candidate).is_file()):
+        load_candidate(candidate, Path(), torch.float32, device)  # raises the one-line error
     with tempfile.TemporaryDirectory(prefix="pgconv-golden-") as tmp:
         gdir = Path(tmp) / "golden"
         doc = golden(checkpoint, gdir, images=images, prompts=prompts, dtype=dtype, device=device, probes=probes,

@@ -180,3 +180,28 @@ def test_golden_refuses_a_non_empty_directory_and_leaves_nothing_on_error(tmp_pa
     code, _, err = _cli(capsys, "golden", "-o", tmp_path / "h", "--image", tmp_path / "nope.png")
     assert code == 2 and "image not found" in err and not (tmp_path / "h").exists()
     assert not any(p.name.startswith(".h") for p in tmp_path.iterdir())
+
+
+def _readme_adapter() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("# my_adapter.py", 1)[1]
+    return "# my_adapter.py" + block.split("```", 1)[0]
+
+
+def test_the_readme_adapter_runs_through_verify(tiny_checkpoint, tmp_path, capsys):
+    """The adapter file the README tells porters to copy works as written (pgconv verify --candidate FILE.py)."""
+    (tmp_path / "my_adapter.py").write_text(_readme_adapter())
+    code, out, err = _cli(capsys, "verify", tiny_checkpoint("tiny-pg2"), "--candidate", tmp_path / "my_adapter.py",
+                          "--max-new-tokens", "3")
+    assert code == 0, out + err
+    assert "PASS" in out and "vision.blocks.0" in out and "text.blocks.2" in out
+
+
+def test_a_broken_adapter_file_is_an_input_error(tmp_path, capsys):
+    (tmp_path / "bad.py").write_text("def run():\n    pass\n")
+    code, _, err = _cli(capsys, "verify", "--candidate", tmp_path / "bad.py", "--max-new-tokens", "2")
+    assert code == 2 and "must define load(" in err
+    code, _, err = _cli(capsys, "verify", "--candidate", "nonsense", "--max-new-tokens", "2")
+    assert code == 2 and "--candidate 'nonsense'" in err
