@@ -12,6 +12,17 @@ from pgconv.errors import printable
 __all__ = ["verify"]
 
 
+def _dtypes(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from pgconv.errors import InputError
+    from pgconv.parity.verify import dtype_list
+
+    try:  # a usage error before anything loads, like any other bad option value
+        dtype_list(value)
+    except InputError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    return value
+
+
 @click.command("verify")
 @click.argument("checkpoint", required=False)
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
@@ -21,7 +32,7 @@ __all__ = ["verify"]
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text (repeatable, paired with --image as above; '<image> vs <image>: same?' is one case "
                    "with two images). Default: 'caption en'.")
-@click.option("--dtype", default="float32", show_default=True,
+@click.option("--dtype", default="float32", show_default=True, callback=_dtypes,
               help="Dtype both models run in: float32, bfloat16 or float16, or several comma-separated "
                    "(float32,bfloat16: one run each, one report; some bugs show only in float32, others only in "
                    "reduced precision).")
