@@ -47,14 +47,14 @@ def converting(tiny_dir, tmp_path_factory):
     pre = json.loads((d / "preprocessor_config.json").read_text())
     assert "do_convert_rgb" in pre and pre.pop("do_convert_rgb") is None
     (d / "preprocessor_config.json").write_text(json.dumps(pre))
-    hf_c = transformers.PaliGemmaProcessor.from_pretrained(d)
+    hf_c = transformers.PaliGemmaProcessor.from_pretrained(d, backend="pil")
     assert hf_c.image_processor.do_convert_rgb is True
     return Processor.from_pretrained(d), hf_c
 
 
 @pytest.fixture(scope="session")
 def hf(tiny_dir):
-    proc = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir)
+    proc = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir, backend="pil")
     # The oracle must be the PIL backend (the torchvision one differs by up to one uint8 level, trap 7).
     assert type(proc.image_processor).__name__ == "SiglipImageProcessorPil"
     return proc
@@ -273,7 +273,7 @@ def right_padded(tiny_dir, tmp_path_factory):
     shutil.copytree(tiny_dir, d)
     tc = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**tc, "padding_side": "right"}))
-    ours, hf = Processor.from_pretrained(d), transformers.PaliGemmaProcessor.from_pretrained(d)
+    ours, hf = Processor.from_pretrained(d), transformers.PaliGemmaProcessor.from_pretrained(d, backend="pil")
     assert ours.padding_side == hf.tokenizer.padding_side == "right"
     return ours, hf
 
@@ -586,13 +586,13 @@ def test_nested_processor_config_written_by_transformers_5_is_read(tiny_dir, tmp
     d = tmp_path / "resaved"
     shutil.copytree(tiny_dir, d)
     (d / "preprocessor_config.json").unlink()
-    hp = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir)
+    hp = transformers.PaliGemmaProcessor.from_pretrained(tiny_dir, backend="pil")
     hp.image_processor.image_mean, hp.image_processor.image_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     hp.image_processor.resample = 0
     hp.save_pretrained(d)
     assert not (d / "preprocessor_config.json").exists() and "image_processor" in json.loads(
         (d / "processor_config.json").read_text())
-    hf2 = transformers.PaliGemmaProcessor.from_pretrained(d)
+    hf2 = transformers.PaliGemmaProcessor.from_pretrained(d, backend="pil")
     image = _random_image("RGB", (37, 23), seed=5)
     ref = hf2(images=image, text="<image>caption en", return_tensors="pt")["pixel_values"]
     got = Processor.from_pretrained(d)([image], ["caption en"])["pixel_values"]
