@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pgconv.errors import InputError
+from pgconv.errors import InputError, printable
 from pgconv.model.generate import check_length
 
 __all__ = ["generate"]
@@ -111,7 +111,8 @@ def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_
     stream = processor.stream_decoder()
 
     def on_token(tokens: torch.Tensor) -> None:
-        click.echo(stream(int(tokens[0])), nl=False)
+        # A crafted tokenizer (a byte-fallback <0x1B> piece) could write ESC sequences to the terminal.
+        click.echo(printable(stream(int(tokens[0])), keep="\n\t"), nl=False)
 
     run(
         model, inputs["input_ids"].to(device), inputs["pixel_values"].to(device=device, dtype=weight.dtype),

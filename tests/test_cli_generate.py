@@ -255,3 +255,13 @@ def test_generate_verbose_prints_the_kernel_chosen_per_shape(tiny_dir, tmp_path,
     assert code == 0 and again == out and err.count("(cached") == len(lines)
     assert run(capsys, *argv)[1:] == (out, "")
     cpu_kernels.reset()
+
+
+def test_generated_control_characters_are_escaped(monkeypatch, capsys, tiny_dir):
+    """Generated text comes from the checkpoint's tokenizer (anyone's file): ESC/BEL never reach the terminal raw."""
+    from pgconv.model.processor import Processor
+
+    monkeypatch.setattr(Processor, "stream_decoder", lambda self: (lambda token: "\x1b]0;owned\x07\tok\n"))
+    code, out, _ = run(capsys, "generate", str(tiny_dir), "--max-new-tokens", "1")
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;owned\\x07\tok" in out
