@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench bench-quick clean
+.PHONY: setup demo test test-all test-keras bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
+
+# The keras-hub candidate's tests (tests/test_keras_hub.py skip without keras-hub). keras-hub declares
+# tensorflow-text (which pulls tensorflow, ~2.3 GB) on Linux, but its torch-backend PaliGemma and transformers
+# converter never import it: keras + sentencepiece, then keras-hub without its declared dependencies (~80 MB).
+test-keras: $(STAMP)
+	$(BIN)/pip install -q 'keras>=3.15,<4' 'sentencepiece>=0.2'
+	$(BIN)/pip install -q --no-deps 'keras-hub>=0.32,<0.33'
+	$(BIN)/python -m pytest -q -m keras tests/test_keras_hub.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
