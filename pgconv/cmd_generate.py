@@ -2,7 +2,8 @@
 
 Without CHECKPOINT it uses the built-in tiny fixture (created on first use in the user cache) and, without --image,
 the built-in test image; several --image options are several images in the one prompt (`_prompt_images`).
-Thin: load (`pgconv.load`), process (`Processor`), `generate` with a streaming callback.
+Thin: load (`pgconv.load`, or layer by layer under --max-memory: `model.streaming`), process (`Processor`),
+`generate` with a streaming callback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import click
 
 from pgconv.errors import InputError, printable
 from pgconv.model.generate import check_length
+from pgconv.options import max_memory_option
 
 __all__ = ["generate"]
 
@@ -64,10 +66,12 @@ def _utf8_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--verbose", is_flag=True, help="After the text, print (to stderr) the CPU kernel each product shape "
               "ran on and how it was chosen (measured, cached, PGCONV_KERNELS).")
+@max_memory_option("runs layer by layer: each block's weights are read from the checkpoint (and cast) only while it "
+                   "runs")
 def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_new_tokens: int | None,
              temperature: float | None,
              top_k: int | None, top_p: float | None, seed: int | None, dtype: str | None, device: str,
-             verbose: bool = False) -> None:
+             verbose: bool = False, max_memory: str | None = None) -> None:
     """Generate text for images and a prompt with the PaliGemma CHECKPOINT (directory or hub id; default: the
     built-in tiny random-weight checkpoint, for trying the command).
 
@@ -76,7 +80,6 @@ def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_
     else config.json's top level."""
     import torch
 
-    import pgconv
     from pgconv.converter.fixture import default_checkpoint, default_image
     from pgconv.converter.hub import resolve_source
     from pgconv.converter.load import check_checkpoint, generation_settings
@@ -106,7 +109,10 @@ def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_
             raise InputError(f"{settings.source}: max_length={settings.max_length} leaves no room after the "
                              f"{n_prompt}-token prompt; pass --max-new-tokens")
     check_length(n_prompt, max_new_tokens, cfg.text.max_position_embeddings)
-    model = pgconv.load(source, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    from pgconv.model.budget import resolve_budget
+    from pgconv.model.streaming import load_within
+
+    model = load_within(source, getattr(torch, dtype) if dtype else None, device, budget=resolve_budget(max_memory))
     weight = model.text.embed.weight
     stream = processor.stream_decoder()
 

@@ -1,0 +1,215 @@
+"""Layer-by-layer execution of pgconv's PaliGemma when its weights do not fit the memory budget.
+
+`load_streamed(path, dtype, budget=...)` builds the model with every parameter a placeholder (right shape, dtype and
+device, one element of storage) and reads each unit's weights from the checkpoint only while the unit runs:
+
+- units: each vision block, each decoder block, the token embedding (it is also the tied head), an untied
+  `lm_head`; everything else (patch and position embeddings, norms, projector: a few MB) stays resident;
+- a forward pre-hook on every module of a unit that owns parameters reads the unit's tensors (`SourceTensor.load`:
+  a `preadv` into a fresh tensor, so no mapped page of the file stays in the resident set) and casts them one
+  tensor at a time to the run dtype (a bf16 checkpoint run in fp32 is cast one layer at a time); the unit that ran
+  before is released to placeholders first, so at most one streamed unit is materialised. A hook on every
+  parameter-owning module, not only the block, so that a sub-module called on its own (verify's teacher-forced
+  replays) never runs on placeholders;
+- while the budget allows, units stay pinned (read once, kept): the embedding first (every step uses it twice),
+  then decoder blocks (every step), then vision blocks (once per image). The rest of the budget is the working set
+  of one streamed unit (its cast weights plus the stored tensor being cast);
+- `logits()` reads the head's weight directly (no module call), so it is wrapped to materialise the head.
+
+The KV cache is per decoder block already (`KVCache` in each `Attention`), and activations for a prompt are T x d, so
+peak memory is the budget plus activations, the cache and the interpreter, whatever the model's size. Generation,
+hooks (`parity.capture.Recorder`) and `pgconv.generate` run unchanged on the streamed model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pgconv.errors import InputError
+from pgconv.model.budget import FIT_FACTOR, format_size
+
+__all__ = ["Unit", "Streamer", "load_streamed", "load_within", "weight_bytes", "needs_streaming", "streamer_of"]
+
+
+@dataclass
+class Unit:
+    name: str
+    params: list[tuple[str, nn.Module, str]]  # (native name, owning module, attribute name)
+    nbytes: int
+    pinned: bool = False
+    resident: bool = False
+    loads: int = 0  # times read from the checkpoint (tests, --verbose)
+
+
+@dataclass
+class Streamer:
+    """The streamed units of one model and their loaders (native name -> SourceTensor)."""
+
+    model: nn.Module
+    sources: dict[str, object]
+    dtype: torch.dtype
+    device: torch.device
+    budget: int
+    units: list[Unit] = field(default_factory=list)
+    _active: Unit | None = None
+    _placeholders: dict[torch.dtype, Tensor] = field(default_factory=dict)
+
+    def placeholder(self, shape: tuple[int, ...]) -> Tensor:
+        """A (shape) tensor on one element of storage (zero strides): shape, dtype and device are right, so code that
+        reads `weight.dtype` / `.device` / `.shape` works, and no memory is held."""
+        base = self._placeholders.get(self.dtype)
+        if base is None:
+            base = self._placeholders[self.dtype] = torch.zeros(1, dtype=self.dtype, device=self.device)
+        return base.as_strided(shape, (0,) * len(shape))
+
+    def _read(self, native: str) -> Tensor:
+        t = self.sources[native].load()  # type: ignore[attr-defined]
+        return t.to(device=self.device, dtype=self.dtype)  # as `pgconv.load` casts (`load._read`), one at a time
+
+    def materialise(self, unit: Unit) -> None:
+        if unit.resident:
+            return
+        if self._active is not None and self._active is not unit and not self._active.pinned:
+            self.release(self._active)
+        for native, module, attr in unit.params:
+            module._parameters[attr] = nn.Parameter(self._read(native), requires_grad=False)
+        unit.resident, unit.loads = True, unit.loads + 1
+        if not unit.pinned:
+            self._active = unit
+
+    def release(self, unit: Unit) -> None:
+        from pgconv.parity.capture import release_freed_memory
+
+        for _, module, attr in unit.params:
+            shape = tuple(module._parameters[attr].shape)
+            module._parameters[attr] = nn.Parameter(self.placeholder(shape), requires_grad=False)
+        unit.resident = False
+        if self._active is unit:
+            self._active = None
+        release_freed_memory()  # freed layer-sized blocks back to the OS, not kept in the heap's high-water mark
+
+    def release_all(self) -> None:
+        for unit in self.units:
+            if unit.resident and not unit.pinned:
+                self.release(unit)
+
+    def hold(self, unit: Unit) -> Callable[[], None]:
+        def hook(*_args: object) -> None:
+            self.materialise(unit)
+
+        return hook
+
+
+def weight_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of every parameter of a `PaliGemma(cfg)` in `dtype` (meta device: nothing allocated)."""
+    from pgconv.model.paligemma import PaliGemma
+
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def needs_streaming(nbytes: int, budget: int | None) -> bool:
+    """Whether a model of `nbytes` weights (in the run dtype) must run layer by layer under `budget`."""
+    return budget is not None and nbytes * FIT_FACTOR > budget
+
+
+def streamer_of(model: nn.Module) -> Streamer | None:
+    return getattr(model, "streamer", None)
+
+
+def _units(model: nn.Module, dtype: torch.dtype) -> tuple[list[Unit], set[str]]:
+    """The streamed units in pinning priority order, and the native names that stay resident."""
+    groups: list[tuple[str, nn.Module]] = [("text.embed", model.text.embed)]
+    if model.lm_head is not None:
+        groups.append(("lm_head", model.lm_head))
+    groups += [(f"text.blocks.{i}", b) for i, b in enumerate(model.text.blocks)]
+    groups += [(f"vision.blocks.{i}", b) for i, b in enumerate(model.vision.blocks)]
+    units, streamed = [], set()
+    for prefix, root in groups:
+        params = []
+        for mod_name, module in root.named_modules():
+            for attr, p in module.named_parameters(recurse=False):
+                native = ".".join(x for x in (prefix, mod_name, attr) if x)
+                params.append((native, module, attr))
+                streamed.add(native)
+        units.append(Unit(prefix, params, sum(m._parameters[a].numel() for _, m, a in params) * dtype.itemsize))
+    resident = {n for n, _ in model.named_parameters()} - streamed
+    return units, resident
+
+
+def load_streamed(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
+                  budget: int):
+    """`pgconv.load`'s model, run layer by layer within `budget` bytes of weights (module docstring)."""
+    from pgconv.converter.hub import resolve_source
+    from pgconv.converter.load import auto_dtype, check_checkpoint, generation_settings
+    from pgconv.model.paligemma import PaliGemma
+
+    ckpt, cfg, plan = check_checkpoint(*resolve_source(path))
+    dtype = dtype or auto_dtype(ckpt)
+    sources = {step.target.name: ckpt.tensors[step.sources[0]] for step in plan.steps}
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    device = torch.device(device)
+    units, resident = _units(model, dtype)
+    missing = sorted(set(n for n, _ in model.named_parameters()) - set(sources))
+    if missing:  # check_checkpoint's plan covers every parameter; a mismatch here is a bug, not bad input
+        raise AssertionError(f"no source for {missing[:3]}")
+    streamer = Streamer(model, sources, dtype, device, budget, units)
+    for name in resident:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[attr] = nn.Parameter(streamer._read(name), requires_grad=False)
+    for unit in units:
+        for _, module, attr in unit.params:
+            module._parameters[attr] = nn.Parameter(streamer.placeholder(tuple(module._parameters[attr].shape)),
+                                                    requires_grad=False)
+        for module in {id(m): m for _, m, _ in unit.params}.values():
+            module.register_forward_pre_hook(streamer.hold(unit))
+    working = max(u.nbytes for u in units)
+    # The stored tensor being cast sits next to the cast unit: at most the largest tensor in its stored dtype.
+    staging = max(s.meta.nbytes for s in sources.values())  # type: ignore[attr-defined]
+    if working + staging > budget:
+        raise InputError(f"memory budget {format_size(budget)} is below one layer's weights "
+                         f"({format_size(working)} in {str(dtype).removeprefix('torch.')}, plus "
+                         f"{format_size(staging)} to cast it): raise --max-memory")
+    room = budget - working - staging
+    for unit in units:  # pin in priority order while the budget allows
+        if unit.nbytes <= room:
+            unit.pinned, room = True, room - unit.nbytes
+            streamer.materialise(unit)
+    _wrap_logits(model, streamer)
+    model.streamer = streamer
+    model.generation = generation_settings(ckpt, cfg)
+    return model.eval().requires_grad_(False)
+
+
+def _wrap_logits(model: nn.Module, streamer: Streamer) -> None:
+    head = next(u for u in streamer.units if u.name == ("lm_head" if model.lm_head is not None else "text.embed"))
+    plain = model.logits
+
+    def logits(hidden: Tensor) -> Tensor:
+        streamer.materialise(head)  # the head's weight is read directly, not through a module call
+        return plain(hidden)
+
+    model.logits = logits  # instance attribute: nn.Module keeps plain callables in __dict__
+
+
+def load_within(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
+                budget: int | None):
+    """`pgconv.load(path, dtype, device)` when the weights fit `budget` (None: no limit), else `load_streamed`:
+    a model that fits runs exactly as before budgets existed."""
+    from pgconv.converter.hub import resolve_source
+    from pgconv.converter.load import auto_dtype, check_checkpoint, load
+
+    if budget is not None:
+        ckpt, cfg, _ = check_checkpoint(*resolve_source(path))
+        run_dtype = dtype or auto_dtype(ckpt)
+        if needs_streaming(weight_bytes(cfg, run_dtype), budget):
+            return load_streamed(path, run_dtype, device, budget=budget)
+    return load(path, dtype=dtype, device=device)
