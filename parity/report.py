@@ -30,7 +30,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from pgconv.errors import InputError
 
-__all__ = ["finalise", "terminal", "markdown", "junit", "write_reports", "write_texts", "fmt"]
+__all__ = ["finalise", "terminal", "markdown", "junit", "junit_xml", "write_reports", "write_texts", "fmt"]
 
 
 def finalise(obj: Any) -> Any:
@@ -237,13 +237,17 @@ def junit(report: dict[str, Any]) -> str:
         cases.append((f"case {r['index']}: {r['image']} {r['prompt']!r}", r["passed"],
                       f"failing: {', '.join(r['reasons'])}; KL mean {fmt(r['kl_mean'])}; tokens {r['tokens']}; "
                       f"first divergence {r['first_divergence']}"))
+    return junit_xml("pgconv.verify", "pgconv verify " + report["dtype"], cases, report["timing"]["total"])
+
+
+def junit_xml(classname: str, suite: str, cases: list[tuple[str, bool, str]], seconds: float) -> str:
+    """One JUnit suite of (name, passed, message) test cases (verify, compare and diff reports)."""
     failures = sum(not ok for _, ok, _ in cases)
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            f'<testsuites tests="{len(cases)}" failures="{failures}">',
-           f'  <testsuite name={quoteattr("pgconv verify " + report["dtype"])} tests="{len(cases)}" '
-           f'failures="{failures}" time="{report["timing"]["total"]}">']
+           f'  <testsuite name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}" time="{seconds}">']
     for name, ok, msg in cases:
-        out.append(f'    <testcase classname="pgconv.verify" name={quoteattr(name)}>')
+        out.append(f'    <testcase classname="{classname}" name={quoteattr(name)}>')
         if not ok:
             out.append(f'      <failure message={quoteattr(msg[:500])}>{escape(msg)}</failure>')
         out.append("    </testcase>")

@@ -7,10 +7,7 @@ import json
 from html import escape
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import quoteattr
-from xml.sax.saxutils import escape as xml_escape
-
-from pgconv.parity.report import _md_code, _probe_cells, _table, finalise, fmt, write_texts
+from pgconv.parity.report import _md_code, _probe_cells, _table, finalise, fmt, junit_xml, write_texts
 
 __all__ = ["compare_terminal", "compare_markdown", "compare_junit", "compare_html", "write_compare_reports"]
 
@@ -75,17 +72,7 @@ def compare_junit(report: dict[str, Any]) -> str:
         if c.get("generation") is not None:
             cases.append((f"generation case {c['case']}", c["generation"]["passed"],
                           f"first divergent step {c['generation']['first_divergence']}"))
-    failures = sum(not ok for _, ok, _ in cases)
-    out = ['<?xml version="1.0" encoding="UTF-8"?>', f'<testsuites tests="{len(cases)}" failures="{failures}">',
-           f'  <testsuite name={quoteattr("pgconv compare " + report["dtype"])} tests="{len(cases)}" '
-           f'failures="{failures}" time="{report["timing"]["total"]}">']
-    for name, ok, msg in cases:
-        out.append(f'    <testcase classname="pgconv.compare" name={quoteattr(name)}>')
-        if not ok:
-            out.append(f'      <failure message={quoteattr(msg[:500])}>{xml_escape(msg)}</failure>')
-        out.append("    </testcase>")
-    out += ["  </testsuite>", "</testsuites>"]
-    return "\n".join(out) + "\n"
+    return junit_xml("pgconv.compare", "pgconv compare " + report["dtype"], cases, report["timing"]["total"])
 
 
 def compare_html(report: dict[str, Any]) -> str:
