@@ -32,13 +32,14 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pgconv.errors import InputError
+from pgconv.errors import InputError, PgconvWarning
 
 __all__ = ["KerasHubCandidate", "EXTRA", "converter_notes"]
 
@@ -136,6 +137,8 @@ class KerasHubCandidate:
             pgconv.convert(checkpoint, legacy, to="hf-legacy", quiet=True)
             hf = json.loads((legacy / "config.json").read_text(encoding="utf-8"))
             self.notes = converter_notes(hf)
+            for note in self.notes:  # on the terminal as `pgconv: warning: ...` (a finding, not a failure)
+                warnings.warn(note, PgconvWarning, stacklevel=2)
             overrides = {}
             if hf["text_config"].get("num_image_tokens") != cfg.text.head_dim:
                 overrides["head_dim"] = cfg.text.head_dim
