@@ -25,6 +25,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "verify": ("pgconv.parity.verify", "verify"),
     "golden": ("pgconv.parity.golden", "golden"),
     "compare": ("pgconv.parity.dump", "compare"),
+    "diff": ("pgconv.parity.diff", "diff"),
     "InputError": ("pgconv.errors", "InputError"),
 }
 

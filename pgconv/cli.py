@@ -29,6 +29,7 @@ COMMANDS = {
     "fixture": ("pgconv.cmd_fixture", "fixture", "Write an offline random-weight checkpoint (tiny or full size)."),
     "golden": ("pgconv.cmd_golden", "golden", "Write transformers' activations at every probe, for any port."),
     "compare": ("pgconv.cmd_compare", "compare", "Compare another implementation's dump with golden activations."),
+    "diff": ("pgconv.cmd_diff", "diff", "Is checkpoint B the same model as A? Weights diagnosed, behaviour compared."),
 }
 
 

@@ -1,0 +1,259 @@
+"""The weight half of `pgconv diff A B`: both checkpoints as native tensors, compared one tensor pair at a time.
+
+Any source pgconv reads (the HF layouts, native, big_vision `.npz`, a spec'd format, a checkpoint without
+config.json) is opened as `pgconv convert` opens it and mapped to native names (`open_native`). Per tensor
+(`compare_tensor`): identical (equal values, whatever the stored dtypes), within rounding, or differing with max
+|delta|, relative error (||B - A|| / ||A||) and the ulp distance at the narrower dtype, plus what went wrong
+(`converter.diagnose`).
+
+"Within <dtype> rounding" is derived from the cast, not a tolerance: every value of B must be representable in
+<dtype> and a nearest <dtype> value to A's (A rounded to nearest, or at an exact tie the other neighbour), i.e.
+|B - A| <= u |A| with u the unit roundoff (2^-8 for bfloat16, 2^-11 for float16; half the smallest subnormal below
+the normal range). A truncating converter (up to 2u |A|, all toward zero: a bias that adds up through the layers)
+differs, with that diagnosis; a bug (a scale of 1.001, a sibling tensor) is many ulps away almost everywhere. <dtype> is the narrower of the two
+stored dtypes, or bfloat16 / float16 when B is stored wider but holds A rounded to it. Values a cast sends to inf
+(|A| > 65504 for float16) or flushes to zero (a subnormal that rounding would have kept) are a lossy cast and
+counted, whatever the rest of the tensor does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pgconv.errors import InputError
+
+__all__ = ["NativeSource", "open_native", "compare_tensor", "diff_weights", "ulp_distance", "config_differences"]
+
+_CHUNK = 1 << 24  # elements per piece for the bulk identical check (bounded temporaries at 3B)
+_ORDER = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # widest first (bf16: fewest mantissa bits)
+
+
+@dataclasses.dataclass
+class NativeSource:
+    path: Path
+    layout: str  # the layout or spec its names are read through
+    cfg: Any  # PaliGemmaConfig
+    config: dict | None  # the config.json transformers would run it with
+    tensors: dict[str, Any]  # native name -> SourceTensor (lazy)
+    root: Path
+
+
+def open_native(src: str | Path) -> NativeSource:
+    """`src` opened as `pgconv convert` reads a source, with every tensor under its native name (no data read)."""
+    from pgconv.converter.checkpoint import source_spec
+    from pgconv.converter.hub import resolve_source
+    from pgconv.converter.plan import TRANSFORMS, plan_conversion
+
+    path, trusted = resolve_source(src)
+    spec = source_spec(path, trusted, None, None)
+    if spec is None:
+        from pgconv.converter.load import check_checkpoint
+
+        ckpt, cfg, plan = check_checkpoint(path, trusted)  # tied head compared, provenance, companions checked
+        layout = plan.src_layout
+    else:
+        from pgconv.converter.custom import open_spec_checkpoint
+
+        ckpt = open_spec_checkpoint(path, spec, None)
+        cfg = ckpt.pg_config()
+        try:
+            plan = plan_conversion(ckpt.metas(), cfg, "native")
+        except InputError as e:
+            raise type(e)(f"{path}: {e}") from None
+        layout = ckpt.spec.name if getattr(ckpt, "spec", None) else str(spec)
+    tensors = {}
+    for step in plan.steps:
+        if step.transform == "identity":
+            tensors[step.target.name] = ckpt.tensors[step.sources[0]]
+        else:  # not met for native targets today; kept honest should a layout gain one
+            t = TRANSFORMS[step.transform]
+            srcs = [ckpt.tensors[s] for s in step.sources]
+            tensors[step.target.name] = dataclasses.replace(
+                srcs[0], meta=step.target, span=None, loader=lambda t=t, s=srcs, a=step.args: t.apply([x.load() for x in s], a))
+    return NativeSource(path, layout, cfg, ckpt.config, tensors, ckpt.root)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _ordered_bits(t: Tensor) -> Tensor:
+    """Floats of one dtype as int64 whose order and differences are the floats' (ulp steps), -0 == +0."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    i = t.contiguous().view(bits).to(torch.int64)
+    top = 1 << (8 * t.element_size() - 1)
+    return torch.where(i < 0, -(i + top), i)  # sign-magnitude -> a two's complement line
+
+
+def ulp_distance(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """Elementwise number of `dtype` steps between a and b, each rounded to nearest in `dtype` (int64)."""
+    return (_ordered_bits(a.to(dtype)) - _ordered_bits(b.to(dtype))).abs()
+
+
+def _values_equal(a: Tensor, b: Tensor) -> bool:
+    """Equal values (NaN equal to NaN), a piece at a time in the wider dtype."""
+    wide = a.dtype if _ORDER.index(a.dtype) <= _ORDER.index(b.dtype) else b.dtype
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for s in range(0, fa.numel(), _CHUNK):
+        x, y = fa[s:s + _CHUNK].to(wide), fb[s:s + _CHUNK].to(wide)
+        if not bool(((x == y) | (x.isnan() & y.isnan())).all()):
+            return False
+    return True
+
+
+def _cast(a: Tensor, b: Tensor, d: torch.dtype) -> dict[str, Any]:
+    """B against A rounded to `d`: ulp distance where both are finite, overflow, saturation, flushes."""
+    fin = torch.finfo(d)
+    a64 = a.double()
+    rne = a.to(d)
+    over = a64.isfinite() & (a64.abs() > fin.max) & b.isinf()
+    saturated = a64.isfinite() & rne.isinf() & (b.double().abs() == fin.max)  # rounding gives inf, B the max
+    flushed = (b == 0) & (rne != 0) & (a64.abs() < fin.smallest_normal)
+    representable = (b.to(d).to(b.dtype) == b) | b.isnan() | b.isinf()
+    ok = ~(over | saturated | flushed)
+    if bool(ok.any()):
+        x, y, r = a64[ok], b.double()[ok], rne.double()[ok]
+        dist = ulp_distance(a[ok], b[ok], d)
+        # A nearest value of `d`: the one rounding to nearest gives, or at an exact tie the other neighbour.
+        tie_other = (dist == 1) & ((y - x).abs() == (r - x).abs())
+        off = (dist > 0) & ~tie_other
+        toward_zero = bool(off.any()) and bool((y[off].abs() <= x[off].abs()).all())
+    else:
+        dist, tie_other, off, toward_zero = (torch.zeros(1, dtype=torch.int64),) * 3 + (False,)
+    return {"dtype": _name(d), "max_ulp": int(dist.max()), "ties_other_way": int(tie_other.sum()),
+            "not_nearest": int(off.sum()), "toward_zero": toward_zero, "numel": a.numel(),
+            "representable": bool(representable.all()), "overflow": int(over.sum()),
+            "saturated": int(saturated.sum()), "flushed": int(flushed.sum()), "max_abs_a": float(a64.abs().max())}
+
+
+def _cast_finding(c: dict[str, Any]) -> str | None:
+    d = c["dtype"]
+    parts = []
+    if c["overflow"]:
+        parts.append(f"{c['overflow']} value(s) beyond +-{torch.finfo(getattr(torch, d)).max:g} became inf (max |A| "
+                     f"{c['max_abs_a']:.6g})")
+    if c["saturated"]:
+        parts.append(f"{c['saturated']} value(s) beyond the {d} range clamped to +-{torch.finfo(getattr(torch, d)).max:g}")
+    if c["flushed"]:
+        parts.append(f"{c['flushed']} value(s) flushed to zero that rounding to {d} keeps (subnormals)")
+    if c["not_nearest"]:
+        how = "toward zero (truncated)" if c["toward_zero"] else "another way than to nearest"
+        parts.append(f"{c['not_nearest']} of {c['numel']} value(s) rounded {how}: one ulp off, up to twice the "
+                     f"{d} unit roundoff")
+    return f"lossy cast to {d}: " + "; ".join(parts) if parts else None
+
+
+def compare_tensor(name: str, a: Tensor, b: Tensor, cfg: Any, load_a: Any) -> dict[str, Any]:
+    """One row of the weight report (see the module docstring)."""
+    from pgconv.converter.diagnose import diagnose
+
+    row: dict[str, Any] = {"name": name, "dtype_a": _name(a.dtype), "dtype_b": _name(b.dtype),
+                           "shape_a": list(a.shape), "shape_b": list(b.shape), "status": "identical",
+                           "max_abs": 0.0, "rel_err": 0.0, "max_ulp": 0, "ulp_dtype": None, "diagnosis": None}
+    floating = a.is_floating_point() and b.is_floating_point()
+    if a.shape == b.shape and (_values_equal(a, b) if floating else torch.equal(a, b)):
+        return row
+    if not floating:
+        return {**row, "status": "differs", "diagnosis": diagnose(name, a, b, cfg, load_a) or "integer values differ"}
+    narrow = a.dtype if _ORDER.index(a.dtype) >= _ORDER.index(b.dtype) else b.dtype
+    if a.shape == b.shape:
+        delta = (b.double() - a.double())
+        finite = delta.isfinite()
+        norm_a = float(a.double().norm())
+        row.update(max_abs=float(delta.abs().max()) if bool(finite.all()) else math.inf,
+                   rel_err=float(delta[finite].norm()) / norm_a if norm_a else math.inf,
+                   max_ulp=int(ulp_distance(a, b, narrow).max()), ulp_dtype=_name(narrow))
+        # The rounding dtypes to try: the narrower stored one, then the 16-bit ones below it (B stored wide
+        # holding A rounded to 16 bits). Finer first, so the verdict names the least rounding that explains B.
+        tries = [narrow] + [d for d in (torch.float16, torch.bfloat16) if _ORDER.index(d) > _ORDER.index(narrow)]
+        for d in tries:
+            c = _cast(a, b, d)
+            if not c["representable"] or c["max_ulp"] > 1:
+                continue
+            row["cast"] = c
+            lossy = _cast_finding(c)
+            if lossy is not None:
+                return {**row, "status": "differs", "diagnosis": lossy}
+            how = "correctly rounded" if c["ties_other_way"] == 0 else \
+                f"rounded to nearest ({c['ties_other_way']} tie(s) broken the other way)"
+            return {**row, "status": "rounding", "ulp_dtype": c["dtype"], "max_ulp": c["max_ulp"],
+                    "diagnosis": f"A rounded to {c['dtype']}, {how}"}
+    found = diagnose(name, a, b, cfg, load_a)
+    return {**row, "status": "differs",
+            "diagnosis": found or (f"differs (max |delta| {row['max_abs']:.3g}, relative error {row['rel_err']:.3g}); "
+                                   "no known porting mistake explains it" if a.shape == b.shape else
+                                   f"shape {list(b.shape)} where A has {list(a.shape)}; no known porting mistake "
+                                   "explains it")}
+
+
+def config_differences(a: Any, b: Any) -> list[str]:
+    """Fields of the two PaliGemmaConfigs that differ, as 'text.rope_theta: 10000.0 (A) vs 1000000.0 (B)'."""
+    flat_a, flat_b = _flatten(dataclasses.asdict(a)), _flatten(dataclasses.asdict(b))
+    return [f"{k}: {flat_a.get(k)!r} (A) vs {flat_b.get(k)!r} (B)" for k in sorted(set(flat_a) | set(flat_b))
+            if flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def diff_weights(a: NativeSource, b: NativeSource) -> dict[str, Any]:
+    """The weight report: a row per tensor both hold, the tensors only one holds, config differences, findings."""
+    cache: dict[str, Tensor] = {}
+
+    def load_a(other: str) -> Tensor | None:
+        # One extra A tensor at a time (a sibling, another layer's): bounded memory.
+        if other not in a.tensors:
+            return None
+        if other not in cache:
+            cache.clear()
+            cache[other] = a.tensors[other].load()
+        return cache[other]
+
+    rows = []
+    for name in sorted(set(a.tensors) & set(b.tensors), key=list(a.tensors).index):
+        ta, tb = a.tensors[name].load(), b.tensors[name].load()
+        rows.append(compare_tensor(name, ta, tb, a.cfg, load_a))
+        del ta, tb
+        cache.clear()
+    missing = [n for n in a.tensors if n not in b.tensors]
+    extra = [n for n in b.tensors if n not in a.tensors]
+    findings = [f"{r['name']}: {r['diagnosis']}" for r in rows if r["status"] == "differs"]
+    notes = []
+    for n in extra:
+        if n == "lm_head.weight" and "text.embed.weight" in a.tensors:
+            head = b.tensors[n].load()
+            if _values_equal_shape(head, a.tensors["text.embed.weight"].load()):
+                notes.append("lm_head.weight: only in B, equal to A's text.embed.weight (B stores the tied head "
+                             "untied: the same model)")
+                continue
+        findings.append(f"{n}: only in B")
+    findings += [f"{n}: missing in B" for n in missing]
+    config = config_differences(a.cfg, b.cfg)
+    config = [c for c in config if not (c.startswith("tie_word_embeddings") and notes)]
+    findings += [f"config: {c}" for c in config]
+    rounding = sorted({r["ulp_dtype"] for r in rows if r["status"] == "rounding"}, key=lambda d: -torch.finfo(getattr(torch, d)).eps)
+    status = "differs" if findings else "rounding" if rounding else "identical"
+    return {"status": status, "rounding_dtype": rounding[0] if rounding else None, "tensors": rows,
+            "compared": len(rows), "identical": sum(r["status"] == "identical" for r in rows),
+            "within_rounding": sum(r["status"] == "rounding" for r in rows),
+            "differing": sum(r["status"] == "differs" for r in rows),
+            "missing": missing, "extra": [n for n in extra if not any(x.startswith(n + ":") for x in notes)],
+            "config_differences": config, "findings": findings, "notes": notes,
+            "layouts": {"a": a.layout, "b": b.layout}}
+
+
+def _values_equal_shape(x: Tensor, y: Tensor) -> bool:
+    return x.shape == y.shape and _values_equal(x, y)
