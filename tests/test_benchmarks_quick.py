@@ -153,3 +153,15 @@ def test_every_quick_benchmark_runs():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_quick_diff_benchmark_finds_the_fp32_conversion_identical(tmp_path, monkeypatch):
+    from benchmarks import diff_3b
+
+    monkeypatch.setattr(diff_3b, "OUT", tmp_path)
+    monkeypatch.setattr(diff_3b, "fixture_path", lambda preset: tmp_path / "fixtures" / preset)
+    diff_3b.main(diff_3b.QUICK_ARGS)
+    result = json.loads((tmp_path / "diff_3b.json").read_text())["result"]
+    assert result["verdict"] == "identical" and result["bit_identical"] and result["kl_max"] == 0
+    assert result["peak_rss"] > 0 and result["fp32_weight_bytes"] == 4 * sum(
+        p.numel() for p in __import__("pgconv").load(tmp_path / "fixtures" / "tiny").parameters())
