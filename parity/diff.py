@@ -224,9 +224,9 @@ def _judge(weights: dict[str, Any], behaviour: dict[str, Any] | None, tol: Any, 
     if weights["status"] == "identical":
         for c in (behaviour or {}).get("cases", []):
             if not c["bit_identical"] or c["greedy"]["first_divergence"] is not None:
-                failures.append(f"case {c['case']}: identical weights gave different activations (first at "
-                                f"{next(r['name'] for r in c['probes'] if r['max_abs'] != 0)}): the implementation "
-                                "is not deterministic here")
+                where = next((r["name"] for r in c["probes"] if r["max_abs"] != 0), "the greedy tokens")
+                failures.append(f"case {c['case']}: identical weights gave different results (first at {where}): "
+                                "the implementation is not deterministic here")
         return ("differs" if failures else "identical"), failures
     verdict = f"equivalent within {weights['rounding_dtype']} rounding"
     for c in (behaviour or {}).get("cases", []):
@@ -262,8 +262,11 @@ def diff(
     device: str = "cpu",
     max_new_tokens: int = 10,
     tolerances: str | Path | None = None,
+    from_a: str | Path | None = None,
+    from_b: str | Path | None = None,
 ) -> dict[str, Any]:
     """Is B the same model as A? Returns the report (what report.json holds; module docstring for the verdicts).
+    `from_a` / `from_b` read A / B through a spec (as `pgconv convert --from`: a file a spec with offsets wrote).
     Raises `InputError` for unusable input, before any model loads; a difference is in the report."""
     from pgconv.converter.diff_weights import diff_weights, open_native
     from pgconv.parity.tolerances import load_tolerances
@@ -273,7 +276,7 @@ def diff(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda requested but torch.cuda.is_available() is False")
     tol = load_tolerances(tolerances)
-    src_a, src_b = open_native(a), open_native(b)
+    src_a, src_b = open_native(a, from_a), open_native(b, from_b)
     cases = None if weights_only else _inputs(src_a, src_b, images, prompts, device)
     timing = {}
     weights = diff_weights(src_a, src_b)
@@ -289,7 +292,7 @@ def diff(
         rounded = [r for r in weights["tensors"] if r["status"] == "rounding"]
         # A rounded to nearest is run only when B broke some ties the other way (else B *is* that cast).
         cast = {r["name"]: getattr(torch, r["ulp_dtype"]) for r in rounded} \
-            if any(r["cast"]["ties_other_way"] for r in rounded) and weights["status"] == "rounding" else None
+            if any(r.get("cast", {}).get("ties_other_way") for r in rounded) and weights["status"] == "rounding" else None
         t1 = time.perf_counter()
         behaviour = _behaviour(src_a, src_b, cases, impl, dtype, device, max_new_tokens, cast, tol)
         timing["behaviour"] = round(time.perf_counter() - t1, 4)

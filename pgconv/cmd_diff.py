@@ -30,11 +30,13 @@ __all__ = ["diff"]
               help="Greedy tokens compared per case.")
 @click.option("--tolerances", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON overriding entries of the built-in tolerance table (verify's budgets).")
+@click.option("--from-a", "from_a", metavar="SPEC", help="Read A through a spec (name or .toml/.json file), as convert --from.")
+@click.option("--from-b", "from_b", metavar="SPEC", help="Read B through a spec (name or .toml/.json file), as convert --from.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Write report.json, report.md, report.html and junit.xml here.")
 def diff(a: str, b: str, images: tuple[Path, ...], prompts: tuple[str, ...], dtype: str, impl: str,
          weights_only: bool, device: str, max_new_tokens: int, tolerances: Path | None,
-         report_dir: Path | None) -> None:
+         from_a: str | None, from_b: str | None, report_dir: Path | None) -> None:
     """Is checkpoint B the same model as A? A and B: any layout pgconv reads (HF layouts, native, big_vision .npz,
     a spec'd format, a hub id), in any dtypes. Every differing tensor is diagnosed (transposed, heads permuted,
     k and v swapped, norm offset, vocab shift, lossy cast, ...), then both run on the same inputs: per-probe
@@ -43,7 +45,8 @@ def diff(a: str, b: str, images: tuple[Path, ...], prompts: tuple[str, ...], dty
     from pgconv.parity.report_diff import diff_terminal
 
     report = run(a, b, images=images, prompts=prompts, dtype=dtype, impl=impl, weights_only=weights_only,
-                 device=device, max_new_tokens=max_new_tokens, tolerances=tolerances, report_dir=report_dir)
+                 device=device, max_new_tokens=max_new_tokens, tolerances=tolerances, report_dir=report_dir,
+                 from_a=from_a, from_b=from_b)
     click.echo(printable(diff_terminal(report)))
     if report_dir is not None:
         click.echo(f"reports written to {report_dir}/ (report.json, report.md, report.html, junit.xml)")

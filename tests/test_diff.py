@@ -264,3 +264,27 @@ def test_api_checks_impl_and_is_exported(ckpt):
     with pytest.raises(InputError, match="impl 'keras'"):
         pgconv.diff(ckpt, ckpt, impl="keras")
     assert pgconv.diff is __import__("pgconv.parity.diff", fromlist=["diff"]).diff
+
+
+def test_a_config_difference_is_a_finding_and_both_still_run(ckpt, capsys):
+    b = _variant(ckpt, "theta", config=lambda c: c["text_config"]["rope_parameters"].update(rope_theta=10000.0))
+    code, out, _ = _cli(capsys, ckpt, b, "--max-new-tokens", 2)
+    assert code == 1
+    assert "config: text.rope_theta: 5000.0 (A) vs 10000.0 (B)" in out
+    assert "59 identical" in out and "first divergence (past verify's float32 noise budget): text.rope," in out
+
+
+def test_a_spec_with_a_norm_offset_read_back_through_it_is_within_float32_rounding(ckpt, tmp_path, capsys):
+    from pgconv.converter.spec import BUILTIN_DIR
+
+    spec = tmp_path / "plus-one.toml"  # a user format storing the final norm as 1 + w (native = file - 1)
+    text = (BUILTIN_DIR / "native.toml").read_text().replace('name = "native"', 'name = "plus-one"')
+    spec.write_text(text.replace('native = "text.norm.weight"\n', 'native = "text.norm.weight"\nops = [{add = -1.0}]\n'))
+    b = tmp_path / "p1"
+    pgconv.convert(ckpt, b, str(spec), quiet=True)
+    code, _, err = _cli(capsys, ckpt, b, "--weights-only")
+    assert code == 2 and "read it with the spec that wrote it" in err  # an offset must never be missed
+    code, out, _ = _cli(capsys, ckpt, b, "--from-b", spec, "--max-new-tokens", 2)
+    assert code == 0, out
+    assert "text.norm.weight: A + 1 rounded to float32 and back" in out
+    assert "verdict: equivalent within float32 rounding" in out
