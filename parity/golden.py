@@ -256,16 +256,22 @@ def golden(
     probes: str = "all",
     max_new_tokens: int = 10,
     force: bool = False,
+    max_memory: str | int | None = None,
 ) -> dict[str, Any]:
     """Write the golden directory (module docstring) and return what probes.json holds. Every input is checked
     before the model loads; the directory is written under a temporary name and renamed at the end (no partial
-    output); an existing non-empty `out_dir` is refused unless `force`."""
+    output); an existing non-empty `out_dir` is refused unless `force`. `max_memory` (a size, or bytes; default: what
+    the machine can spare): a reference whose weights do not fit it is loaded through accelerate's big-model
+    inference (CPU and disk offload, `parity.offload`), with the same activations."""
     from pgconv.parity.generation import reference_greedy
     from pgconv.parity.models import load_reference, read_config
     from pgconv.parity.probes import probes_for
     from pgconv.parity.verify import _cases, _check_args, _check_lengths, _resolve, _versions
 
     dtypes = _check_args(dtype, device, max_new_tokens, probes)
+    from pgconv.model.budget import resolve_budget
+
+    budget = resolve_budget(max_memory)
     if len(dtypes) != 1:
         raise InputError(f"dtype {dtype!r}: golden runs in one dtype (write one directory per dtype)")
     out = Path(out_dir)
@@ -285,7 +291,15 @@ def golden(
 
     processors = reference_processors(path)  # transformers loads the image files itself, as for its users
     processor = processors[0]
-    ref = load_reference(path, getattr(torch, dtypes[0]), device)
+    from pgconv.model.streaming import needs_streaming, weight_bytes
+
+    run_dtype = getattr(torch, dtypes[0])
+    offload = None
+    if needs_streaming(weight_bytes(cfg, run_dtype), budget):  # accelerate places and offloads the layers
+        from pgconv.parity.offload import max_memory_for
+
+        offload = max_memory_for(budget, device)
+    ref = load_reference(path, run_dtype, device, max_memory=offload)
     table = probes_for(cfg, probes)  # type: ignore[arg-type]
     tmp = out.with_name(f".{out.name}.pgconv-tmp")
     shutil.rmtree(tmp, ignore_errors=True)

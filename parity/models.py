@@ -45,7 +45,7 @@ def read_config(path: Path) -> PaliGemmaConfig:
         raise type(e)(f"{cfg_path}: {e}") from None
 
 
-def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
+def load_reference(path: Path, dtype: torch.dtype, device: str, max_memory: dict | None = None) -> nn.Module:
     """transformers' PaliGemmaForConditionalGeneration with eager attention (SDPA skips Gemma 2's soft-cap and
     ignores the prefix without token_type_ids, paligemma.md traps 3, 6). Missing or unexpected tensors are an
     input error: transformers v5 would silently re-initialise missing ones (trap 21).
@@ -53,7 +53,17 @@ def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
     When the checkpoint's tensors are stored in another dtype (the hub's bf16 read as fp32), the tensors are cast
     one at a time by `cast_state_dict` and handed to `from_pretrained(state_dict=...)`, which adopts them without a
     copy: transformers' own cast path holds the memory-mapped source pages next to the cast copies (~1.5x the
-    weights at 3B). The result is the same model (parameters, buffers, configs: tests/test_parity.py)."""
+    weights at 3B). The result is the same model (parameters, buffers, configs: tests/test_parity.py).
+
+    `max_memory` (accelerate's: `{"cpu": bytes}`, GPUs first on several devices): a model that does not fit is
+    loaded through transformers' big-model inference instead, placed and offloaded by accelerate
+    (`parity.offload.load_offloaded`)."""
+    if max_memory is not None:
+        from pgconv.parity.offload import load_offloaded
+
+        model, info = load_offloaded(path, dtype, max_memory)
+        _check_loading_info(path, info)
+        return model.eval()
     from transformers import PaliGemmaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -73,6 +83,14 @@ def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    _check_loading_info(path, info)
+    # requires_grad stays True (everything runs under no_grad): with it False, torch's matmul stops folding the
+    # strided `hidden[:, -1:]` that transformers feeds lm_head at prefill and copies the whole transposed head
+    # weight instead (+1 GiB for 3B bf16, +2 GiB fp32; measured with torch 2.13).
+    return model.to(device).eval()
+
+
+def _check_loading_info(path: Path, info: dict) -> None:
     problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     # A SigLIP head (vision_use_head true) that the checkpoint does not store: transformers initialises it and
     # warns, and PaliGemma never uses its output, so that is not a problem here (pgconv's reader ignores it too).
@@ -83,10 +101,6 @@ def load_reference(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
         detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}"
                            for k, v in problems.items())
         raise InputError(f"{path}: transformers does not load the checkpoint cleanly ({detail})")
-    # requires_grad stays True (everything runs under no_grad): with it False, torch's matmul stops folding the
-    # strided `hidden[:, -1:]` that transformers feeds lm_head at prefill and copies the whole transposed head
-    # weight instead (+1 GiB for 3B bf16, +2 GiB fp32; measured with torch 2.13).
-    return model.to(device).eval()
 
 
 _CAST_CHUNK = 16 << 20  # bytes read per piece when a stored tensor cannot be cast straight from the mapping

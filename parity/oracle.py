@@ -9,7 +9,6 @@ against float64 (`metrics.fp64_errors`), chunked where a float64 copy would not 
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from pgconv.parity.capture import Recorder, primary
 from pgconv.parity.metrics import fp64_errors
+from pgconv.parity.offload import materialised_copy
 from pgconv.parity.probes import Probe
 
 __all__ = ["arbitrate", "logits_errors", "rope_fp64", "to_fp64"]
@@ -55,7 +55,8 @@ def _text_rope(ref_model) -> tuple[int, float]:
 @torch.no_grad()
 def _module(probe: Probe, ref_model, rec: Recorder) -> Tensor:
     call = rec.call(probe.ref)
-    module = copy.deepcopy(ref_model.get_submodule(probe.ref)).double()
+    # An offloaded module (accelerate, verify --max-memory) is copied with its weights gathered and no hooks.
+    module = materialised_copy(ref_model.get_submodule(probe.ref)).double()
     args, kwargs = to_fp64(call.args), to_fp64(call.kwargs)
     if "position_embeddings" in kwargs and kwargs.get("position_ids") is not None:
         kwargs["position_embeddings"] = rope_fp64(kwargs["position_ids"], *_text_rope(ref_model))

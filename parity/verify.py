@@ -149,6 +149,7 @@ def verify(
     tolerances: str | Path | None = None,
     report_dir: str | Path | None = None,
     probes: str = "all",
+    max_memory: str | int | None = None,
 ) -> dict[str, Any]:
     """Verify pgconv's model against transformers on `checkpoint`; returns the report (see module docstring).
 
@@ -157,10 +158,17 @@ def verify(
     carry their `dtype` (bugs below bf16 rounding, e.g. an exact GELU, show only in float32; bugs of reduced
     precision, e.g. an unrounded normaliser, only in bf16/fp16).
 
+    `max_memory` (a size such as "8GB", or bytes; default: what the machine can spare, `model.budget`): when the
+    weights in a run's dtype do not fit it, that run is layer by layer (`parity.offload.load_pair`: transformers
+    offloaded by accelerate, pgconv's model streamed block by block), with the same probes and checks.
+
     Raises `InputError` for unusable input (missing files, bad options); parity failures are in the report.
     """
     t0 = time.perf_counter()
     dtypes = _check_args(dtype, device, max_new_tokens, probes)
+    from pgconv.model.budget import resolve_budget
+
+    budget = resolve_budget(max_memory)
     if report_dir is not None:
         _check_report_dir(Path(report_dir))
     import torch
@@ -192,12 +200,21 @@ def verify(
     processors = reference_processors(path)  # (AutoProcessor's pick, its PIL-backend twin)
     processor = processors[0]
     table = probes_for(cfg, probes)  # type: ignore[arg-type]
-    results, per_dtype = [], {}
+    results, per_dtype, streamed = [], {}, {}
     for dt in dtypes:
         t_load = time.perf_counter()
-        ref = load_reference(path, getattr(torch, dt), device)
-        ours = build_candidate(ref, cfg)
-        per_dtype[dt] = {**weight_parity(ours, ref, cfg), "checkpoint_layout": layout}
+        from pgconv.model.streaming import needs_streaming, weight_bytes
+
+        streamed[dt] = needs_streaming(weight_bytes(cfg, getattr(torch, dt)), budget)
+        if streamed[dt]:  # layer by layer: accelerate's offload for the reference, ours streamed
+            from pgconv.parity.offload import load_pair
+
+            ref, ours, weights = load_pair(path, getattr(torch, dt), device, budget)
+        else:
+            ref = load_reference(path, getattr(torch, dt), device)
+            ours = build_candidate(ref, cfg)
+            weights = weight_parity(ours, ref, cfg)
+        per_dtype[dt] = {**weights, "checkpoint_layout": layout}
         timing["load" if len(dtypes) == 1 else f"load_{dt}"] = round(time.perf_counter() - t_load, 4)
         for imgs, prompt in cases:
             inputs, proc_check = _inputs(processors, ours_processor, imgs, prompt, device, cfg.text.vocab_size)
@@ -216,6 +233,7 @@ def verify(
         probes_mode=probes,
         max_new_tokens=max_new_tokens, tolerances={"source": tol.source, "version": tol.version},
         versions=_versions(), timing=timing,
+        memory={"budget_bytes": budget, "layer_by_layer": streamed},
     )
     from pgconv.parity.report import finalise, write_reports
 

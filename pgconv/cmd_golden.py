@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pgconv.errors import printable
+from pgconv.options import max_memory_option
 
 __all__ = ["golden"]
 
@@ -27,15 +28,16 @@ __all__ = ["golden"]
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=10, show_default=True,
               help="Greedy tokens recorded (with each step's top-k logits).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@max_memory_option("is loaded through accelerate's big-model inference (CPU/disk offload), same activations")
 def golden(checkpoint: str | None, out_dir: Path, images: tuple[Path, ...], prompts: tuple[str, ...], dtype: str,
-           device: str, probes: str, max_new_tokens: int, force: bool) -> None:
+           device: str, probes: str, max_new_tokens: int, force: bool, max_memory: str | None = None) -> None:
     """Write transformers' (eager) activations on CHECKPOINT (default: the built-in tiny checkpoint) at every
     probe, with the exact inputs and a documented schema: run your port on the inputs, dump what it computes under
     the schema's names, and check it with `pgconv compare DIR DUMP`."""
     from pgconv.parity.golden import golden as run
 
     doc = run(checkpoint, out_dir, images=images, prompts=prompts, dtype=dtype, device=device, probes=probes,
-              max_new_tokens=max_new_tokens, force=force)
+              max_new_tokens=max_new_tokens, force=force, max_memory=max_memory)
     for case in doc["cases"]:
         click.echo(printable(f"case {case['case']}: {' + '.join(Path(i).name for i in case['images'])} "
                              f"{case['prompt']!r}: {case['sequence_length']} tokens, greedy "

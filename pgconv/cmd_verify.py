@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pgconv.errors import printable
+from pgconv.options import max_memory_option
 
 __all__ = ["verify"]
 
@@ -51,14 +52,18 @@ def _dtypes(ctx: click.Context, param: click.Parameter, value: str) -> str:
                    "pgconv-adapter, dump:FILE (a safetensors dump made from this checkpoint's golden inputs) or "
                    "FILE.py (an adapter defining load(checkpoint, dtype, device)); the others are judged as "
                    "`pgconv compare` judges a dump.")
+@max_memory_option("is verified layer by layer: transformers through accelerate's CPU/disk offload, pgconv's "
+                   "model block by block from the checkpoint, with the same probes and verdicts (--candidate pgconv)")
 def verify(checkpoint: str | None, images: tuple[Path, ...], prompts: tuple[str, ...], dtype: str,
            device: str, max_new_tokens: int, tolerances: Path | None, report_dir: Path | None, probes: str,
-           candidate: str) -> None:
+           candidate: str, max_memory: str | None = None) -> None:
     """Compare pgconv's PaliGemma (or another --candidate) with transformers' layer by layer on CHECKPOINT (a
     directory or hub id; default: the built-in tiny checkpoint)."""
     from pgconv.parity.report import terminal
     from pgconv.parity.verify import verify as run
 
+    if candidate != "pgconv" and max_memory is not None:
+        raise click.UsageError("--max-memory applies to --candidate pgconv (other candidates load themselves)")
     if candidate != "pgconv":
         from pgconv.parity.candidates import verify_candidate
         from pgconv.parity.report_compare import compare_terminal
@@ -69,7 +74,8 @@ def verify(checkpoint: str | None, images: tuple[Path, ...], prompts: tuple[str,
         text = compare_terminal(report)
     else:
         report = run(checkpoint, images=images, prompts=prompts, dtype=dtype, device=device,
-                     max_new_tokens=max_new_tokens, tolerances=tolerances, report_dir=report_dir, probes=probes)
+                     max_new_tokens=max_new_tokens, tolerances=tolerances, report_dir=report_dir, probes=probes,
+                     max_memory=max_memory)
         text = terminal(report)
     click.echo(printable(text))  # decoded text and file names: no raw control characters
     if report_dir is not None:
