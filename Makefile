@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]' transformers==5.24.0
+	# The keras-hub and mlx-vlm candidates' tests run here too, on their light installs (~80 MB each): keras-hub
+	# declares tensorflow-text (~2.3 GB with tensorflow) and mlx-vlm a training stack, which neither imports on
+	# this path (see test-keras; pip cannot leave a dependency out of an extra).
+	$(BIN)/pip install -q 'keras>=3.15,<4' 'sentencepiece>=0.2' 'mlx[cpu]>=0.32,<0.33' requests jinja2
+	$(BIN)/pip install -q --no-deps 'keras-hub>=0.32,<0.33' 'mlx-vlm==0.7.10'
 	touch $(STAMP)
 
 setup: $(STAMP)
