@@ -64,8 +64,18 @@ def close(x: Tensor, b: Tensor, narrow: torch.dtype) -> bool:
         return False
     u = max(_u(narrow), _u(torch.float32))
     tiny = torch.finfo(narrow).smallest_normal * torch.finfo(narrow).eps
-    x64, b64 = x.double(), b.double()
-    return bool(((x64 - b64).abs() <= 2 * u * torch.maximum(x64.abs(), b64.abs()) + tiny).all())
+    fx, fb = x.reshape(-1), b.reshape(-1)
+    for s in range(0, fx.numel(), _CHUNK):  # float64 a piece at a time (a 3B embedding is 4 GB in float64)
+        x64, b64 = fx[s:s + _CHUNK].double(), fb[s:s + _CHUNK].double()
+        if not bool(((x64 - b64).abs() <= 2 * u * torch.maximum(x64.abs(), b64.abs()) + tiny).all()):
+            return False
+    return True
+
+
+def _sample(t: Tensor, n: int = 1 << 20) -> Tensor:
+    """At most n evenly strided elements, in float64 (enough to estimate a constant; `close` then checks all)."""
+    flat = t.reshape(-1)
+    return flat[::max(1, flat.numel() // n)].double()
 
 
 def heads_of(name: str, cfg: PaliGemmaConfig) -> tuple[int, int, int] | None:
@@ -215,9 +225,9 @@ def _axis_permutations(name: str, a: Tensor, b: Tensor, narrow: torch.dtype,
 def _offset_or_scale(name: str, a: Tensor, b: Tensor, narrow: torch.dtype, cfg: PaliGemmaConfig) -> str | None:
     if a.shape != b.shape or a.numel() == 0:
         return None
-    a64, b64 = a.double(), b.double()
+    a64, b64 = _sample(a), _sample(b)
     c = float((b64 - a64).median())
-    if c != 0 and close(a64 + c, b, narrow):
+    if c != 0 and close(a.double() + c if a.numel() <= _CHUNK else a + c, b, narrow):
         is_norm = re.search(r"norm\d?\.weight$", name) is not None
         if is_norm and abs(c - 1) < 1e-6:
             return "B = A + 1 (the RMSNorm (1 + w) offset applied again: Gemma stores w, the model adds 1)"
@@ -227,7 +237,7 @@ def _offset_or_scale(name: str, a: Tensor, b: Tensor, narrow: torch.dtype, cfg: 
     nz = a64 != 0
     if bool(nz.any()):
         k = float((b64[nz] / a64[nz]).median())
-        if k != 1 and math.isfinite(k) and close(a64 * k, b, narrow):
+        if k != 1 and math.isfinite(k) and close(a.double() * k if a.numel() <= _CHUNK else a * k, b, narrow):
             known = {math.sqrt(cfg.text.hidden_size): "sqrt(text width): the embedding normaliser baked in",
                      1 / math.sqrt(cfg.text.hidden_size): "1/sqrt(text width)",
                      1 / math.sqrt(cfg.text.head_dim): "1/sqrt(head_dim): the query scaling baked in",

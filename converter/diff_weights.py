@@ -31,6 +31,7 @@ from pgconv.errors import InputError
 __all__ = ["NativeSource", "open_native", "compare_tensor", "diff_weights", "ulp_distance", "config_differences"]
 
 _CHUNK = 1 << 24  # elements per piece for the bulk identical check (bounded temporaries at 3B)
+_PIECE = 1 << 22  # elements per piece for the float64 statistics (~10 float64 temporaries each: ~320 MB)
 _ORDER = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # widest first (bf16: fewest mantissa bits)
 
 
@@ -108,29 +109,75 @@ def _values_equal(a: Tensor, b: Tensor) -> bool:
     return True
 
 
-def _cast(a: Tensor, b: Tensor, d: torch.dtype) -> dict[str, Any]:
-    """B against A rounded to `d`: ulp distance where both are finite, overflow, saturation, flushes."""
+def _pieces(a: Tensor, b: Tensor, size: int = _PIECE):
+    """Matching flat pieces of two same-shape tensors: every statistic below is a reduction over elements, so a
+    3B embedding costs a few pieces' float64 temporaries, never the whole tensor's."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for s in range(0, fa.numel(), size):
+        yield fa[s:s + size], fb[s:s + size]
+
+
+def _cast_piece(a: Tensor, b: Tensor, d: torch.dtype) -> dict[str, Any]:
     fin = torch.finfo(d)
-    a64 = a.double()
     rne = a.to(d)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()]
+    if b.dtype == d and torch.equal(rne.view(bits), b.view(bits)):
+        # The common case, B stored as A rounded to nearest (bit for bit): only overflows can be wrong.
+        return {"max_ulp": 0, "ties_other_way": 0, "not_nearest": 0, "toward_zero": True, "representable": True,
+                "overflow": int((rne.isinf() & a.isfinite()).sum()), "saturated": 0, "flushed": 0,
+                "max_abs_a": float(torch.nan_to_num(a.abs(), nan=0.0, posinf=0.0).max())}
+    a64, b64 = a.double(), b.double()
     over = a64.isfinite() & (a64.abs() > fin.max) & b.isinf()
-    saturated = a64.isfinite() & rne.isinf() & (b.double().abs() == fin.max)  # rounding gives inf, B the max
+    saturated = a64.isfinite() & rne.isinf() & (b64.abs() == fin.max)  # rounding gives inf, B the largest value
     flushed = (b == 0) & (rne != 0) & (a64.abs() < fin.smallest_normal)
     representable = (b.to(d).to(b.dtype) == b) | b.isnan() | b.isinf()
     ok = ~(over | saturated | flushed)
-    if bool(ok.any()):
-        x, y, r = a64[ok], b.double()[ok], rne.double()[ok]
-        dist = ulp_distance(a[ok], b[ok], d)
-        # A nearest value of `d`: the one rounding to nearest gives, or at an exact tie the other neighbour.
-        tie_other = (dist == 1) & ((y - x).abs() == (r - x).abs())
-        off = (dist > 0) & ~tie_other
-        toward_zero = bool(off.any()) and bool((y[off].abs() <= x[off].abs()).all())
-    else:
-        dist, tie_other, off, toward_zero = (torch.zeros(1, dtype=torch.int64),) * 3 + (False,)
-    return {"dtype": _name(d), "max_ulp": int(dist.max()), "ties_other_way": int(tie_other.sum()),
-            "not_nearest": int(off.sum()), "toward_zero": toward_zero, "numel": a.numel(),
+    x, y, r = a64[ok], b64[ok], rne.double()[ok]
+    dist = ulp_distance(a[ok], b[ok], d)
+    # A nearest value of `d`: the one rounding to nearest gives, or at an exact tie the other neighbour.
+    tie_other = (dist == 1) & ((y - x).abs() == (r - x).abs())
+    off = (dist > 0) & ~tie_other
+    return {"max_ulp": int(dist.max()) if dist.numel() else 0, "ties_other_way": int(tie_other.sum()),
+            "not_nearest": int(off.sum()), "toward_zero": bool((y[off].abs() <= x[off].abs()).all()),
             "representable": bool(representable.all()), "overflow": int(over.sum()),
-            "saturated": int(saturated.sum()), "flushed": int(flushed.sum()), "max_abs_a": float(a64.abs().max())}
+            "saturated": int(saturated.sum()), "flushed": int(flushed.sum()),
+            "max_abs_a": float(a64[a64.isfinite()].abs().max()) if bool(a64.isfinite().any()) else 0.0}
+
+
+def _cast(a: Tensor, b: Tensor, d: torch.dtype) -> dict[str, Any]:
+    """B against A rounded to `d`: ulp distance where both are finite, overflow (A finite, B inf), saturation (B the
+    largest value where rounding gives inf), flushes (B zero where rounding keeps a subnormal)."""
+    out: dict[str, Any] = {"dtype": _name(d), "numel": a.numel()}
+    for x, y in _pieces(a, b):
+        c = _cast_piece(x, y, d)
+        for k, v in c.items():
+            if k not in out:
+                out[k] = v
+            elif isinstance(v, bool):
+                out[k] = out[k] and v
+            elif k in ("max_ulp", "max_abs_a"):
+                out[k] = max(out[k], v)
+            else:
+                out[k] += v
+    out["toward_zero"] = out["toward_zero"] and out["not_nearest"] > 0
+    return out
+
+
+def _stats(a: Tensor, b: Tensor, narrow: torch.dtype, ulps: bool) -> dict[str, Any]:
+    """max |B - A| (inf if a difference is not finite), ||B - A|| / ||A|| over the finite differences, max ulps at
+    `narrow` (when `ulps`: the cast check has them otherwise)."""
+    max_abs, sq, sq_a, most = 0.0, 0.0, 0.0, 0
+    for x, y in _pieces(a, b):
+        x64 = x.double()
+        delta = y.double() - x64
+        finite = delta.isfinite()
+        max_abs = max(max_abs, float(delta.abs().max()) if bool(finite.all()) else math.inf)
+        sq += float(torch.where(finite, delta, 0.0).square().sum())
+        sq_a += float(x64.square().sum())
+        if ulps:
+            most = max(most, int(ulp_distance(x, y, narrow).max()))
+    out = {"max_abs": max_abs, "rel_err": math.sqrt(sq / sq_a) if sq_a else math.inf, "ulp_dtype": _name(narrow)}
+    return {**out, "max_ulp": most} if ulps else out
 
 
 def _cast_finding(c: dict[str, Any]) -> str | None:
@@ -164,17 +211,14 @@ def compare_tensor(name: str, a: Tensor, b: Tensor, cfg: Any, load_a: Any) -> di
         return {**row, "status": "differs", "diagnosis": diagnose(name, a, b, cfg, load_a) or "integer values differ"}
     narrow = a.dtype if _ORDER.index(a.dtype) >= _ORDER.index(b.dtype) else b.dtype
     if a.shape == b.shape:
-        delta = (b.double() - a.double())
-        finite = delta.isfinite()
-        norm_a = float(a.double().norm())
-        row.update(max_abs=float(delta.abs().max()) if bool(finite.all()) else math.inf,
-                   rel_err=float(delta[finite].norm()) / norm_a if norm_a else math.inf,
-                   max_ulp=int(ulp_distance(a, b, narrow).max()), ulp_dtype=_name(narrow))
+        first = _cast(a, b, narrow)
+        stats = _stats(a, b, narrow, ulps=first["overflow"] + first["saturated"] + first["flushed"] > 0)
+        row.update({"max_ulp": first["max_ulp"], **stats})
         # The rounding dtypes to try: the narrower stored one, then the 16-bit ones below it (B stored wide
         # holding A rounded to 16 bits). Finer first, so the verdict names the least rounding that explains B.
         tries = [narrow] + [d for d in (torch.float16, torch.bfloat16) if _ORDER.index(d) > _ORDER.index(narrow)]
         for d in tries:
-            c = _cast(a, b, d)
+            c = first if d == narrow else _cast(a, b, d)
             if not c["representable"] or c["max_ulp"] > 1:
                 continue
             row["cast"] = c
@@ -189,7 +233,8 @@ def compare_tensor(name: str, a: Tensor, b: Tensor, cfg: Any, load_a: Any) -> di
             # A norm stored with its (1 + w) offset and read back (a spec's `add`, computed in float64 and rounded
             # once each way): B is A + c rounded, then - c rounded, exactly; the same model within that rounding.
             for c in (1.0, -1.0):
-                if torch.equal(((a.double() + c).to(a.dtype).double() - c).to(a.dtype), b):
+                if all(torch.equal(((x.double() + c).to(x.dtype).double() - c).to(x.dtype), y)
+                       for x, y in _pieces(a, b)):
                     return {**row, "status": "rounding", "ulp_dtype": _name(a.dtype),
                             "diagnosis": f"A {'+' if c > 0 else '-'} 1 rounded to {_name(a.dtype)} and back (a norm "
                                          "stored with its (1 + w) offset): within one rounding of A + 1"}
