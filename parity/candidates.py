@@ -15,7 +15,8 @@ The protocol (a porter's adapter implements it; `examples/adapter_template.py` i
 `inputs` are golden's (`input_ids`, `pixel_values`, `attention_mask`, `token_type_ids`, as transformers' processor
 gives them); `probes` the schema names wanted (`probes.json`); `run` returns any subset, by those names and in the
 golden shapes (`parity.golden`). Built in: `transformers-sdpa` (transformers with SDPA attention, the question "is
-SDPA the same as eager here?"), `keras-hub` (`parity.keras_hub`, the optional extra `pgconv[keras]`), `pgconv`
+SDPA the same as eager here?"), `keras-hub` (`parity.keras_hub`, the optional extra `pgconv[keras]`), `mlx-vlm`
+(`parity.mlx_vlm`, `mlx[cpu]` + mlx-vlm), `pgconv`
 through this protocol (`pgconv-adapter`: what the default verify checks in depth), a dump file (`dump:FILE`), or
 a Python file defining `load` (`path/to/adapter.py`).
 """
@@ -202,10 +203,17 @@ def _keras(checkpoint: Path, dtype: torch.dtype, device: str) -> Any:
     return KerasHubCandidate(checkpoint, dtype, device)
 
 
+def _mlx(checkpoint: Path, dtype: torch.dtype, device: str) -> Any:
+    from pgconv.parity.mlx_vlm import load
+
+    return load(checkpoint, dtype, device)
+
+
 BUILT_IN = {
     "transformers-sdpa": lambda c, d, dev: TransformersCandidate(c, d, dev, "sdpa"),
     "pgconv-adapter": PgconvCandidate,
     "keras-hub": _keras,
+    "mlx-vlm": _mlx,
 }
 
 

@@ -216,8 +216,9 @@ def compare_cases(gdir: Path, doc: dict[str, Any], candidate: Any, *, max_new_to
         if callable(getattr(candidate, "generate", None)):
             out["generation.tokens"] = torch.tensor(candidate.generate(inputs, max_new_tokens), dtype=torch.long)
         per_case[case["case"]] = out
+    notes = [str(n) for n in getattr(candidate, "notes", None) or []]  # what an adapter found about its side
     return _assemble(gdir, doc, per_case, f"candidate {getattr(candidate, 'name', type(candidate).__name__)}",
-                     tolerances, report_dir, t0)
+                     tolerances, report_dir, t0, notes)
 
 
 def _precheck(report_dir: str | Path | None) -> None:
@@ -228,7 +229,8 @@ def _precheck(report_dir: str | Path | None) -> None:
 
 
 def _assemble(gdir: Path, doc: dict[str, Any], per_case: dict[int, dict[str, Tensor]], label: str,
-              tolerances: str | Path | None, report_dir: str | Path | None, t0: float) -> dict[str, Any]:
+              tolerances: str | Path | None, report_dir: str | Path | None, t0: float,
+              notes: list[str] = ()) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from pgconv.parity.tolerances import load_tolerances
@@ -264,7 +266,7 @@ def _assemble(gdir: Path, doc: dict[str, Any], per_case: dict[int, dict[str, Ten
         "golden": str(gdir), "dump": label, "checkpoint": doc["checkpoint"], "family": doc["family"],
         "dtype": doc["dtype"], "tolerances": {"source": tol.source, "version": tol.version},
         "first_divergence": first, "probes": [r for c in cases for r in c["probes"]],
-        "missing": sorted({m for c in cases for m in c["missing"]}), "cases": cases,
+        "missing": sorted({m for c in cases for m in c["missing"]}), "cases": cases, "notes": list(notes),
         "timing": {"total": round(time.perf_counter() - t0, 4)},
     }
     from pgconv.parity.report import finalise

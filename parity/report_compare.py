@@ -42,6 +42,7 @@ def compare_terminal(report: dict[str, Any]) -> str:
     if report["missing"]:
         tail.append(f"not in the dump ({len(report['missing'])}): {', '.join(report['missing'][:8])}"
                     + (" ..." if len(report["missing"]) > 8 else ""))
+    tail += [f"note: {n}" for n in report.get("notes", [])]
     tail.append(_first(report))
     verdict = "PASS" if report["passed"] else "FAIL: " + "; ".join(report["failures"])
     tail.append(f"{verdict}  ({report['timing']['total']:.1f} s)")
@@ -53,7 +54,8 @@ def compare_markdown(report: dict[str, Any]) -> str:
     lines = [f"## pgconv compare: {status}", "",
              f"`{report['dump']}` against golden `{report['golden']}` ({report['family']}, {report['dtype']}, "
              f"tolerances {report['tolerances']['version']})", ""]
-    lines += [f"- {f}" for f in report["failures"]] + [f"- {_first(report)}", ""]
+    lines += [f"- {f}" for f in report["failures"]] + [f"- note: {n}" for n in report.get("notes", [])]
+    lines += [f"- {_first(report)}", ""]
     lines += ["| probe | verdict | max abs | nrmse | teacher-forced nrmse | budget |", "|---|---|---|---|---|---|"]
     for prefix, r in _rows(report):
         lines.append(f"| {_md_code(prefix + r['name'])} | {r['verdict']}{' (inherited)' if r.get('inherited') else ''}"
