@@ -205,3 +205,11 @@ def test_a_broken_adapter_file_is_an_input_error(tmp_path, capsys):
     assert code == 2 and "must define load(" in err
     code, _, err = _cli(capsys, "verify", "--candidate", "nonsense", "--max-new-tokens", "2")
     assert code == 2 and "--candidate 'nonsense'" in err
+
+
+def test_adapter_notes_reach_the_report(tiny_checkpoint, tmp_path):
+    from pgconv.parity.candidates import verify_candidate
+
+    (tmp_path / "noted.py").write_text(_readme_adapter() + "\nMyPort.notes = ['my port ignores rope_theta']\n")
+    report = verify_candidate(str(tiny_checkpoint("tiny")), str(tmp_path / "noted.py"), max_new_tokens=2)
+    assert report["passed"] and report["notes"] == ["my port ignores rope_theta"]
