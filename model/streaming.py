@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from pgconv.errors import InputError
 from pgconv.model.budget import FIT_FACTOR, format_size
 
-__all__ = ["Unit", "Streamer", "load_streamed", "load_within", "map_large_allocations", "weight_bytes", "needs_streaming", "streamer_of"]
+__all__ = ["Unit", "Streamer", "load_streamed", "load_within", "map_large_allocations", "place", "weight_bytes", "needs_streaming", "streamer_of"]
 
 
 @dataclass
@@ -139,6 +139,59 @@ def map_large_allocations() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM)
     except (OSError, AttributeError):
         pass
+
+
+def _to(value, device: torch.device):
+    """`value` with every tensor in it (tuples, lists, dicts, an `AttnContext`) on `device`."""
+    import dataclasses
+
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _to(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value)})
+    return value
+
+
+def place(model: nn.Module, devices: dict[str, torch.device]) -> None:
+    """Run each streamed unit named in `devices` on its device (several GPUs: the placement of the reference's
+    layers, `parity.offload.placement`): its weights load there, its inputs (activations, the `AttnContext`'s RoPE
+    tables and masks) are moved there on entry, a decoder block's KV cache lives there; the resident modules after
+    a moved unit (final norms, projector) take their inputs back on the model's device. Moves are no-ops where
+    everything is on one device (what runs on CPU here)."""
+    streamer = model.streamer
+    home = streamer.device
+
+    def mover(device: torch.device, block: nn.Module | None = None):
+        def hook(_module, args, kwargs):
+            if block is not None and block.attn.cache is not None:
+                block.attn.cache.to(device)  # buffers move in place; ensure_cache checks block 0's only
+            return _to(args, device), _to(kwargs, device)
+
+        return hook
+
+    moved = False
+    for unit in streamer.units:
+        device = devices.get(unit.name)
+        if device is None or torch.device(device) == home:
+            continue
+        unit.device, moved = torch.device(device), True
+        root = model.get_submodule(unit.name)
+        block = root if unit.name.startswith("text.blocks.") else None
+        root.register_forward_pre_hook(mover(unit.device, block), with_kwargs=True, prepend=True)
+    if moved:
+        for name in ("vision.norm", "projector", "text.norm"):
+            model.get_submodule(name).register_forward_pre_hook(mover(home), with_kwargs=True, prepend=True)
+        plain = model.logits
+
+        def logits(hidden: Tensor) -> Tensor:
+            return plain(hidden.to(home))
+
+        model.logits = logits
 
 
 def weight_bytes(cfg, dtype: torch.dtype) -> int:

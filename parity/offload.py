@@ -180,15 +180,14 @@ def share_resident(ours: nn.Module, ref: nn.Module, layout: str) -> int:
     names = key_map(ours.cfg, layout)
     ref_sd = ref.state_dict()
 
-    def theirs(native: str) -> torch.Tensor | None:
+    def theirs(native: str, device: torch.device) -> torch.Tensor | None:
         t = ref_sd.get(names.get(native, ""))
-        ok = (t is not None and t.device == streamer.device and t.dtype == streamer.dtype
-              and t.device.type != "meta")
+        ok = t is not None and t.device == device and t.dtype == streamer.dtype and t.device.type != "meta"
         return t if ok else None
 
     shared = 0
     for unit in streamer.units:
-        tensors = [theirs(native) for native, _, _ in unit.params]
+        tensors = [theirs(native, unit.device or streamer.device) for native, _, _ in unit.params]
         if any(t is None for t in tensors):
             continue
         if unit.resident:
@@ -200,21 +199,26 @@ def share_resident(ours: nn.Module, ref: nn.Module, layout: str) -> int:
     return shared
 
 
-def placement(ours: nn.Module, ref: nn.Module) -> None:
-    """On several devices: each streamed unit of ours loads onto the device of the reference's module it mirrors
-    (`hf_device_map`), so activations cross devices where the reference's do."""
+def placement(ours: nn.Module, ref: nn.Module) -> dict[str, torch.device]:
+    """On several devices: each streamed unit of ours runs on the device of the reference's module it mirrors
+    (`hf_device_map`; `model.streaming.place` moves weights, inputs and the KV cache), so activations cross devices
+    where the reference's do. Returns the placement ({} on one device: nothing moves)."""
+    from pgconv.converter.layouts import key_map
+    from pgconv.model.streaming import place
+
     hf_map = getattr(ref, "hf_device_map", None) or {}
     if not any(isinstance(v, int) or str(v).startswith("cuda") for v in hf_map.values()):
-        return
-    from pgconv.converter.layouts import key_map
-
+        return {}
     names = key_map(ours.cfg, "hf-5.6")
+    devices = {}
     for unit in ours.streamer.units:
-        ref_name = names.get(unit.params[0][0], "")
+        ref_name = names.get(unit.params[0][0], "").rpartition(".")[0]
         best = max((k for k in hf_map if ref_name == k or ref_name.startswith(k + ".")), key=len, default=None)
-        if best is not None and hf_map[best] != "disk":
-            unit.device = torch.device("cpu" if hf_map[best] == "cpu" else f"cuda:{hf_map[best]}"
-                                       if isinstance(hf_map[best], int) else hf_map[best])
+        where = hf_map.get(best) if best is not None else None
+        if where is not None and where != "disk":
+            devices[unit.name] = torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    place(ours, devices)
+    return devices
 
 
 def weight_parity(ours: nn.Module, ref: nn.Module, cfg: Any, layout: str) -> dict[str, Any]:

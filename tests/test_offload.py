@@ -181,3 +181,32 @@ def test_budgeted_verify_peak_memory(wide):
     assert whole["memory"]["layer_by_layer"] == {"float32": False}
     assert whole["peak_anon"] - whole["base_anon"] > budget + SLACK  # what the bound above would catch
     assert whole["peak_anon"] - whole["base_anon"] >= 0.9 * weights
+
+
+def test_one_device_places_nothing(wide):
+    """On CPU (one device) nothing is moved: `placement` is empty and `_to` leaves an AttnContext's tensors as they
+    are (the multi-GPU path is exercised by the cuda tests below)."""
+    from pgconv.model.streaming import _to, load_streamed
+    from pgconv.parity.models import load_reference
+    from pgconv.parity.offload import placement
+
+    ours = load_streamed(wide, torch.float32, budget=_weights() // 4)
+    ref = load_reference(wide, torch.float32, "cpu", max_memory={"cpu": 0})
+    assert placement(ours, ref) == {}
+    assert all(u.device is None for u in ours.streamer.units)
+    ctx = ours.attn_context(torch.zeros(1, 5, dtype=torch.long))
+    moved = _to((torch.ones(2), ctx), torch.device("cpu"))
+    assert moved[1].cos is ctx.cos and torch.equal(moved[1].mask, ctx.mask)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_budgeted_verify_on_cuda(wide):
+    """--device cuda with a budget: accelerate spreads the reference over every visible GPU (then CPU, then disk)
+    and pgconv's blocks follow its placement; the report is the CPU run's within float noise."""
+    from pgconv.parity.verify import verify
+
+    cpu = verify(wide, max_new_tokens=4)
+    gpu = verify(wide, max_new_tokens=4, device="cuda", max_memory=_weights() // 4)
+    assert gpu["memory"]["layer_by_layer"] == {"float32": True}
+    assert gpu["passed"] and [p["verdict"] for p in gpu["probes"]] == [p["verdict"] for p in cpu["probes"]]
