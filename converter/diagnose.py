@@ -149,8 +149,7 @@ def _describe_rows(name: str, a: Tensor, b: Tensor, narrow: torch.dtype, cfg: Pa
         return f"A's {na} rows followed by {nb - na} {'zero' if not bool(extra.any()) else 'new'} rows (padded)"
     if nb == na:  # a cut padded back to the old size: the first rows equal, the rest zero
         kept = int((m == idx).long().cumprod(0).sum())
-        tail = b[kept:].reshape(nb - kept, -1)
-        if 0 < kept < nb and not bool(tail.any()):
+        if 0 < kept < nb and not bool(b[kept:].any()):
             lost = int((a[kept:].reshape(nb - kept, -1) != 0).any(-1).sum())
             return (f"rows {kept}.. are zero: A's first {kept} rows kept, {lost} nonzero row(s) of A lost (a "
                     "vocabulary cut padded back with zeros)")
@@ -252,6 +251,8 @@ def diagnose(name: str, a: Tensor, b: Tensor, cfg: PaliGemmaConfig,
     """The transform that explains B's `name` from A's (None: no known one). `load_a(other)` reads another of A's
     tensors (None when A has no such tensor)."""
     narrow = _narrow(a.dtype, b.dtype)
+    if a.shape == b.shape and same(a, b, narrow):
+        return None  # nothing to explain (equal at the narrower dtype)
     if a.shape == b.shape:
         for x, y, why in SIBLINGS:
             for mine, theirs in ((x, y), (y, x)):

@@ -270,6 +270,7 @@ def diff(
     Raises `InputError` for unusable input, before any model loads; a difference is in the report."""
     from pgconv.converter.diff_weights import diff_weights, open_native
     from pgconv.parity.tolerances import load_tolerances
+    from pgconv.parity.verify import _versions
 
     t0 = time.perf_counter()
     _check(dtype, impl, device, max_new_tokens, report_dir)
@@ -305,7 +306,7 @@ def diff(
         "failures": failures, "a": str(a), "b": str(b), "layouts": weights["layouts"], "family": src_a.cfg.family,
         "dtype": dtype, "impl": impl, "device": device, "weights": weights, "behaviour": behaviour,
         "behaviour_skipped": skipped, "first_divergence": first,
-        "tolerances": {"source": tol.source, "version": tol.version}, "timing": timing,
+        "tolerances": {"source": tol.source, "version": tol.version}, "versions": _versions(), "timing": timing,
     }
     from pgconv.parity.report import finalise
     from pgconv.parity.report_diff import write_diff_reports
