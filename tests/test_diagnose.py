@@ -20,8 +20,9 @@ def _rand(seed: int, *shape: int) -> torch.Tensor:
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31), rows=st.integers(4, 60), cols=st.integers(1, 9), shift=st.integers(-3, 3))
+@given(seed=st.integers(0, 2**31), rows=st.integers(8, 60), cols=st.integers(1, 9), shift=st.integers(-3, 3))
 def test_a_row_shift_is_named_with_its_amount(seed, rows, cols, shift):
+    # (a shift is recognised while at least half of B's rows are found in A: rows >= 2 x |shift| + 2)
     a = _rand(seed, rows, cols)
     b = torch.roll(a, -shift, 0)
     if shift > 0:
