@@ -43,6 +43,8 @@ class NativeSource:
     config: dict | None  # the config.json transformers would run it with
     tensors: dict[str, Any]  # native name -> SourceTensor (lazy)
     root: Path
+    unmapped: list[str] = dataclasses.field(default_factory=list)  # stored names its layout has no place for
+    lenient: str | None = None  # why the strict reading failed (tensors missing or unexpected), when it did
 
 
 def open_native(src: str | Path, from_: str | Path | None = None) -> NativeSource:
@@ -55,9 +57,13 @@ def open_native(src: str | Path, from_: str | Path | None = None) -> NativeSourc
     path, trusted = resolve_source(src)
     spec = source_spec(path, trusted, from_, None)
     if spec is None:
+        from pgconv.converter.layouts import LayoutError
         from pgconv.converter.load import check_checkpoint
 
-        ckpt, cfg, plan = check_checkpoint(path, trusted)  # tied head compared, provenance, companions checked
+        try:
+            ckpt, cfg, plan = check_checkpoint(path, trusted)  # tied head compared, provenance, companions checked
+        except LayoutError as e:  # tensors missing or unexpected: a finding of the diff, not bad input
+            return _lenient(path, trusted, e)
         layout = plan.src_layout
     else:
         from pgconv.converter.custom import open_spec_checkpoint
@@ -79,6 +85,24 @@ def open_native(src: str | Path, from_: str | Path | None = None) -> NativeSourc
             tensors[step.target.name] = dataclasses.replace(
                 srcs[0], meta=step.target, span=None, loader=lambda t=t, s=srcs, a=step.args: t.apply([x.load() for x in s], a))
     return NativeSource(path, layout, cfg, ckpt.config, tensors, ckpt.root)
+
+
+def _lenient(path: Path, trusted: Path | None, error: Exception) -> NativeSource:
+    """A checkpoint whose names fit its layout except for missing or unexpected tensors: every name the layout
+    knows, renamed (an lm_head whatever the tying: the diff compares it with the embedding), the rest listed."""
+    from pgconv.converter.checkpoint import open_checkpoint
+    from pgconv.converter.layouts import detect_layout, head_shapes, key_map
+
+    ckpt = open_checkpoint(path, trusted_root=trusted)
+    cfg = ckpt.pg_config()
+    try:
+        layout = detect_layout(ckpt.tensors)
+    except InputError:
+        raise type(error)(f"{path}: {error}") from None
+    names = {theirs: ours for ours, theirs in key_map(cfg, layout, with_lm_head=True).items()}
+    head = head_shapes(cfg, layout)
+    return NativeSource(path, layout, cfg, ckpt.config, {names[n]: t for n, t in ckpt.tensors.items() if n in names},
+                        ckpt.root, [n for n in ckpt.tensors if n not in names and n not in head], str(error))
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -295,8 +319,13 @@ def diff_weights(a: NativeSource, b: NativeSource) -> dict[str, Any]:
                 continue
         findings.append(f"{n}: only in B")
     findings += [f"{n}: missing in B" for n in missing]
+    for side, src in (("A", a), ("B", b)):
+        findings += [f"{n}: stored in {side} but no tensor of layout {src.layout} (unexpected)" for n in src.unmapped]
+        if src.lenient:
+            notes.append(f"{side} read leniently ({src.lenient})")
     config = config_differences(a.cfg, b.cfg)
-    config = [c for c in config if not (c.startswith("tie_word_embeddings") and notes)]
+    untied = any(n.startswith("lm_head.weight:") for n in notes)  # tying is then a storage choice, not a change
+    config = [c for c in config if not (c.startswith("tie_word_embeddings") and untied)]
     findings += [f"config: {c}" for c in config]
     rounding = sorted({r["ulp_dtype"] for r in rows if r["status"] == "rounding"}, key=lambda d: -torch.finfo(getattr(torch, d)).eps)
     status = "differs" if findings else "rounding" if rounding else "identical"

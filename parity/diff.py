@@ -66,6 +66,8 @@ def _native_state(src: Any, dtype: torch.dtype, cast: dict[str, torch.dtype] | N
     """Every tensor of `src` in `dtype`, read one at a time; `cast` rounds named ones through a dtype first."""
     out = {}
     for name, t in src.tensors.items():
+        if name == "lm_head.weight" and src.cfg.tie_word_embeddings:
+            continue  # a tied head stored anyway (read leniently, equal to the embedding): the model ties it
         x = t.load()
         if cast and name in cast:
             x = x.to(cast[name])

@@ -288,3 +288,14 @@ def test_a_spec_with_a_norm_offset_read_back_through_it_is_within_float32_roundi
     assert code == 0, out
     assert "text.norm.weight: A + 1 rounded to float32 and back" in out
     assert "verdict: equivalent within float32 rounding" in out
+
+
+def test_missing_and_unexpected_tensors_are_findings_not_bad_input(ckpt, capsys):
+    b = _variant(ckpt, "dropped", lambda sd: sd.pop("vision_tower.vision_model.post_layernorm.bias"))
+    code, out, _ = _cli(capsys, ckpt, b)
+    assert code == 1
+    assert "vision.norm.bias: missing in B" in out and "behaviour: not run (B's tensors do not fit A's model" in out
+    c = _variant(ckpt, "extra", lambda sd: sd.update({"language_model.model.layers.0.extra.weight": torch.ones(3)}))
+    code, out, _ = _cli(capsys, ckpt, c, "--weights-only")
+    assert code == 1
+    assert "language_model.model.layers.0.extra.weight: stored in B but no tensor of layout hf-legacy" in out
