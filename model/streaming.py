@@ -73,19 +73,29 @@ class Streamer:
         # As `pgconv.load` casts (`load._read`), one tensor at a time.
         return t.to(device=device or self.device, dtype=self.dtype)
 
-    def pin_within(self, room: int) -> None:
-        """Pin (read once, keep) units in priority order while their weights fit `room` bytes."""
+    def pin_within(self, budget: int, used: int = 0) -> None:
+        """Pin (read once, keep) units in priority order while the pinned weights plus the working set of the units
+        left to stream fit `budget` (`used`: bytes already held, e.g. tensors shared with the reference). So the
+        embedding (3.7 GB in fp32 at 10B, the largest unit) is pinned when that leaves room to stream the blocks,
+        and streamed (its own working set then counts) when it does not."""
         for unit in self.units:
-            if not unit.pinned and unit.nbytes <= room:
-                unit.pinned, room = True, room - unit.nbytes
+            if unit.pinned:
+                continue
+            rest = [u for u in self.units if not u.pinned and u is not unit]
+            if used + unit.nbytes + self.working_set(rest) <= budget:
+                unit.pinned, used = True, used + unit.nbytes
                 if self._active is unit:
                     self._active = None
                 self.materialise(unit)
 
-    def working_set(self) -> int:
-        """Bytes one streamed unit needs: the largest unit cast, plus the largest tensor in its stored dtype."""
-        return (max(u.nbytes for u in self.units)
-                + max(s.meta.nbytes for s in self.sources.values()))  # type: ignore[attr-defined]
+    def working_set(self, units: list[Unit] | None = None) -> int:
+        """Bytes streaming `units` (default: those not pinned) needs at once: the largest unit cast, plus the
+        largest of their tensors in its stored dtype (being cast)."""
+        units = [u for u in self.units if not u.pinned] if units is None else units
+        if not units:
+            return 0
+        return (max(u.nbytes for u in units)
+                + max(self.sources[n].meta.nbytes for u in units for n, _, _ in u.params))  # type: ignore[attr-defined]
 
     def materialise(self, unit: Unit) -> None:
         if unit.resident:
@@ -121,6 +131,7 @@ class Streamer:
         return hook
 
 
+HEAD_UNITS = ("text.embed", "lm_head")  # verify keeps these in memory on both sides (shared)
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _MMAP_FROM = 1 << 20
 
@@ -262,13 +273,16 @@ def load_streamed(path: str | Path, dtype: torch.dtype | None = None, device: st
                                                     requires_grad=False)
         for module in {id(m): m for _, m, _ in unit.params}.values():
             module.register_forward_pre_hook(streamer.hold(unit))
-    working = streamer.working_set()
-    if working > budget:
-        raise InputError(f"memory budget {format_size(budget)} is below one layer's weights "
-                         f"({format_size(max(u.nbytes for u in units))} in {str(dtype).removeprefix('torch.')}, "
-                         f"plus the largest stored tensor to cast it): raise --max-memory")
+    # The least a run needs: one block streamed next to the pinned embedding and head, or all of them streamed.
+    blocks = [u for u in units if u.name not in HEAD_UNITS]
+    heads = sum(u.nbytes for u in units if u.name in HEAD_UNITS)
+    least = min(streamer.working_set(blocks) + heads, streamer.working_set(units))
+    if least > budget:
+        raise InputError(f"memory budget {format_size(budget)} is below what one layer at a time needs "
+                         f"({format_size(least)} in {str(dtype).removeprefix('torch.')}: the largest block or the "
+                         f"embedding, and the largest stored tensor to cast it): raise --max-memory")
     if pin:
-        streamer.pin_within(budget - working)
+        streamer.pin_within(budget)
     _wrap_logits(model, streamer)
     model.streamer = streamer
     model.generation = generation_settings(ckpt, cfg)

@@ -278,14 +278,15 @@ def load_pair(path: Path, dtype: torch.dtype, device: str, budget: int) -> tuple
     the budget and the rest is the reference's in-memory share (`max_memory["cpu"]`; accelerate places the other
     layers on disk: the checkpoint's own files). Ours shares the reference's in-memory tensors (no second copy)
     and streams the rest."""
-    from pgconv.model.streaming import load_streamed
+    from pgconv.model.streaming import HEAD_UNITS, load_streamed
     from pgconv.parity.models import REF_LAYOUT, load_reference, read_config
 
     ours_device = device if device.startswith("cuda") else "cpu"
     if ours_device == "cuda":
         ours_device = "cuda:0"
     ours = load_streamed(path, dtype, ours_device, budget=budget, pin=False)  # refuses a budget below one layer
-    working = ours.streamer.working_set()
+    # The embedding and head stay in memory on the reference's side (`device_map`) and ours shares them.
+    working = ours.streamer.working_set([u for u in ours.streamer.units if u.name not in HEAD_UNITS])
     ref = load_reference(path, dtype, device, max_memory=max_memory_for(max(budget - 2 * working, 0), device))
     placement(ours, ref)
     share_resident(ours, ref, REF_LAYOUT)
