@@ -62,7 +62,12 @@ def open_native(src: str | Path, from_: str | Path | None = None) -> NativeSourc
 
         try:
             ckpt, cfg, plan = check_checkpoint(path, trusted)  # tied head compared, provenance, companions checked
-        except LayoutError as e:  # tensors missing or unexpected: a finding of the diff, not bad input
+        except InputError as e:
+            # Tensors missing, unexpected (LayoutError) or shaped otherwise than the config says (plan's "the config
+            # implies"): what a conversion bug looks like, so a finding of the diff, not bad input. Every other
+            # error (unreadable files, a bad config, a spec's offsets) stays one.
+            if not (isinstance(e, LayoutError) or "the config implies" in str(e)):
+                raise
             return _lenient(path, trusted, e)
         layout = plan.src_layout
     else:

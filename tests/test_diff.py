@@ -85,6 +85,9 @@ def _cut_config(cfg):
 MISTAKES = [
     ("transposed", _set(V + "0.self_attn.out_proj.weight", lambda w, sd: w.T), None,
      "vision.blocks.0.attn.o.weight", "equals A transposed"),
+    # non-square: B no longer fits its config (read leniently, still a finding, not bad input)
+    ("transposed-down", _set(L + "0.mlp.down_proj.weight", lambda w, sd: w.T), None,
+     "text.blocks.0.mlp.down.weight", "equals A transposed"),
     ("rope", _set(L + "0.self_attn.k_proj.weight", lambda w, sd: llama_permute(w, KV)), None,
      "text.blocks.0.attn.k.weight", "RoPE interleaved -> half-split permutation"),
     ("rope-inverse", _set(L + "1.self_attn.q_proj.weight",
@@ -133,7 +136,7 @@ def test_each_porting_mistake_is_named_with_its_tensor_and_diagnosis(ckpt, capsy
 
 
 def test_a_mistake_runs_both_models_and_finds_the_first_divergent_probe(ckpt, capsys, tmp_path):
-    b = _variant(ckpt, "kv", MISTAKES[3][1])
+    b = _variant(ckpt, "kv", next(m[1] for m in MISTAKES if m[0] == "kv"))
     code, out, _ = _cli(capsys, ckpt, b, "--report", tmp_path / "r", "--max-new-tokens", 4)
     assert code == 1
     report = json.loads((tmp_path / "r" / "report.json").read_text())
