@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio = r["peak_rss"] / r["fp32_weight_bytes"]
     print(f"{args.preset}: diff bf16 fixture vs its fp32 conversion ({r['tensors']} tensors, run in {args.dtype}): "
           f"verdict {r['verdict']}{'' if r['bit_identical'] else ' (probes NOT bit-identical)'}; peak RSS "
-          f"{r['peak_rss'] / 2**30:.2f} GiB = {ratio:.2f}x one model in fp32 ({r['fp32_weight_bytes'] / 2**30:.2f} GiB; "
+          f"{r['peak_rss'] / 2**30:.2f} GiB = {ratio:.2f}x one model in fp32 "
+          f"({r['fp32_weight_bytes'] / 2**30:.2f} GiB; "
           f"target <= 1.2x); wall {r['wall_s']:.1f} s (weights {r['timing']['weights']:.1f} s, behaviour "
           f"{r['timing'].get('behaviour', 0):.1f} s)", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)

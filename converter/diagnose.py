@@ -171,10 +171,11 @@ def _describe_rows(name: str, a: Tensor, b: Tensor, narrow: torch.dtype, cfg: Pa
         local = (m % hd).view(h, hd)
         head_of = (m // hd).view(h, hd)
         same_head = bool((head_of == torch.arange(h)[:, None]).all())
-        for fwd, what in ((True, "interleaved -> half-split"), (False, "half-split -> interleaved")):
+        for fwd, what, how in ((True, "interleaved -> half-split", "applied to a checkpoint already half-split"),
+                               (False, "half-split -> interleaved", "undone / applied in reverse")):
             if same_head and hd % 2 == 0 and bool((local == rope_permutation(hd, fwd)).all()):
                 return (f"rows permuted within each of the {h} heads by the RoPE {what} permutation (the q/k "
-                        f"`permute` of convert_llama_weights {'applied to a checkpoint already half-split' if fwd else 'undone / applied in reverse'})")
+                        f"`permute` of convert_llama_weights {how})")
         if bool((local == torch.arange(hd)).all()) and bool((head_of == head_of[:, :1]).all()):
             perm = head_of[:, 0].tolist()
             return f"heads permuted: B heads 0..{h - 1} = A heads {perm}"

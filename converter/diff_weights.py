@@ -10,10 +10,10 @@ config.json) is opened as `pgconv convert` opens it and mapped to native names (
 <dtype> and a nearest <dtype> value to A's (A rounded to nearest, or at an exact tie the other neighbour), i.e.
 |B - A| <= u |A| with u the unit roundoff (2^-8 for bfloat16, 2^-11 for float16; half the smallest subnormal below
 the normal range). A truncating converter (up to 2u |A|, all toward zero: a bias that adds up through the layers)
-differs, with that diagnosis; a bug (a scale of 1.001, a sibling tensor) is many ulps away almost everywhere. <dtype> is the narrower of the two
-stored dtypes, or bfloat16 / float16 when B is stored wider but holds A rounded to it. Values a cast sends to inf
-(|A| > 65504 for float16) or flushes to zero (a subnormal that rounding would have kept) are a lossy cast and
-counted, whatever the rest of the tensor does.
+differs, with that diagnosis; a bug (a scale of 1.001, a sibling tensor) is many ulps away almost everywhere.
+<dtype> is the narrower of the two stored dtypes, or bfloat16 / float16 when B is stored wider but holds A rounded
+to it. Values a cast sends to inf (|A| > 65504 for float16) or flushes to zero (a subnormal that rounding would have
+kept) are a lossy cast and counted, whatever the rest of the tensor does.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def open_native(src: str | Path, from_: str | Path | None = None) -> NativeSourc
             t = TRANSFORMS[step.transform]
             srcs = [ckpt.tensors[s] for s in step.sources]
             tensors[step.target.name] = dataclasses.replace(
-                srcs[0], meta=step.target, span=None, loader=lambda t=t, s=srcs, a=step.args: t.apply([x.load() for x in s], a))
+                srcs[0], meta=step.target, span=None,
+                loader=lambda t=t, s=srcs, a=step.args: t.apply([x.load() for x in s], a))
     return NativeSource(path, layout, cfg, ckpt.config, tensors, ckpt.root)
 
 
@@ -216,7 +217,8 @@ def _cast_finding(c: dict[str, Any]) -> str | None:
         parts.append(f"{c['overflow']} value(s) beyond +-{torch.finfo(getattr(torch, d)).max:g} became inf (max |A| "
                      f"{c['max_abs_a']:.6g})")
     if c["saturated"]:
-        parts.append(f"{c['saturated']} value(s) beyond the {d} range clamped to +-{torch.finfo(getattr(torch, d)).max:g}")
+        parts.append(f"{c['saturated']} value(s) beyond the {d} range clamped to "
+                     f"+-{torch.finfo(getattr(torch, d)).max:g}")
     if c["flushed"]:
         parts.append(f"{c['flushed']} value(s) flushed to zero that rounding to {d} keeps (subnormals)")
     if c["not_nearest"]:
@@ -332,7 +334,8 @@ def diff_weights(a: NativeSource, b: NativeSource) -> dict[str, Any]:
     untied = any(n.startswith("lm_head.weight:") for n in notes)  # tying is then a storage choice, not a change
     config = [c for c in config if not (c.startswith("tie_word_embeddings") and untied)]
     findings += [f"config: {c}" for c in config]
-    rounding = sorted({r["ulp_dtype"] for r in rows if r["status"] == "rounding"}, key=lambda d: -torch.finfo(getattr(torch, d)).eps)
+    rounding = sorted({r["ulp_dtype"] for r in rows if r["status"] == "rounding"},
+                      key=lambda d: -torch.finfo(getattr(torch, d)).eps)  # the coarsest rounding names the verdict
     status = "differs" if findings else "rounding" if rounding else "identical"
     return {"status": status, "rounding_dtype": rounding[0] if rounding else None, "tensors": rows,
             "compared": len(rows), "identical": sum(r["status"] == "identical" for r in rows),

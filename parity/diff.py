@@ -16,9 +16,9 @@ Verdicts (`report["verdict"]`): `identical` (every tensor holds A's values, what
 is then bit-identical too), `equivalent within <dtype> rounding` (every differing tensor is A rounded to <dtype>, see
 `converter.diff_weights` for the derived bound; the behaviour budget is what a pure cast of A produces: when B holds
 exactly A rounded to nearest, B *is* that cast and its KL is reported as the cast's cost; when some ties were
-broken the other way, A rounded to nearest (ties to even) is run too and B's per-probe nrmse and logits KL must stay within k x the
-cast's + floor, with verify's arbitration k and floor for the run dtype), or `differs` (exit 1): a finding per
-differing tensor, missing or extra tensors, config differences, or behaviour over the cast's budget.
+broken the other way, A rounded to nearest (ties to even) is run too and B's per-probe nrmse and logits KL must stay
+within k x the cast's + floor, with verify's arbitration k and floor for the run dtype), or `differs` (exit 1): a
+finding per differing tensor, missing or extra tensors, config differences, or behaviour over the cast's budget.
 """
 
 from __future__ import annotations
@@ -294,8 +294,9 @@ def diff(
     else:
         rounded = [r for r in weights["tensors"] if r["status"] == "rounding"]
         # A rounded to nearest is run only when B broke some ties the other way (else B *is* that cast).
+        ties = any(r.get("cast", {}).get("ties_other_way") for r in rounded)
         cast = {r["name"]: getattr(torch, r["ulp_dtype"]) for r in rounded} \
-            if any(r.get("cast", {}).get("ties_other_way") for r in rounded) and weights["status"] == "rounding" else None
+            if ties and weights["status"] == "rounding" else None
         t1 = time.perf_counter()
         behaviour = _behaviour(src_a, src_b, cases, impl, dtype, device, max_new_tokens, cast, tol)
         timing["behaviour"] = round(time.perf_counter() - t1, 4)

@@ -47,8 +47,8 @@ def _case_lines(report: dict[str, Any]) -> list[str]:
     out = [f"behaviour ({b['impl']}, {b['dtype']}; A's activations as the golden):"]
     for c in b["cases"]:
         lg, g = c["logits"], c["greedy"]
-        out.append(f"  case {c['case']} ({c['prompt']!r}): KL mean {fmt(lg['kl_mean'])} / p99 {fmt(lg['kl_p99'])} / max "
-                   f"{fmt(lg['kl_max'])} nats over {lg['positions']} positions, top-1 agreement "
+        out.append(f"  case {c['case']} ({c['prompt']!r}): KL mean {fmt(lg['kl_mean'])} / p99 {fmt(lg['kl_p99'])} "
+                   f"/ max {fmt(lg['kl_max'])} nats over {lg['positions']} positions, top-1 agreement "
                    f"{100 * lg['top1_agreement']:.1f} %, greedy tokens "
                    + ("identical" if g["first_divergence"] is None else
                       f"diverge at step {g['first_divergence']} ({100 * g['agreement']:.0f} % agree)"))

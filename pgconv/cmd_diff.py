@@ -30,8 +30,10 @@ __all__ = ["diff"]
               help="Greedy tokens compared per case.")
 @click.option("--tolerances", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON overriding entries of the built-in tolerance table (verify's budgets).")
-@click.option("--from-a", "from_a", metavar="SPEC", help="Read A through a spec (name or .toml/.json file), as convert --from.")
-@click.option("--from-b", "from_b", metavar="SPEC", help="Read B through a spec (name or .toml/.json file), as convert --from.")
+@click.option("--from-a", "from_a", metavar="SPEC",
+              help="Read A through a spec (name or .toml/.json file), as convert --from.")
+@click.option("--from-b", "from_b", metavar="SPEC",
+              help="Read B through a spec (name or .toml/.json file), as convert --from.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Write report.json, report.md, report.html and junit.xml here.")
 def diff(a: str, b: str, images: tuple[Path, ...], prompts: tuple[str, ...], dtype: str, impl: str,

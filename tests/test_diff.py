@@ -282,7 +282,8 @@ def test_a_spec_with_a_norm_offset_read_back_through_it_is_within_float32_roundi
 
     spec = tmp_path / "plus-one.toml"  # a user format storing the final norm as 1 + w (native = file - 1)
     text = (BUILTIN_DIR / "native.toml").read_text().replace('name = "native"', 'name = "plus-one"')
-    spec.write_text(text.replace('native = "text.norm.weight"\n', 'native = "text.norm.weight"\nops = [{add = -1.0}]\n'))
+    rule = 'native = "text.norm.weight"\n'
+    spec.write_text(text.replace(rule, rule + "ops = [{add = -1.0}]\n"))
     b = tmp_path / "p1"
     pgconv.convert(ckpt, b, str(spec), quiet=True)
     code, _, err = _cli(capsys, ckpt, b, "--weights-only")
