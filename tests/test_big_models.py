@@ -65,14 +65,19 @@ def test_parse_size_units(n, unit):
     assert parse_size(f"{n}{unit}") == n * base
 
 
-def test_default_budget_is_below_what_is_available():
+def test_default_budget_is_below_what_is_available(monkeypatch):
     from pgconv.model import budget
 
-    avail = budget._meminfo_available()
-    got = default_budget()
-    assert avail is not None and got is not None  # Linux CI
-    assert got <= avail - (1 << 30) or got == 1
-    assert resolve_budget(None) is not None and resolve_budget("1GiB") == 2**30
+    assert budget._meminfo_available() is not None  # Linux CI: /proc/meminfo is read
+    monkeypatch.setattr(budget, "_meminfo_available", lambda: 20 * 2**30)
+    monkeypatch.setattr(budget, "_cgroup_room", lambda: None)
+    assert default_budget() == 18 * 2**30  # 10 % margin
+    monkeypatch.setattr(budget, "_cgroup_room", lambda: 4 * 2**30)  # a container's limit is lower: it counts
+    assert default_budget() == 3 * 2**30  # at least 1 GiB of margin
+    monkeypatch.setattr(budget, "_meminfo_available", lambda: None)
+    monkeypatch.setattr(budget, "_cgroup_room", lambda: None)
+    assert default_budget() is None and resolve_budget(None) is None  # unknown: everything in memory, as before
+    assert resolve_budget("1GiB") == 2**30
 
 
 # -- layer by layer ---------------------------------------------------------------------------------------------------
