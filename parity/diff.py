@@ -24,6 +24,7 @@ finding per differing tensor, missing or extra tensors, config differences, or b
 from __future__ import annotations
 
 import gc
+import json
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -91,7 +92,11 @@ def _load(src: Any, impl: str, dtype: torch.dtype, device: str, cast: dict[str, 
     from pgconv.model.hf_config import to_hf_config
     from pgconv.parity.models import REF_LAYOUT
 
-    config = PaliGemmaConfig.from_dict(src.config if src.config is not None else to_hf_config(src.cfg))
+    raw = json.loads(json.dumps(src.config if src.config is not None else to_hf_config(src.cfg)))
+    # No SigLIP head: native tensors never hold one and PaliGemma never uses its output (transformers would build
+    # it with random values and print a report of missing weights).
+    raw.setdefault("vision_config", {})["vision_use_head"] = False
+    config = PaliGemmaConfig.from_dict(raw)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

@@ -303,3 +303,30 @@ def test_missing_and_unexpected_tensors_are_findings_not_bad_input(ckpt, capsys)
     code, out, _ = _cli(capsys, ckpt, c, "--weights-only")
     assert code == 1
     assert "language_model.model.layers.0.extra.weight: stored in B but no tensor of layout hf-legacy" in out
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_a_transformers_saved_checkpoint_and_the_gemma2_norm_name_trap(tmp_path, capsys, family):
+    from tester_checkpoints import pg_tester_checkpoint
+
+    a = pg_tester_checkpoint(tmp_path / "A", family)  # transformers' save_pretrained (its tester config)
+    native = tmp_path / "native"
+    pgconv.convert(a, native, "native", quiet=True)
+    report = pgconv.diff(a, native, max_new_tokens=2)
+    assert report["verdict"] == "identical" and report["behaviour"]["cases"][0]["bit_identical"], report["failures"]
+    sd = load_file(str(next(a.glob("*.safetensors"))))
+    key = next(k for k in sd if k.endswith("layers.0.post_attention_layernorm.weight"))
+    other = key.replace("post_attention_layernorm", "pre_feedforward_layernorm" if family == "gemma2" else
+                        "input_layernorm")
+    b = tmp_path / "B"
+    shutil.copytree(a, b)
+    sd[key], sd[other] = sd[other], sd[key]
+    save_file(sd, str(next(b.glob("*.safetensors"))), metadata={"format": "pt"})
+    code, out, _ = _cli(capsys, a, b, "--weights-only")
+    assert code == 1
+    if family == "gemma2":  # post_attention_layernorm is Gemma 2's post-attention norm, not the pre-MLP one
+        assert ("text.blocks.0.post_attn_norm.weight: equals A's text.blocks.0.mlp_norm.weight (post-attention and "
+                "pre-MLP norms swapped (Gemma 2's post_attention_layernorm is not Gemma's pre-MLP norm") in out
+    else:
+        assert "text.blocks.0.mlp_norm.weight: equals A's text.blocks.0.attn_norm.weight (the input and pre-MLP " \
+               "norms swapped)" in out
