@@ -207,15 +207,15 @@ def _behaviour(a: Any, b: Any, cases: list[dict], impl: str, dtype: str, device:
         out = []
         for k, c in enumerate(cases):
             acts = {label: _Lazy(Path(tmp) / f"{label}{k}.safetensors") for label, _, _ in runs}
-            res = compare_tensors(schema, acts["a"], acts["b"], c["inputs"], a.cfg.image_token_index, dtype, tol,
-                                  "B")
+            inputs = {n: t.cpu() for n, t in c["inputs"].items()}  # the activations come back on the CPU
+            res = compare_tensors(schema, acts["a"], acts["b"], inputs, a.cfg.image_token_index, dtype, tol, "B")
             case = {"case": k, "prompt": c["prompt"], "images": c["images"], **res,
                     "bit_identical": all(r["max_abs"] == 0 for r in res["probes"]),
                     "logits": _logits(acts["b"]["logits"], acts["a"]["logits"]),
                     "greedy": _greedy(tokens["a"][k], tokens["b"][k])}
             if cast:
-                ref = compare_tensors(schema, acts["a"], acts["cast"], c["inputs"], a.cfg.image_token_index, dtype,
-                                      tol, "A cast")
+                ref = compare_tensors(schema, acts["a"], acts["cast"], inputs, a.cfg.image_token_index, dtype, tol,
+                                      "A cast")
                 case["cast"] = {"probes": {r["name"]: r["nrmse"] for r in ref["probes"]},
                                 "logits": _logits(acts["cast"]["logits"], acts["a"]["logits"])}
             del acts
