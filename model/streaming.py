@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from pgconv.errors import InputError
 from pgconv.model.budget import FIT_FACTOR, format_size
 
-__all__ = ["Unit", "Streamer", "load_streamed", "load_within", "map_large_allocations", "place", "weight_bytes", "needs_streaming", "streamer_of"]
+__all__ = ["Unit", "Streamer", "load_streamed", "load_within", "map_large_allocations", "place", "weight_bytes",
+           "needs_streaming", "streamer_of", "HEAD_UNITS"]
 
 
 @dataclass

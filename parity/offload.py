@@ -29,8 +29,8 @@ from torch import nn
 
 from pgconv.errors import InputError
 
-__all__ = ["load_offloaded", "device_map", "max_memory_for", "share_resident", "materialised_copy", "weight_parity", "placement",
-           "is_offloaded"]
+__all__ = ["load_offloaded", "load_pair", "device_map", "max_memory_for", "share_resident", "materialised_copy",
+           "weight_parity", "placement", "materialised"]
 
 _KEEP = ("model.language_model.embed_tokens", "lm_head")  # read directly by the oracles; shared with ours
 
@@ -135,11 +135,6 @@ def device_map(path: Path, dtype: torch.dtype, max_memory: dict[Any, int]) -> di
         if placed.get(keep) == "disk" or keep not in placed:
             placed[keep] = main
     return placed
-
-
-def is_offloaded(model: nn.Module) -> bool:
-    return bool(getattr(model, "hf_device_map", None)) and len(set(model.hf_device_map.values())) > 1 or \
-        "disk" in set(getattr(model, "hf_device_map", {}).values())
 
 
 def _offloaded_leaves(module: nn.Module) -> list[nn.Module]:
