@@ -210,3 +210,25 @@ def test_budgeted_verify_on_cuda(wide):
     gpu = verify(wide, max_new_tokens=4, device="cuda", max_memory=_weights() // 4)
     assert gpu["memory"]["layer_by_layer"] == {"float32": True}
     assert gpu["passed"] and [p["verdict"] for p in gpu["probes"]] == [p["verdict"] for p in cpu["probes"]]
+
+
+def test_budgeted_verify_sharded_paligemma1(tmp_path, monkeypatch):
+    """The hub's layout for big checkpoints (several shards and an index) and the Gemma 1 decoder: same report."""
+    import dataclasses
+
+    from pgconv.converter import fixture
+    from pgconv.model import config as C
+    from pgconv.model.streaming import weight_bytes
+    from pgconv.parity.verify import verify
+
+    text = dataclasses.replace(C.TINY.text, hidden_size=256, intermediate_size=8192, num_layers=6, num_heads=4,
+                               num_kv_heads=1, head_dim=64)
+    monkeypatch.setitem(C.PRESETS, "test-wide-pg1", C.TINY.replace(text=text))
+    monkeypatch.setattr(fixture, "MAX_SHARD_BYTES", 30_000_000)
+    path = fixture.make_fixture(tmp_path / "pg1", "test-wide-pg1", dtype="bfloat16")
+    assert len(list(path.glob("model-*.safetensors"))) == 3
+    weights = weight_bytes(C.PRESETS["test-wide-pg1"], torch.float32)
+    plain = verify(path, max_new_tokens=2, probes="coarse")
+    budgeted = verify(path, max_new_tokens=2, probes="coarse", max_memory=weights // 4)
+    assert budgeted["memory"]["layer_by_layer"] == {"float32": True}
+    _same_report(plain, budgeted)
