@@ -232,3 +232,12 @@ def test_budgeted_verify_sharded_paligemma1(tmp_path, monkeypatch):
     budgeted = verify(path, max_new_tokens=2, probes="coarse", max_memory=weights // 4)
     assert budgeted["memory"]["layer_by_layer"] == {"float32": True}
     _same_report(plain, budgeted)
+
+
+def test_without_accelerate_a_budgeted_verify_says_what_to_install(wide, monkeypatch):
+    from pgconv.parity.verify import verify
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    with pytest.raises(InputError, match=r"pip install 'pgconv\[big\]'"):
+        verify(wide, max_new_tokens=2, max_memory=_weights() // 4)
+    assert verify(wide, max_new_tokens=2, probes="coarse")["passed"]  # a model that fits needs no accelerate
