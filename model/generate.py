@@ -96,6 +96,8 @@ def settings_of(model: PaliGemma) -> GenerationSettings:
 
 def _check_processor_ids(processors: dict, vocab: int, source: str) -> None:
     for key, v in processors.items():
+        if key in ("suppress_tokens", "begin_suppress_tokens"):
+            continue  # transformers ignores ids past the vocabulary there (isin over the vocabulary's ids)
         flat = [t for s in v for t in s] if key == "bad_words_ids" else (v if isinstance(v, list) else [])
         if any(not 0 <= t < vocab for t in flat):
             raise InputError(f"{source}: {key} holds a token id outside the vocabulary (0..{vocab - 1})")

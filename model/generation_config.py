@@ -10,8 +10,9 @@ transformers 5.24 (`modeling_utils.from_pretrained` -> `GenerationMixin.adjust_g
   alone; without the top-level key it would stop on both);
 - unset fields take `GenerationConfig._get_default_generation_params()` (`GENERATE_DEFAULTS` below);
 - `eos_token_id` becomes a list; a missing `pad_token_id` becomes the first eos id;
-- without max_new_tokens / max_length given or stated, 20 new tokens, capped at max_position_embeddings; a
-  stated max_length counts the prompt.
+- without max_new_tokens / max_length given or stated, 20 new tokens (transformers caps that at a top-level
+  max_position_embeddings, which PaliGemma configs do not have; pgconv caps it at the text model's positions,
+  where its static cache ends, instead of refusing); a stated max_length counts the prompt.
 `GREEDY_PROCESSORS` are the logits processors transformers builds from these fields under greedy decoding;
 `pgconv.model.logits_processors` implements them, and the fields it cannot reproduce are refused by name.
 """
@@ -39,13 +40,13 @@ GENERATE_DEFAULTS: dict[str, Any] = {
 }
 # Fields whose logits processors change greedy choices and that pgconv's generate reproduces (their neutral value).
 GREEDY_PROCESSORS: dict[str, Any] = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+    "encoder_repetition_penalty": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
     "min_new_tokens": 0, "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
     "begin_suppress_tokens": None,
 }
 # Fields that change what `generate` returns and that pgconv does not reproduce (their neutral value): refused.
 UNSUPPORTED: dict[str, Any] = {
-    "num_beams": 1, "num_return_sequences": 1, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "encoder_no_repeat_ngram_size": 0, "forced_decoder_ids": None, "max_time": None, "num_beams": 1, "num_return_sequences": 1, "sequence_bias": None, "exponential_decay_length_penalty": None,
     "remove_invalid_values": False, "guidance_scale": None, "watermarking_config": None, "dola_layers": None,
     "penalty_alpha": None, "stop_strings": None, "token_healing": False, "renormalize_logits": False,
     "low_memory": None, "constraints": None, "force_words_ids": None, "prompt_lookup_num_tokens": None,
@@ -78,6 +79,8 @@ class GenerationSettings:
     def new_tokens(self, prompt_length: int, max_positions: int) -> int:
         """How many tokens `generate()` may add to a prompt of `prompt_length` (`_prepare_generated_length`)."""
         if self.max_new_tokens is not None:
+            if self.max_new_tokens < 1:
+                raise InputError(f"{self.source}: max_new_tokens={self.max_new_tokens} generates nothing")
             return self.max_new_tokens
         if self.max_length is not None:
             return self.max_length - prompt_length
@@ -180,7 +183,7 @@ def resolve_generation(config: dict, generation: dict | None, *, config_name: st
         if _neutral(v, neutral):
             continue
         name = f"{where}: {key}"
-        if key == "repetition_penalty":
+        if key in ("repetition_penalty", "encoder_repetition_penalty"):
             v = _number(base, key, where)
             if not v:
                 raise InputError(f"{name}: must be > 0")
@@ -192,6 +195,9 @@ def resolve_generation(config: dict, generation: dict | None, *, config_name: st
             v = _id_lists(v, name, key == "bad_words_ids")
         if not _neutral(v, neutral):
             processors[key] = v
+    if base.get("min_new_tokens") is not None:
+        # `_prepare_generated_length` overwrites min_length with prompt + min_new_tokens: a stated one is void.
+        processors.pop("min_length", None)
     unsupported = {k: base[k] for k, neutral in UNSUPPORTED.items() if not _neutral(base.get(k), neutral)}
     top_k = _int(base, "top_k", where, 0)
     temperature = _number(base, "temperature", where)

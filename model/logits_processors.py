@@ -31,6 +31,14 @@ def repetition_penalty(ids: Tensor, scores: Tensor, penalty: float, pad_lengths:
     return padded.scatter(1, ids, seen)[..., :v]
 
 
+def encoder_repetition_penalty(prompt: Tensor, scores: Tensor, penalty: float) -> Tensor:
+    """The prompt's tokens raised (transformers passes a decoder-only model's prompt ids as the "encoder" ids):
+    logits multiplied by `penalty` (divided when negative), padding included."""
+    p = 1 / penalty
+    seen = torch.gather(scores, 1, prompt)
+    return scores.scatter(1, prompt, torch.where(seen < 0, seen * p, seen / p))
+
+
 def no_repeat_ngram(ids: Tensor, scores: Tensor, n: int) -> Tensor:
     """Ban every token that would repeat an n-gram already in the sequence."""
     length = ids.shape[1]
@@ -79,6 +87,8 @@ def apply_processors(ids: Tensor, scores: Tensor, processors: Mapping[str, Any],
     `max_length`: prompt + max new tokens; `pad_lengths` (B,): each row's left padding."""
     length = ids.shape[1]
     p = processors
+    if "encoder_repetition_penalty" in p:
+        scores = encoder_repetition_penalty(ids[:, :prompt_length], scores, p["encoder_repetition_penalty"])
     if "repetition_penalty" in p:
         scores = repetition_penalty(ids, scores, p["repetition_penalty"], pad_lengths)
     if "no_repeat_ngram_size" in p:

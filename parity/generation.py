@@ -32,34 +32,49 @@ from torch import Tensor, nn
 
 from pgconv.parity.metrics import decisive, logit_metrics, top2_margin
 
-__all__ = ["speculate", "greedy_changers", "SPECULATION_MARGIN", "reference_greedy", "ours_greedy", "first_divergence",
+__all__ = ["speculate", "greedy_changers", "active_fields", "SPECULATION_MARGIN", "reference_greedy", "ours_greedy", "first_divergence",
            "decisive_top1", "compare_steps", "step_metrics", "reference_settings", "config_check"]
 
 
 SPECULATION_MARGIN = 2.0  # x near_tie_nats: the reference's cached logits differ from its uncached ones far less
 
 
-# Generation-config fields whose logits processors can make `generate`'s greedy choice differ from the raw argmax,
-# with their neutral values (None is always neutral; an empty container too).
-_GREEDY_CHANGERS = {
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "forced_decoder_ids": None, "min_length": 0,
-    "min_new_tokens": 0, "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": 1.0,
-    "watermarking_config": None, "dola_layers": None, "token_healing": False, "remove_invalid_values": False,
+# Fields of transformers' resolved generation config that cannot change a greedy single-beam decode of a given
+# length (ids, lengths, sampling and search options that verify overrides, outputs, caches, assistants). Every
+# other field with a non-default value may change what `generate` returns: it disables the speculation, and
+# `config_check` fails unless pgconv applies it too (`GREEDY_PROCESSORS`). Unknown fields count as changing.
+_INERT = {
+    "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+    "do_sample", "temperature", "top_k", "top_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p", "top_h",
+    "num_beams", "num_return_sequences", "early_stopping", "length_penalty", "diversity_penalty", "num_beam_groups",
+    "use_cache", "cache_implementation", "cache_config", "return_dict_in_generate", "output_scores", "output_logits",
+    "output_attentions", "output_hidden_states", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "prompt_lookup_num_tokens",
+    "max_matching_ngram_size", "assistant_early_exit", "transformers_version", "compile_config", "disable_compile",
+    "is_assistant", "generation_kwargs", "use_mtp",
 }
 
 
-def greedy_changers(generation_config: Any) -> list[str]:
-    """The fields of transformers' generation config that would make its greedy `generate` differ from the argmax
-    of the model's logits (logits processors); speculation is not tried when there is any."""
-    out = []
-    for name, neutral in _GREEDY_CHANGERS.items():
-        v = getattr(generation_config, name, None)
-        if v is None or v == neutral or (isinstance(v, (list, tuple, dict, set)) and not v):
+def active_fields(generation_config: Any) -> dict[str, Any]:
+    """transformers' generation config fields set to something else than `generate`'s global defaults (None,
+    empty, or the value of `GenerationConfig._get_default_generation_params()` count as unset)."""
+    defaults = type(generation_config)._get_default_generation_params()
+    out = {}
+    for k, v in generation_config.to_dict().items():
+        if k.startswith("_") or v is None or (isinstance(v, (list, tuple, dict, set)) and not v):
             continue
-        out.append(name)
+        if k in defaults and v == defaults[k]:
+            continue
+        out[k] = v
     return out
+
+
+def greedy_changers(generation_config: Any) -> list[str]:
+    """The fields of transformers' generation config that may make its greedy `generate` differ from the argmax
+    of the model's logits (any active field not in `_INERT`); speculation is not tried when there is any."""
+    if generation_config is None:
+        return []
+    return sorted(k for k in active_fields(generation_config) if k not in _INERT)
 
 
 def reference_settings(ref: nn.Module) -> dict[str, Any]:
@@ -71,7 +86,7 @@ def reference_settings(ref: nn.Module) -> dict[str, Any]:
     try:
         gc, _ = ref._prepare_generation_config(None)
         source = "transformers generate (_prepare_generation_config)"
-    except (AttributeError, TypeError):  # private API moved: the stored config plus the documented defaults
+    except (AttributeError, TypeError, ValueError):  # private API moved or refused: the stored config + defaults
         import copy
 
         gc = copy.deepcopy(ref.generation_config)
@@ -83,18 +98,26 @@ def reference_settings(ref: nn.Module) -> dict[str, Any]:
     eos = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else None)
     processors = {}
+    if gc.min_new_tokens is not None:  # `_prepare_generated_length` overwrites a stated min_length
+        gc.min_length = None
     for k, neutral in GREEDY_PROCESSORS.items():
         v = getattr(gc, k, None)
         if v is None or v == neutral or (isinstance(v, (list, tuple)) and not v):
             continue
         processors[k] = list(v) if isinstance(v, (list, tuple)) else ([v] if k.startswith("forced_") else v)
-    return {"eos_token_ids": eos, "pad_token_id": pad, "processors": processors, "source": source}
+    # Every field that may change a greedy decode, from transformers' config itself (not from pgconv's list).
+    active = active_fields(gc)
+    changing = {k: active[k] for k in greedy_changers(gc) if k not in GREEDY_PROCESSORS}
+    return {"eos_token_ids": eos, "pad_token_id": pad, "processors": processors, "unapplied": changing,
+            "source": source}
 
 
 def config_check(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     """pgconv's generation settings (`GenerationSettings.summary()`) against `reference_settings`."""
     diffs = [f"{k}: pgconv {ours[k]!r}, transformers {theirs[k]!r}" for k in ("eos_token_ids", "pad_token_id",
                                                                            "processors") if ours[k] != theirs[k]]
+    diffs += [f"transformers' generation config sets {k}={v!r}, which pgconv's generate does not apply"
+              for k, v in theirs.get("unapplied", {}).items()]
     return {"passed": not diffs, "differences": diffs, "pgconv": ours, "transformers": theirs}
 
 

@@ -252,6 +252,8 @@ def _weights(per_dtype: dict[str, dict[str, Any]]) -> dict[str, Any]:
     keys = ("passed", "mapped", "bit_identical", "shared", "mismatched", "nonfinite", "bytes")
     return {**first, "passed": all(w["passed"] for w in per_dtype.values()),
             "mismatched": sorted({m for w in per_dtype.values() for m in w["mismatched"]}),
+            # NaN/Inf per run dtype: an fp16 cast can overflow where the stored weights are finite.
+            "nonfinite": {k: v for w in per_dtype.values() for k, v in w["nonfinite"].items()},
             "per_dtype": {dt: {k: w[k] for k in keys} for dt, w in per_dtype.items()}}
 
 
@@ -296,7 +298,8 @@ def _fold(cases: list[dict[str, Any]], weights: dict[str, Any], tol: Any) -> dic
         bad_logits = next(i for i, c in enumerate(cases) if not c["logits"]["passed"])
         failures.append("logits: KL or decisive top-1 agreement over budget" + where(bad_logits))
     if not gen["passed"]:
-        failures.append("generation: " + _gen_reason(gen))
+        bad_gen = next(i for i, c in enumerate(cases) if not c["generation"]["passed"])
+        failures.append("generation: " + _gen_reason(gen) + where(bad_gen))
     processor = fold_processor(cases)
     if not processor["passed"]:
         failures.append(f"processor: pgconv's inputs differ from transformers' {processor['compared_with']} on the "

@@ -243,3 +243,5 @@ def test_one_run_over_float32_and_bfloat16_catches_bugs_of_either(monkeypatch, t
     # In bf16 the GELU difference is rounding; the normaliser's is not.
     assert bf16["first_divergence"]["probe"] == "text.embed"
     assert any(f.endswith("(bfloat16)") and "text.embed" in f for f in report["failures"])
+    # Every failure line of a multi-dtype report names its run.
+    assert all(f.endswith(("(float32)", "(bfloat16)")) for f in report["failures"]), report["failures"]

@@ -99,7 +99,7 @@ def test_a_generation_config_that_changes_greedy_choices_disables_speculation(mo
     assert greedy_changers(GenerationConfig()) == []
     assert greedy_changers(GenerationConfig(repetition_penalty=1.0, suppress_tokens=[])) == []
     assert greedy_changers(GenerationConfig(repetition_penalty=1.3, no_repeat_ngram_size=2)) == [
-        "repetition_penalty", "no_repeat_ngram_size"]
+        "no_repeat_ngram_size", "repetition_penalty"]
     from pgconv.parity import models
 
     orig = models.load_reference
