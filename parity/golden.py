@@ -274,16 +274,23 @@ def golden(
     budget = resolve_budget(max_memory)
     if len(dtypes) != 1:
         raise InputError(f"dtype {dtype!r}: golden runs in one dtype (write one directory per dtype)")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    out = Path(out_dir).absolute()  # "-o ." has a name, its parent takes the temporary sibling
+    if out.exists() and not force and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not an empty directory (use --force to replace it)")
     path, layout, _ = _resolve(checkpoint)
     cfg = read_config(path)
     cases = _cases(images, prompts)
-    for image in dict.fromkeys(i for imgs, _ in cases for i in imgs):
-        if not Path(image).is_file():
-            raise InputError(f"{image}: image not found")
-    from pgconv.model.processor import Processor
+    from pgconv.converter.checkpoint import default_trusted_root, open_checkpoint, resolved
+    from pgconv.converter.staging import check_destination, publish, temp_sibling
+    from pgconv.model.processor import Processor, load_image
+
+    # Never inside or over the checkpoint or an input image: --force would delete them (as convert refuses).
+    replace = force or out.is_dir()  # an empty directory is taken over
+    check_destination(out, open_checkpoint(path, trusted_root=default_trusted_root(path)), True, replace)
+    for image in dict.fromkeys(i for imgs, _ in cases for i in imgs):  # before the (maybe minutes-long) load
+        load_image(image)  # missing, not a regular file (a FIFO would block), not an image, truncated, a bomb
+        if resolved(Path(image)).is_relative_to(resolved(out)):
+            raise InputError(f"{out}: destination holds the input image {image}; choose another directory")
 
     _check_lengths(cases, Processor.from_pretrained(path, config=cfg) if (path / "tokenizer.json").is_file() else None,
                    cfg, max_new_tokens)
@@ -301,9 +308,10 @@ def golden(
         offload = max_memory_for(budget, device)
     ref = load_reference(path, run_dtype, device, max_memory=offload)
     table = probes_for(cfg, probes)  # type: ignore[arg-type]
-    tmp = out.with_name(f".{out.name}.pgconv-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    from pgconv.parity.generation import reference_settings
+
+    tmp = temp_sibling(out)
+    tmp.mkdir()
     try:
         entries, shapes = [], {}
         for k, (imgs, prompt) in enumerate(cases):
@@ -318,7 +326,8 @@ def golden(
                 "case": k, "dir": f"case{k}", "prompt": prompt, "images": [str(i) for i in imgs], "processor": info,
                 "inputs_sha256": inputs_sha256(inputs), "sequence_length": int(inputs["input_ids"].shape[1]),
                 "shapes": shapes,
-                "generation": {"tokens": tokens, "text": processor.tokenizer.decode(tokens, skip_special_tokens=False),
+                # what transformers' generate() resolved (eos ids, processors): what explains the greedy tokens
+                "generation": {"settings": reference_settings(ref), "tokens": tokens, "text": processor.tokenizer.decode(tokens, skip_special_tokens=False),
                                "topk_ids": top.indices.tolist(), "topk_logits": top.values.tolist()},
             })
         doc = {
@@ -329,13 +338,12 @@ def golden(
                      "its teacher_input goes under 'X@teacher'), record this case's inputs_sha256 as metadata "
                      "'pgconv.inputs_sha256' (or save the four inputs too), then `pgconv compare GOLDEN DUMP`.",
             "checkpoint": str(checkpoint) if checkpoint is not None else str(path), "family": cfg.family,
-            "checkpoint_layout": layout, "image_token_id": cfg.image_token_index, "dtype": dtypes[0], "device": device, "probes_mode": probes,
+            "checkpoint_layout": layout, "image_token_id": cfg.image_token_index, "dtype": dtypes[0], "device": device,
+            "probes_mode": probes,
             "versions": _versions(), "probes": probe_schema(table, shapes, dtypes[0]), "cases": entries,
         }
         (tmp / "probes.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        publish(tmp, out, replace)  # atomic: a concurrent golden to the same directory loses with exit 2
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -213,3 +213,39 @@ def test_adapter_notes_reach_the_report(tiny_checkpoint, tmp_path):
     (tmp_path / "noted.py").write_text(_readme_adapter() + "\nMyPort.notes = ['my port ignores rope_theta']\n")
     report = verify_candidate(str(tiny_checkpoint("tiny")), str(tmp_path / "noted.py"), max_new_tokens=2)
     assert report["passed"] and report["notes"] == ["my port ignores rope_theta"]
+
+
+def test_golden_never_writes_over_its_inputs(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """--force onto the checkpoint, a directory above it or one holding the image is refused before any work (it
+    would delete them); `-o .` in an empty directory works; a file that is no image fails before the model loads."""
+    import shutil
+
+    from pgconv.parity import models
+
+    ckpt = tmp_path / "ck" / "tiny"
+    shutil.copytree(tiny_checkpoint("tiny"), ckpt)
+    before = sorted(p.name for p in ckpt.iterdir())
+    for out in (ckpt, ckpt.parent, ckpt / "golden"):
+        code, _, err = _cli(capsys, "golden", ckpt, "-o", out, "--force", "--max-new-tokens", "1")
+        assert code == 2 and "overlaps the source" in err, err
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    img = tmp_path / "imgs" / "x.png"
+    img.parent.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    code, _, err = _cli(capsys, "golden", ckpt, "-o", img.parent, "--force", "--image", img)
+    assert code == 2 and "holds the input image" in err and img.is_file()
+    (tmp_path / "bad.png").write_text("not an image")
+    monkeypatch.setattr(models, "load_reference", lambda *a, **k: pytest.fail("loaded before the image check"))
+    code, _, err = _cli(capsys, "golden", ckpt, "-o", tmp_path / "g", "--image", tmp_path / "bad.png")
+    assert code == 2 and "bad.png" in err and not (tmp_path / "g").exists()
+    monkeypatch.undo()
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, out, err = _cli(capsys, "golden", ckpt, "-o", ".", "--max-new-tokens", "1")
+    assert code == 0, err
+    assert (here / "probes.json").is_file() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    doc = json.loads((here / "probes.json").read_text())
+    assert doc["cases"][0]["generation"]["settings"]["eos_token_ids"] == [1]
