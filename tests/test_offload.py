@@ -163,9 +163,10 @@ def _peak(path, budget):
 
 
 # Activations, captures, the KV cache, the image, the modeling modules transformers imports when it first loads:
-# measured 25-35 MiB of anonymous memory over the budget here. VmHWM also counts the checkpoint's pages that
-# safetensors maps while transformers loads (clean page cache the kernel reclaims under pressure, not anonymous
-# memory): up to the file's size (105 MB here) on top.
+# measured 10-25 MiB of anonymous memory over the budget here. VmHWM also counts the checkpoint's pages that
+# safetensors maps while transformers loads; `offload._paging_out` hands them back every 50 ms (without it: the
+# whole 105 MB file on top), so what is left is the pages read between two page-outs and the libraries' code:
+# measured 25-35 MiB more.
 SLACK = 64 * MiB
 
 
@@ -176,7 +177,7 @@ def test_budgeted_verify_peak_memory(wide):
     streamed = _peak(wide, budget)
     assert streamed["passed"] and streamed["memory"]["layer_by_layer"] == {"float32": True}
     assert streamed["peak_anon"] - streamed["base_anon"] <= budget + SLACK, streamed
-    assert streamed["peak"] - streamed["base"] <= budget + file_bytes + SLACK, streamed
+    assert streamed["peak"] - streamed["base"] <= budget + 2 * SLACK < budget + file_bytes + SLACK, streamed
     whole = _peak(wide, 10 * weights)  # fits: both models in memory on one copy of the weights
     assert whole["memory"]["layer_by_layer"] == {"float32": False}
     assert whole["peak_anon"] - whole["base_anon"] > budget + SLACK  # what the bound above would catch
@@ -241,3 +242,36 @@ def test_without_accelerate_a_budgeted_verify_says_what_to_install(wide, monkeyp
     with pytest.raises(InputError, match=r"pip install 'pgconv\[big\]'"):
         verify(wide, max_new_tokens=2, max_memory=_weights() // 4)
     assert verify(wide, max_new_tokens=2, probes="coarse")["passed"]  # a model that fits needs no accelerate
+
+
+def _mapped_kib(path):
+    import re
+
+    total, current = 0, None
+    for line in open("/proc/self/smaps"):
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            parts = line.split()
+            current = parts[5] if len(parts) > 5 else None
+        elif line.startswith("Rss:") and current == str(path):
+            total += int(line.split()[1])
+    return total
+
+
+def test_paging_out_hands_back_mapped_checkpoint_pages_and_keeps_the_data(wide):
+    """What transformers' loader does (every tensor read through safetensors' map, the file mapped till the end),
+    inside `_paging_out`: the mapped pages leave the resident set, the values read are unchanged."""
+    import time
+
+    from safetensors import safe_open
+
+    from pgconv.parity.offload import _paging_out
+
+    f = (wide / "model.safetensors").resolve()
+    with safe_open(str(f), framework="pt") as handle:
+        names = list(handle.keys())
+        before = {n: handle.get_tensor(n).clone() for n in names}
+        assert _mapped_kib(f) > 50_000  # touched: the whole 105 MB file is resident
+        with _paging_out(wide, every=0.01):
+            time.sleep(0.2)
+            assert _mapped_kib(f) < 5_000
+            assert all(torch.equal(handle.get_tensor(n), before[n]) for n in names)  # refaulted from the file
