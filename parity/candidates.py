@@ -1,6 +1,7 @@
 """Candidate implementations for `pgconv verify --candidate NAME`: anything that maps golden inputs to probe values.
 
-The protocol (a porter's adapter implements it; `examples/adapter_template.py` is a complete one to copy):
+The protocol (a porter's adapter implements it; README.md's "Verifying your own port" has a complete one to copy,
+and tests/test_golden.py runs that file):
 
     def load(checkpoint: Path, dtype: torch.dtype, device: str) -> Candidate   # module-level, in an adapter file
 
@@ -19,6 +20,13 @@ SDPA the same as eager here?"), `keras-hub` (`parity.keras_hub`, the optional ex
 (`parity.mlx_vlm`, `mlx[cpu]` + mlx-vlm), `pgconv`
 through this protocol (`pgconv-adapter`: what the default verify checks in depth), a dump file (`dump:FILE`), or
 a Python file defining `load` (`path/to/adapter.py`).
+
+Every call into a candidate's code (an adapter's `load`, and `run`, `teacher`, `generate` of any candidate) that
+raises is a one-line input error naming the candidate and the method (exit 2, not a parity failure); `run` must
+return a mapping of probe name -> Tensor, `teacher` a Tensor or None, `generate` a list of ints.
+verify --candidate writes the golden activations to a temporary directory next to --report when given, else
+under $PGCONV_TMP, else in tempfile's default ($TMPDIR, /tmp): where /tmp is a RAM disk, a 3B golden's
+activations and logits would take memory.
 """
 
 from __future__ import annotations
@@ -191,7 +199,9 @@ def _from_file(path: Path, checkpoint: Path, dtype: torch.dtype, device: str) ->
         raise InputError(f"{path}: importing the adapter failed ({type(e).__name__}: {e})") from None
     if not callable(getattr(module, "load", None)):
         raise InputError(f"{path}: an adapter file must define load(checkpoint, dtype, device)")
-    cand = module.load(checkpoint, dtype, device)
+    from pgconv.parity.dump import _call
+
+    cand = _call(str(path), "load", module.load, checkpoint, dtype, device)
     if not callable(getattr(cand, "run", None)):
         raise InputError(f"{path}: load() must return an object with run(inputs, probes)")
     return cand
@@ -235,23 +245,46 @@ def verify_candidate(checkpoint: str | Path | None, candidate: str, *, images=()
     `pgconv compare`'s rules and reports (`parity.dump`)."""
     from pgconv.parity.dump import compare, compare_cases
     from pgconv.parity.golden import golden
-    from pgconv.parity.verify import _resolve, dtype_list
+    from pgconv.parity.tolerances import load_tolerances
+    from pgconv.parity.verify import _check_report_dir, _resolve, dtype_list
 
     if len(dtype_list(dtype)) != 1:
         raise InputError(f"--candidate {candidate}: one dtype at a time")
+    # --tolerances and --report before the golden run and the candidate's load (minutes at 3B), as verify does.
+    tol = load_tolerances(tolerances)
+    if report_dir is not None:
+        _check_report_dir(Path(report_dir))
     # The candidate's name (and its file) before the reference loads and the golden activations are written.
     if candidate.startswith("dump:"):
         if not Path(candidate[5:]).is_file():
             raise InputError(f"{candidate[5:]}: not a file (--candidate dump:FILE)")
     elif candidate not in BUILT_IN and not (candidate.endswith(".py") and Path(candidate).is_file()):
         load_candidate(candidate, Path(), torch.float32, device)  # raises the one-line error
-    with tempfile.TemporaryDirectory(prefix="pgconv-golden-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pgconv-golden-", dir=_scratch(report_dir)) as tmp:
         gdir = Path(tmp) / "golden"
         doc = golden(checkpoint, gdir, images=images, prompts=prompts, dtype=dtype, device=device, probes=probes,
                      max_new_tokens=max_new_tokens)
         if candidate.startswith("dump:"):
-            return compare(gdir, candidate[5:], tolerances=tolerances, report_dir=report_dir)
+            return compare(gdir, candidate[5:], tolerances=tol, report_dir=report_dir)
         path, _, _ = _resolve(checkpoint)
         cand = load_candidate(candidate, path, getattr(torch, dtype), device)
-        return compare_cases(gdir, doc, cand, max_new_tokens=max_new_tokens, tolerances=tolerances,
-                             report_dir=report_dir)
+        return compare_cases(gdir, doc, cand, max_new_tokens=max_new_tokens, tolerances=tol, report_dir=report_dir,
+                             adapter=candidate)
+
+
+def _scratch(report_dir: str | Path | None) -> str | None:
+    """Where the temporary golden goes: next to --report (the nearest existing directory above it: the report is
+    written there anyway), else $PGCONV_TMP, else tempfile's default. Not /tmp by choice: often a RAM disk."""
+    import os
+
+    if report_dir is not None:
+        probe = Path(report_dir).absolute().parent
+        while not probe.is_dir() and probe != probe.parent:
+            probe = probe.parent
+        return str(probe)
+    env = os.environ.get("PGCONV_TMP")
+    if env:
+        if not Path(env).is_dir():
+            raise InputError(f"{env}: not a directory (PGCONV_TMP)")
+        return env
+    return None

@@ -3,21 +3,29 @@
 DUMP is a safetensors file holding any subset of the probes of one golden case, under the schema's names
 (`probes.json`): `X` is the implementation's value end to end (its own forward on the case's inputs); `X@teacher`
 optionally its step run on the golden value of X's `teacher_input` (teacher forcing: the error the step itself
-contributes). Several cases in one file prefix the names with `case<k>/`. A dump must prove it ran on the golden
-inputs: metadata `pgconv.inputs_sha256` equal to the case's, or the four inputs saved in it.
+contributes; only for probes that have a teacher_input). Several cases in one file prefix the names with `case<k>/`.
+A dump must prove it ran on the golden inputs: metadata `pgconv.inputs_sha256` equal to the case's, or all four
+inputs saved in it (some of them only is refused). Each case in the dump must hold at least one probe value or
+`generation.tokens`: a dump that compares nothing is an input error, never a pass.
 
 Per probe, with the budgets of `parity/tolerances.json` for the golden dtype (`--tolerances` overrides): a teacher-
 forced value is judged on its own error (within budget: the end-to-end error, if larger, is inherited); without one
-the end-to-end error is judged. Masks must be equal; logits also meet the KL / decisive top-1 budgets. The first
-failing probe in execution order is the first divergence; probes the dump lacks are listed, not failed. Greedy
-tokens (`generation.tokens`, int64) are compared when given. Exit codes as verify: 0 pass, 1 a probe fails, 2 bad
-input (unknown name, wrong shape, other inputs, unreadable files).
+the end-to-end error is judged. A probe whose schema teacher_input is null (a pre-MLP norm: its input is no probe)
+that fails end to end takes its block's teacher-forced verdict; one that has a teacher_input fails, and its error
+asks for `X@teacher`. Masks must be equal; logits also meet the KL / decisive top-1 budgets. The first failing probe
+in execution order is the first divergence; probes the dump lacks are listed, not failed. Greedy tokens
+(`generation.tokens`, integers) are compared when given. Exit codes as verify: 0 pass, 1 a probe fails, 2 bad input
+(unknown name, wrong shape, other inputs, a damaged golden directory, unreadable files, an adapter that raises).
+
+Memory: both files are read lazily (headers first, one probe's golden and dump values alive at a time) and the
+logits row is computed a chunk of positions at a time, so no full-vocabulary float64 copy exists; a candidate's
+cases are run and compared one at a time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +33,16 @@ import torch
 from torch import Tensor
 
 from pgconv.errors import InputError
+from pgconv.parity.golden_dir import LazyTensors, case_files, header, is_int, read_golden, tensor_info
 
-__all__ = ["compare", "compare_cases", "compare_tensors", "save_dump", "COMPARE_SCHEMA"]
+__all__ = ["compare", "compare_cases", "compare_tensors", "check_dump", "save_dump", "COMPARE_SCHEMA"]
 
 COMPARE_SCHEMA = 1
 TEACHER = "@teacher"
-
-
-def _golden(golden_dir: Path) -> dict[str, Any]:
-    from pgconv.converter.checkpoint import read_json
-    from pgconv.parity.golden import GOLDEN_SCHEMA
-
-    index = golden_dir / "probes.json"
-    if not index.is_file():
-        raise InputError(f"{golden_dir}: not a golden directory (no probes.json; write one with pgconv golden)")
-    doc = read_json(index)
-    if not isinstance(doc, dict) or doc.get("golden_schema") != GOLDEN_SCHEMA:
-        raise InputError(f"{index}: not a golden schema {GOLDEN_SCHEMA} file")
-    return doc
-
-
-def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
-    from pgconv.converter.safetensors_io import read_safetensors
-
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
-    metadata, tensors = read_safetensors(path)
-    return metadata or {}, {name: t.load() for name, t in tensors.items()}
-
-
-def _split(dump: dict[str, Tensor], metadata: dict[str, str], n_cases: int, path: Path) -> dict[int, dict[str, Tensor]]:
+LOGIT_ROWS = 144  # positions per chunk of the logits row (parity.logits.ROWS: 148 MB per fp32 chunk at 3B)
+def _split(dump: dict[str, Any], metadata: dict[str, str], n_cases: int, path: Path) -> dict[int, dict[str, Any]]:
     """{case: {name: tensor}} from `case<k>/name` keys, or bare names for case `pgconv.case` (default 0)."""
-    out: dict[int, dict[str, Tensor]] = {}
+    out: dict[int, dict[str, Any]] = {}
     for key, t in dump.items():
         case, name = 0, key
         if key.startswith("case") and "/" in key:
@@ -74,13 +60,17 @@ def _split(dump: dict[str, Tensor], metadata: dict[str, str], n_cases: int, path
     return out
 
 
-def _check_inputs(case: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str], path: Path,
+def _check_inputs(case: dict[str, Any], tensors: Mapping, metadata: dict[str, str], path: Path,
                   several: bool) -> None:
     from pgconv.parity.golden import INPUT_NAMES, inputs_sha256
 
     k = case["case"]
-    if all(n in tensors for n in INPUT_NAMES):
-        got = inputs_sha256(tensors)
+    held = [n for n in INPUT_NAMES if n in tensors]
+    if held and len(held) < len(INPUT_NAMES):  # the others would be ignored: say so rather than judge half a proof
+        raise InputError(f"{path}: holds {', '.join(held)} but not {', '.join(n for n in INPUT_NAMES if n not in held)}"
+                         f"{f' (case {k})' if several else ''}: save all four inputs or none")
+    if held:
+        got = inputs_sha256({n: tensors[n] for n in INPUT_NAMES})
     else:
         got = metadata.get(f"pgconv.inputs_sha256.case{k}" if several else "pgconv.inputs_sha256")
         if got is None:
@@ -91,76 +81,129 @@ def _check_inputs(case: dict[str, Any], tensors: dict[str, Tensor], metadata: di
                          f"{case['inputs_sha256'][:16]}...)")
 
 
-def compare_tensors(schema: list[dict[str, Any]], golden: dict[str, Tensor], dump: dict[str, Tensor],
-                    inputs: dict[str, Tensor], image_token_id: int, dtype: str, tol: Any,
-                    path: str = "dump") -> dict[str, Any]:
-    """Rows for the probes in `dump` (names and shapes checked against `schema`), missing probes, first failure."""
+def _values(dump: Mapping) -> list[str]:
     from pgconv.parity.golden import INPUT_NAMES
-    from pgconv.parity.metrics import decisive, logit_metrics, segment_masks, segment_metrics, within_budget
 
+    return sorted(n for n in dump if n not in INPUT_NAMES and n != "generation.tokens")
+
+
+def check_dump(schema: list[dict[str, Any]], golden: Mapping, dump: Mapping, path: str = "dump") -> list[str]:
+    """The dump's probe value names (`X`, `X@teacher`), each checked against the schema and the golden shapes."""
     by_name = {p["name"]: p for p in schema}
-    names = {n for n in dump if n not in INPUT_NAMES and n != "generation.tokens"}
-    for n in sorted(names):
+    names = _values(dump)
+    for n in names:
         base = n.removesuffix(TEACHER)
         if base not in by_name:
             raise InputError(f"{path}: tensor {n!r} is not a probe of the golden schema (names: probes.json)")
-        want = list(golden[base].shape)
-        if list(dump[n].shape) != want:
-            raise InputError(f"{path}: tensor {n!r} has shape {list(dump[n].shape)}; the golden {base!r} is {want}")
-        if not dump[n].is_floating_point():
-            raise InputError(f"{path}: tensor {n!r} is {str(dump[n].dtype).removeprefix('torch.')}, not floating")
+        if n != base and by_name[base]["teacher_input"] is None:
+            raise InputError(f"{path}: tensor {n!r}: {base} has no teacher_input in probes.json (nothing to force)")
+        (shape, dt), (want, _) = tensor_info(dump, n), tensor_info(golden, base)
+        if shape != want:
+            raise InputError(f"{path}: tensor {n!r} has shape {shape}; the golden {base!r} is {want}")
+        if not dt.is_floating_point:
+            raise InputError(f"{path}: tensor {n!r} is {str(dt).removeprefix('torch.')}, not floating")
+    return names
+
+
+def _logit_stats(g: Tensor, e2e: Tensor | None, tf: Tensor | None, masks: dict[str, Tensor] | None) -> tuple:
+    """(end-to-end stats, teacher-forced stats, per-position logit metrics) of the logits row, LOGIT_ROWS positions
+    at a time (parity.logits' pass): the float64 temporaries are one chunk's, never the full vocabulary's."""
+    from pgconv.parity.metrics import join_stats, logit_positions, position_stats, segment_summary
+
+    if g.ndim != 3 or g.shape[0] != 1:  # position chunks over dim 1 join in row order only for one sequence
+        step = max(1, g.shape[1] if g.ndim > 1 else 1)
+    else:
+        step = LOGIT_ROWS
+    if masks is not None and any(m.shape != g.shape[:2] for m in masks.values()):
+        masks = None
+    parts: dict[str, list] = {"e2e": [], "tf": []}
+    per: dict[str, list] = {}
+    judged = tf if tf is not None else e2e
+    for s in range(0, g.shape[1], step):
+        ref = g[:, s:s + step]
+        for key, x in (("e2e", e2e), ("tf", tf)):
+            if x is not None:
+                parts[key].append(position_stats(x[:, s:s + step], ref))
+        for k, v in logit_positions(judged[:, s:s + step], ref).items():
+            per.setdefault(k, []).extend(v)
+    width = g.shape[-1]
+    stats = segment_summary(join_stats(parts["e2e"]), width, masks) if parts["e2e"] else None
+    cstats = segment_summary(join_stats(parts["tf"]), width, masks) if parts["tf"] else None
+    return stats, cstats, per
+
+
+def _row(p: dict[str, Any], golden: Mapping, dump: Mapping, names: set[str], masks: dict[str, Tensor], dtype: str,
+         tol: Any) -> dict[str, Any]:
+    from pgconv.parity.metrics import decisive, segment_metrics, summarise, within_budget
+
+    g = golden[p["name"]]
+    e2e = dump[p["name"]] if p["name"] in names else None
+    tf = dump[p["name"] + TEACHER] if p["name"] + TEACHER in names else None
+    budget = tol.probe(p["kind"], dtype)
+    row: dict[str, Any] = {"name": p["name"], "kind": p["kind"], "stack": p["stack"], "layer": p["layer"],
+                           "budget": budget, "error": None}
+    if p["name"] == "logits":
+        stats, cstats, per = _logit_stats(g, e2e, tf, masks)
+    else:
+        stats = segment_metrics(e2e, g, masks) if e2e is not None else None
+        cstats = segment_metrics(tf, g, masks) if tf is not None else None
+    main = stats or cstats
+    row.update({k: main["all"][k] for k in ("max_abs", "mean_abs", "nrmse", "nmax", "cosine")})
+    row["segments"] = {k: v for k, v in main.items() if k != "all"}
+    row["contributed_nrmse"] = cstats["all"]["nrmse"] if cstats else None
+    row["contributed_max_abs"] = cstats["all"]["max_abs"] if cstats else None
+    row["within_budget"] = within_budget(stats, budget) if stats else None
+    row["contributed_within_budget"] = within_budget(cstats, budget) if cstats else None
+    if p["kind"] == "mask":
+        ok = all(bool(torch.equal(t, g)) for t in (e2e, tf) if t is not None)
+        if not ok:
+            row["error"] = "the mask differs (1 = may attend)"
+    elif cstats is not None:
+        ok = row["contributed_within_budget"]
+    else:
+        ok = row["within_budget"]
+    row["inherited"] = bool(cstats is not None and ok and stats is not None and not row["within_budget"])
+    if p["name"] == "logits":
+        lb = tol.section("logits", dtype)
+        m = {**summarise(per), **per}
+        d = decisive(m, lb["near_tie_nats"])
+        row["kl"] = {"kl_mean": m["kl_mean"], "kl_max": m["kl_max"], "top1_agreement": m["top1_agreement"], **d}
+        kl_ok = m["kl_mean"] <= lb["kl_mean"] and m["kl_max"] <= lb["kl_max"] and \
+            d["decisive_top1_agreement"] >= lb["decisive_top1_min"]
+        if not kl_ok:
+            row["error"] = f"logits KL mean {m['kl_mean']:.3g} / max {m['kl_max']:.3g} over budget"
+        ok = ok and kl_ok
+    row["passed"] = bool(ok)
+    row["verdict"] = "match" if ok else "differs"
+    row["source"] = "teacher-forced" if tf is not None else "end to end"
+    return row
+
+
+def compare_tensors(schema: list[dict[str, Any]], golden: Mapping, dump: Mapping, inputs: dict[str, Tensor],
+                    image_token_id: int, dtype: str, tol: Any, path: str = "dump") -> dict[str, Any]:
+    """Rows for the probes in `dump` (names and shapes checked against `schema`), missing probes, first failure.
+    `golden` and `dump` may be lazy mappings: each row reads its own tensors and drops them."""
+    from pgconv.parity.metrics import segment_masks
+
+    names = set(check_dump(schema, golden, dump, path))
     masks = segment_masks(inputs["input_ids"], inputs["token_type_ids"], image_token_id)
-    rows = []
-    for p in schema:
-        if p["name"] not in names and p["name"] + TEACHER not in names:
-            continue
-        g = golden[p["name"]].double()
-        budget = tol.probe(p["kind"], dtype)
-        row: dict[str, Any] = {"name": p["name"], "kind": p["kind"], "stack": p["stack"], "layer": p["layer"],
-                               "budget": budget, "error": None}
-        e2e = dump.get(p["name"])
-        tf = dump.get(p["name"] + TEACHER)
-        stats = segment_metrics(e2e.double(), g, masks) if e2e is not None else None
-        cstats = segment_metrics(tf.double(), g, masks) if tf is not None else None
-        main = stats or cstats
-        row.update({k: main["all"][k] for k in ("max_abs", "mean_abs", "nrmse", "nmax", "cosine")})
-        row["segments"] = {k: v for k, v in main.items() if k != "all"}
-        row["contributed_nrmse"] = cstats["all"]["nrmse"] if cstats else None
-        row["contributed_max_abs"] = cstats["all"]["max_abs"] if cstats else None
-        row["within_budget"] = within_budget(stats, budget) if stats else None
-        row["contributed_within_budget"] = within_budget(cstats, budget) if cstats else None
-        if p["kind"] == "mask":
-            ok = all(bool(torch.equal(t.double(), g)) for t in (e2e, tf) if t is not None)
-            if not ok:
-                row["error"] = "the mask differs (1 = may attend)"
-        elif cstats is not None:
-            ok = row["contributed_within_budget"]
-        else:
-            ok = row["within_budget"]
-        row["inherited"] = bool(cstats is not None and ok and stats is not None and not row["within_budget"])
-        if p["name"] == "logits":
-            lb = tol.section("logits", dtype)
-            m = logit_metrics((tf if tf is not None else e2e).float()[0], g.float()[0])
-            d = decisive(m, lb["near_tie_nats"])
-            row["kl"] = {"kl_mean": m["kl_mean"], "kl_max": m["kl_max"], "top1_agreement": m["top1_agreement"],
-                         **d}
-            kl_ok = m["kl_mean"] <= lb["kl_mean"] and m["kl_max"] <= lb["kl_max"] and \
-                d["decisive_top1_agreement"] >= lb["decisive_top1_min"]
-            if not kl_ok:
-                row["error"] = f"logits KL mean {m['kl_mean']:.3g} / max {m['kl_max']:.3g} over budget"
-            ok = ok and kl_ok
-        row["passed"] = bool(ok)
-        row["verdict"] = "match" if ok else "differs"
-        row["source"] = "teacher-forced" if tf is not None else "end to end"
-        rows.append(row)
-    # A sub-layer probe without a teacher-forced value of its own (e.g. a pre-MLP norm, whose input is no probe)
-    # takes its block's teacher-forced verdict: end to end it carries every upstream error, which over a deep model
-    # exceeds one step's budget without any bug.
+    rows = [_row(p, golden, dump, names, masks, dtype, tol) for p in schema
+            if p["name"] in names or p["name"] + TEACHER in names]
+    # A sub-layer probe with no teacher_input (a pre-MLP norm: its input is no probe, so it can have no @teacher
+    # value) takes its block's teacher-forced verdict: end to end it carries every upstream error, which over a deep
+    # model exceeds one step's budget without any bug. A probe that has a teacher_input is judged end to end: its
+    # own input may be exact, so its error need not be inherited (only its @teacher value can tell).
     by_row = {r["name"]: r for r in rows}
+    teacher_of = {p["name"]: p["teacher_input"] for p in schema}
     for r in rows:
+        if r["source"] != "end to end" or r["passed"] or r["kind"] == "mask":
+            continue
+        if teacher_of[r["name"]] is not None:
+            hint = f"provide {r['name']}{TEACHER} to separate inherited error"
+            r["error"] = f"{r['error']}; {hint}" if r["error"] else hint
+            continue
         block = by_row.get(r["name"].rsplit(".", 1)[0]) if r["layer"] is not None and not r["stack"] else None
-        if (r["source"] == "end to end" and not r["passed"] and r["kind"] != "mask" and block is not None
-                and block["source"] == "teacher-forced" and block["passed"]):
+        if block is not None and block["source"] == "teacher-forced" and block["passed"]:
             r.update(passed=True, verdict="match", inherited=True, source="its block, teacher-forced")
     first = next((r for r in rows if not r["passed"]), None)
     present = {r["name"] for r in rows}
@@ -170,55 +213,132 @@ def compare_tensors(schema: list[dict[str, Any]], golden: dict[str, Tensor], dum
                                    "error")}}
 
 
+def _tol(tolerances: Any) -> Any:
+    from pgconv.parity.tolerances import Tolerances, load_tolerances
+
+    return tolerances if isinstance(tolerances, Tolerances) else load_tolerances(tolerances)
+
+
+def _check_kinds(gdir: Path, doc: dict[str, Any], tol: Any) -> None:
+    """Every probe kind of probes.json has a budget: an unknown kind is the golden file's fault, named as such."""
+    for p in doc["probes"]:
+        try:
+            tol.probe(p["kind"], doc["dtype"])
+        except InputError:
+            raise InputError(f"{gdir / 'probes.json'}: probe {p['name']!r}: kind {p['kind']!r} has no budget in "
+                             f"{tol.source} ({doc['dtype']})") from None
+
+
 def compare(
     golden_dir: str | Path,
     dump_path: str | Path,
     *,
-    tolerances: str | Path | None = None,
+    tolerances: Any = None,
     report_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Compare DUMP with GOLDEN (module docstring); returns the report (what report.json holds)."""
+    """Compare DUMP with GOLDEN (module docstring); returns the report (what report.json holds). `tolerances`: a
+    JSON override's path or a loaded `Tolerances`."""
     t0 = time.perf_counter()
     gdir, dpath = Path(golden_dir), Path(dump_path)
+    tol = _tol(tolerances)
     _precheck(report_dir)
-    doc = _golden(gdir)
-    metadata, dump = _read(dpath)
-    per_case = _split(dump, metadata, len(doc["cases"]), dpath)
+    doc = read_golden(gdir)
+    _check_kinds(gdir, doc, tol)
+    metadata, tensors = header(dpath)
+    per_case = _split(tensors, metadata, len(doc["cases"]), dpath)
     if not per_case:
         raise InputError(f"{dpath}: holds no tensors")
-    for k, tensors in per_case.items():
-        _check_inputs(doc["cases"][k], tensors, metadata, dpath,
-                      len(per_case) > 1 or "pgconv.inputs_sha256" not in metadata)
-    return _assemble(gdir, doc, per_case, str(dpath), tolerances, report_dir, t0)
+    several = len(per_case) > 1 or "pgconv.inputs_sha256" not in metadata
+    checked = {}
+    for k, held in sorted(per_case.items()):  # every case checked before any is compared
+        dump = LazyTensors(held)
+        _check_inputs(doc["cases"][k], dump, metadata, dpath, several)
+        inputs, golden = case_files(gdir, doc, k)  # headers only: the golden tensors are read row by row
+        _nonempty(check_dump(doc["probes"], golden, dump, str(dpath)), dump,
+                  f"{dpath}" + (f" (case {k})" if len(per_case) > 1 else ""))
+        checked[k] = (dump, inputs, golden)
+    cases = [_case(doc, k, dump, inputs, golden, str(dpath), tol) for k, (dump, inputs, golden) in checked.items()]
+    return _report(gdir, doc, cases, str(dpath), tol, report_dir, t0)
+
+
+def _nonempty(names: list[str], values: Mapping, where: str) -> None:
+    if not names and "generation.tokens" not in values:
+        raise InputError(f"{where}: holds no probe values of the golden schema and no generation.tokens "
+                         "(names: probes.json)")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _call(adapter: str, method: str, fn: Any, *args: Any) -> Any:
+    """A call into a candidate's code: what it raises is a one-line input error naming the adapter and method."""
+    try:
+        return fn(*args)
+    except InputError:
+        raise
+    except Exception as e:  # the candidate's code, not ours: its error, in one line
+        raise InputError(f"{adapter}: {method}() failed ({_one_line(e)})") from None
+
+
+def _tensors(adapter: str, got: Any) -> dict[str, Tensor]:
+    if not isinstance(got, Mapping):
+        raise InputError(f"{adapter}: run() must return a mapping of probe name -> torch.Tensor, got "
+                         f"{type(got).__name__}")
+    for k, v in got.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise InputError(f"{adapter}: run() returned {type(v).__name__} for {str(k)[:60]!r}; values must be "
+                             "torch.Tensor under probe names")
+    return dict(got)
+
+
+def _tokens(adapter: str, got: Any) -> Tensor:
+    if not isinstance(got, (list, tuple)) or not all(is_int(t) for t in got):
+        raise InputError(f"{adapter}: generate() must return a list of ints, got {type(got).__name__}"
+                         + (f" holding {type(next(t for t in got if not is_int(t))).__name__}"
+                            if isinstance(got, (list, tuple)) else ""))
+    return torch.tensor(list(got), dtype=torch.long)
 
 
 def compare_cases(gdir: Path, doc: dict[str, Any], candidate: Any, *, max_new_tokens: int,
-                  tolerances: str | Path | None = None, report_dir: str | Path | None = None) -> dict[str, Any]:
+                  tolerances: Any = None, report_dir: str | Path | None = None,
+                  adapter: str | None = None) -> dict[str, Any]:
     """A candidate (`parity.candidates` protocol) run on every golden case and compared like a dump: its `run` on
-    the case's inputs, its optional `teacher` on each probe's golden teacher input, its optional `generate`."""
-    from safetensors.torch import load_file
-
+    the case's inputs, its optional `teacher` on each probe's golden teacher input, its optional `generate`. One
+    case at a time: its outputs are compared and dropped before the next runs. `adapter` names the candidate in
+    the one-line errors its code's exceptions become (default: its `name`)."""
     t0 = time.perf_counter()
+    tol = _tol(tolerances)
     _precheck(report_dir)
+    doc = read_golden(gdir)  # the caller's doc may be a golden() return: the file on disk is what is compared
+    _check_kinds(gdir, doc, tol)
+    name = str(getattr(candidate, "name", type(candidate).__name__))
+    adapter = adapter or name
+    label = f"candidate {name}"
     names = [p["name"] for p in doc["probes"]]
     teacher_of = {p["name"]: p["teacher_input"] for p in doc["probes"] if p["teacher_input"]}
-    per_case = {}
+    teach, gen = getattr(candidate, "teacher", None), getattr(candidate, "generate", None)
+    cases = []
     for case in doc["cases"]:
-        cdir = gdir / case["dir"]
-        inputs = load_file(str(cdir / "inputs.safetensors"))
-        out = dict(candidate.run(inputs, names))
-        if callable(getattr(candidate, "teacher", None)):
-            golden = load_file(str(cdir / "activations.safetensors"))
-            for name, source in teacher_of.items():
-                y = candidate.teacher(name, golden[source], inputs)
+        k = case["case"]
+        inputs, golden = case_files(gdir, doc, k)
+        out = _tensors(adapter, _call(adapter, "run", candidate.run, dict(inputs), list(names)))
+        if callable(teach):
+            for probe, source in teacher_of.items():
+                y = _call(adapter, "teacher", teach, probe, golden[source], dict(inputs))
+                if y is not None and not isinstance(y, Tensor):
+                    raise InputError(f"{adapter}: teacher() returned {type(y).__name__} for {probe!r}, not a "
+                                     "torch.Tensor or None")
                 if y is not None:
-                    out[name + TEACHER] = y
-        if callable(getattr(candidate, "generate", None)):
-            out["generation.tokens"] = torch.tensor(candidate.generate(inputs, max_new_tokens), dtype=torch.long)
-        per_case[case["case"]] = out
+                    out[probe + TEACHER] = y
+        if callable(gen):
+            out["generation.tokens"] = _tokens(adapter, _call(adapter, "generate", gen, dict(inputs), max_new_tokens))
+        _nonempty(check_dump(doc["probes"], golden, out, label), out,
+                  f"{adapter}" + (f" (case {k})" if len(doc["cases"]) > 1 else ""))
+        cases.append(_case(doc, k, out, inputs, golden, label, tol))
+        del out
     notes = [str(n) for n in getattr(candidate, "notes", None) or []]  # what an adapter found about its side
-    return _assemble(gdir, doc, per_case, f"candidate {getattr(candidate, 'name', type(candidate).__name__)}",
-                     tolerances, report_dir, t0, notes)
+    return _report(gdir, doc, cases, label, tol, report_dir, t0, notes)
 
 
 def _precheck(report_dir: str | Path | None) -> None:
@@ -228,31 +348,25 @@ def _precheck(report_dir: str | Path | None) -> None:
         _check_report_dir(Path(report_dir))
 
 
-def _assemble(gdir: Path, doc: dict[str, Any], per_case: dict[int, dict[str, Tensor]], label: str,
-              tolerances: str | Path | None, report_dir: str | Path | None, t0: float,
-              notes: list[str] = ()) -> dict[str, Any]:
-    from safetensors.torch import load_file
+def _case(doc: dict[str, Any], k: int, tensors: Mapping, inputs: dict[str, Tensor], golden: Mapping, label: str,
+          tol: Any) -> dict[str, Any]:
+    case = doc["cases"][k]
+    result = compare_tensors(doc["probes"], golden, tensors, inputs, doc["image_token_id"], doc["dtype"], tol, label)
+    gen = None
+    if "generation.tokens" in tensors:
+        t = tensors["generation.tokens"]
+        if t.is_floating_point() or t.is_complex():
+            raise InputError(f"{label}: generation.tokens must be integers, got {str(t.dtype).removeprefix('torch.')}")
+        ours = [int(x) for x in t.reshape(-1).tolist()]
+        theirs = case["generation"]["tokens"]
+        step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                    None if len(ours) == len(theirs) else min(len(ours), len(theirs)))
+        gen = {"reference_tokens": theirs, "candidate_tokens": ours, "first_divergence": step, "passed": step is None}
+    return {"case": k, "prompt": case["prompt"], "images": case["images"], **result, "generation": gen}
 
-    from pgconv.parity.tolerances import load_tolerances
 
-    tol = load_tolerances(tolerances)
-    cases = []
-    for k, tensors in sorted(per_case.items()):
-        case = doc["cases"][k]
-        cdir = gdir / case["dir"]
-        golden = load_file(str(cdir / "activations.safetensors"))
-        inputs = load_file(str(cdir / "inputs.safetensors"))
-        result = compare_tensors(doc["probes"], golden, tensors, inputs, doc["image_token_id"], doc["dtype"], tol,
-                                 label)
-        gen = None
-        if "generation.tokens" in tensors:
-            ours = [int(t) for t in tensors["generation.tokens"].reshape(-1).tolist()]
-            theirs = case["generation"]["tokens"]
-            step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
-                        None if len(ours) == len(theirs) else min(len(ours), len(theirs)))
-            gen = {"reference_tokens": theirs, "candidate_tokens": ours, "first_divergence": step,
-                   "passed": step is None}
-        cases.append({"case": k, "prompt": case["prompt"], "images": case["images"], **result, "generation": gen})
+def _report(gdir: Path, doc: dict[str, Any], cases: list[dict[str, Any]], label: str, tol: Any,
+            report_dir: str | Path | None, t0: float, notes: Sequence[str] = ()) -> dict[str, Any]:
     failures = []
     for c in cases:
         where = f"case {c['case']}: " if len(cases) > 1 else ""

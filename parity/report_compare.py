@@ -52,8 +52,8 @@ def compare_terminal(report: dict[str, Any]) -> str:
 def compare_markdown(report: dict[str, Any]) -> str:
     status = "PASS" if report["passed"] else "FAIL"
     lines = [f"## pgconv compare: {status}", "",
-             f"`{report['dump']}` against golden `{report['golden']}` ({report['family']}, {report['dtype']}, "
-             f"tolerances {report['tolerances']['version']})", ""]
+             f"{_md_code(report['dump'])} against golden {_md_code(report['golden'])} ({_md_code(report['family'])}, "
+             f"{_md_code(report['dtype'])}, tolerances {_md_code(report['tolerances']['version'])})", ""]
     lines += [f"- {f}" for f in report["failures"]] + [f"- note: {n}" for n in report.get("notes", [])]
     lines += [f"- {_first(report)}", ""]
     lines += ["| probe | verdict | max abs | nrmse | teacher-forced nrmse | budget |", "|---|---|---|---|---|---|"]
@@ -82,7 +82,7 @@ def compare_html(report: dict[str, Any]) -> str:
 
     status = '<span class="pass">PASS</span>' if report["passed"] else '<span class="fail">FAIL</span>'
     items = [f"<li>dump <code>{escape(report['dump'])}</code> against golden <code>{escape(report['golden'])}</code>"
-             f", {report['family']}, {report['dtype']}</li>", f"<li>{escape(_first(report))}</li>"]
+             f", {escape(report['family'])}, {escape(report['dtype'])}</li>", f"<li>{escape(_first(report))}</li>"]
     items += [f'<li class="fail">{escape(f)}</li>' for f in report["failures"]]
     head = ("<tr><th>probe</th><th>verdict</th><th>max abs</th><th>nrmse</th><th>cosine</th>"
             "<th>teacher-forced nrmse</th><th>budget nrmse</th></tr>")
