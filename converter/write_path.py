@@ -3,7 +3,7 @@
 Which write path is fastest depends on the machine: on an AMD EPYC VM O_DIRECT writes won (the buffered path cost
 ~1 CPU-second per GB in page-cache copies), on an Intel Xeon VM buffered writeback ran at ~1.4 GB/s and
 `dd oflag=direct` at 0.96 GB/s. So before the first conversion to a filesystem, `plan_for(directory)` writes a
-few temporary files in `directory` (`PROBE_BYTES` each, at most `len(CONFIGS) + 1` of them: <= 240 MiB) with each
+few temporary files in `directory` (`PROBE_BYTES` each, at most `len(CONFIGS) + 1` of them) with each
 candidate `Plan` - O_DIRECT or buffered with early writeback (`sync_file_range`), staging block size, worker
 count - each ended by the fsync every conversion does, removes them, and keeps the fastest. Decisions are
 cached per (device id, filesystem type, mount source) through `pgconv.tuning`; a candidate must beat the default
@@ -33,7 +33,12 @@ DEFAULT_STAGE = 32 << 20  # per worker; large enough that each direct write stre
 # More workers than cores: while some wait for their writes, the others read, cast and hash (SHA-256 at ~1.5 GB/s
 # per core is a conversion's CPU cost). On 2 cores, 5 workers beat 3 by ~0.2 s of ~3.8 s at 3B (2026-11-28).
 DEFAULT_WORKERS = max(3, min(8, (os.cpu_count() or 1) + 3))
-PROBE_BYTES = 48 << 20  # per candidate: > the largest stage, so that writes overlap as in a conversion
+# Per candidate. Large enough to leave the page cache's absorption behind: on an AMD EPYC VM (2026-12-03) buffered
+# writes with early writeback ran at 1.78 GB/s for 48 MiB and 0.17 GB/s for 512 MiB (O_DIRECT: 1.8-2.4 GB/s at every
+# size), and a 48 MiB probe chose buffered for a 3B conversion that then took 20-25 s instead of 4-6 s. A candidate
+# more than `GIVE_UP` x slower than the best so far is stopped early, so the slow ones cost little.
+PROBE_BYTES = 512 << 20
+GIVE_UP = 2.0
 MARGIN = 1.05
 
 
@@ -130,7 +135,8 @@ def _measure(directory: Path) -> Plan | None:
     rates: dict[str, float] = {}
     try:
         for plan in CONFIGS:
-            rates[plan.name] = _rate(directory, plan)
+            best = max(rates.values(), default=0.0)
+            rates[plan.name] = _rate(directory, plan, GIVE_UP * PROBE_BYTES / best if best else None)
         best = _best(CONFIGS, rates)
         if best.workers != 2:
             fewer = Plan(best.mode, best.stage, 2)
@@ -143,10 +149,11 @@ def _measure(directory: Path) -> Plan | None:
     return Plan(best.mode, best.stage, best.workers, "measured", rates)
 
 
-def _rate(directory: Path, plan: Plan) -> float:
-    """Bytes/s of `plan` in `directory`; 0 where it cannot run there (O_DIRECT refused: tmpfs, some FUSE)."""
+def _rate(directory: Path, plan: Plan, deadline: float | None = None) -> float:
+    """Bytes/s of `plan` in `directory`; 0 where it cannot run there (O_DIRECT refused: tmpfs, some FUSE). Past
+    `deadline` seconds the write stops and its rate so far is taken (it has lost anyway)."""
     try:
-        return PROBE_BYTES / _time_write(directory, plan)
+        return PROBE_BYTES / _time_write(directory, plan, deadline=deadline)
     except OSError as e:
         if e.errno == errno.EINVAL and plan.mode == "direct":
             return 0.0
@@ -160,7 +167,7 @@ def _best(plans: list[Plan], rates: dict[str, float]) -> Plan:
     return best if rates[best.name] > MARGIN * rates[first.name] else first
 
 
-def _time_write(directory: Path, plan: Plan, nbytes: int | None = None) -> float:
+def _time_write(directory: Path, plan: Plan, nbytes: int | None = None, deadline: float | None = None) -> float:
     """Seconds to write `nbytes` (default `PROBE_BYTES`) durably into a new file in `directory` the way `plan`
     writes (its workers in parallel, one stage-sized write at a time), fsync included. The file is removed
     afterwards. Also the benchmarks' disk reference (`benchmarks.common.disk_write_speeds`)."""
@@ -174,17 +181,21 @@ def _time_write(directory: Path, plan: Plan, nbytes: int | None = None) -> float
         stage[:] = (os.urandom(1 << 20) * -(-plan.stage // (1 << 20)))[: plan.stage]  # incompressible
         offsets = list(range(0, total, plan.stage))
         errors: list[BaseException] = []
+        written = [0] * plan.workers
 
-        def worker(mine: list[int]) -> None:
+        def worker(k: int, mine: list[int]) -> None:
             try:
                 for off in mine:
+                    if deadline is not None and tuning.clock() - start > deadline:
+                        return
                     data = stage[: min(plan.stage, total - off)]
                     _pwrite_all(direct if direct >= 0 else fd, data, off)
                     if direct < 0:
                         kick_writeback(fd, off, len(data))
+                    written[k] += len(data)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
-        threads = [threading.Thread(target=worker, args=(offsets[i::plan.workers],)) for i in range(plan.workers)]
+        threads = [threading.Thread(target=worker, args=(i, offsets[i::plan.workers])) for i in range(plan.workers)]
         start = tuning.clock()
         for t in threads:
             t.start()
@@ -193,7 +204,9 @@ def _time_write(directory: Path, plan: Plan, nbytes: int | None = None) -> float
         if errors:
             raise errors[0]
         os.fsync(fd)
-        return max(tuning.clock() - start, 1e-9)
+        elapsed = max(tuning.clock() - start, 1e-9)
+        # Stopped at the deadline: the time the whole write would have taken at the rate reached.
+        return elapsed * total / max(sum(written), 1) if sum(written) < total else elapsed
     finally:
         if direct >= 0:
             os.close(direct)

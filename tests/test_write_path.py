@@ -22,7 +22,7 @@ def probing(tmp_path, monkeypatch):
     seconds: dict[str, float] = {}
     timed: list[str] = []
 
-    def fake(directory, plan):
+    def fake(directory, plan, **kwargs):
         timed.append(plan.name)
         if seconds.get(plan.name) == "EINVAL":
             raise OSError(errno.EINVAL, "direct I/O refused")
@@ -67,7 +67,7 @@ def test_a_filesystem_without_o_direct_gets_buffered_and_a_failing_probe_the_def
     seconds.update({_name("direct"): "EINVAL", _name("direct", 8): "EINVAL"})
     assert write_path.plan_for(dst).mode == "buffered"
 
-    def full(directory, plan):
+    def full(directory, plan, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(write_path, "_time_write", full)
     write_path.reset()
@@ -92,7 +92,7 @@ def test_a_corrupt_cache_entry_is_measured_again(probing):
 
 
 def test_pgconv_writer_forces_a_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(write_path, "_time_write", lambda d, p: pytest.fail("probed"))
+    monkeypatch.setattr(write_path, "_time_write", lambda d, p, **k: pytest.fail("probed"))
     for mode in ("direct", "buffered"):
         monkeypatch.setenv("PGCONV_WRITER", mode)
         assert write_path.plan_for(tmp_path, stage=4096, workers=2) == Plan(mode, 4096, 2, "forced")
