@@ -37,8 +37,12 @@ DEFAULT_WORKERS = max(3, min(8, (os.cpu_count() or 1) + 3))
 # writes with early writeback ran at 1.78 GB/s for 48 MiB and 0.17 GB/s for 512 MiB (O_DIRECT: 1.8-2.4 GB/s at every
 # size), and a 48 MiB probe chose buffered for a 3B conversion that then took 20-25 s instead of 4-6 s. A candidate
 # more than `GIVE_UP` x slower than the best so far is stopped early, so the slow ones cost little.
+# Even at 512 MiB the buffered rate depends on how much dirty page cache the kernel still absorbs (a second run on
+# the same VM: buffered 2.8-3.5 GB/s, direct 1.6-1.8 GB/s, and that conversion then took 12-23 s buffered against
+# 4-6 s direct). So a buffered plan must beat the direct default by `BUFFERED_MARGIN`, not `MARGIN`.
 PROBE_BYTES = 512 << 20
 GIVE_UP = 2.0
+BUFFERED_MARGIN = 2.5
 MARGIN = 1.05
 
 
@@ -164,7 +168,8 @@ def _best(plans: list[Plan], rates: dict[str, float]) -> Plan:
     """The fastest; the first listed (the default first) unless another is `MARGIN` faster."""
     first = plans[0]
     best = max(plans, key=lambda p: rates[p.name])
-    return best if rates[best.name] > MARGIN * rates[first.name] else first
+    margin = BUFFERED_MARGIN if best.mode == "buffered" and first.mode == "direct" and rates[first.name] else MARGIN
+    return best if rates[best.name] > margin * rates[first.name] else first
 
 
 def _time_write(directory: Path, plan: Plan, nbytes: int | None = None, deadline: float | None = None) -> float:

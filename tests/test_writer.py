@@ -58,7 +58,7 @@ def io_mode(request, monkeypatch, tmp_path_factory):
         monkeypatch.setenv("PGCONV_CACHE", str(tmp_path_factory.mktemp("cache")))
         monkeypatch.setattr(write_path, "CONFIGS", [write_path.Plan("direct", 2 * writer._BLOCK, 3),
                                                     write_path.Plan("buffered", 3 * writer._BLOCK, 3)])
-        monkeypatch.setattr(write_path, "_time_write", lambda d, plan, **k: 1.0 if plan.mode == "buffered" else 2.0)
+        monkeypatch.setattr(write_path, "_time_write", lambda d, plan, **k: 1.0 if plan.mode == "buffered" else 3.0)
         write_path.reset()
     else:
         monkeypatch.setenv("PGCONV_WRITER", request.param)
