@@ -8,10 +8,7 @@ import json
 from html import escape
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape as xml_escape
-from xml.sax.saxutils import quoteattr
-
-from pgconv.parity.report import _md_code, finalise, fmt, write_texts
+from pgconv.parity.report import _md_code, finalise, fmt, junit_xml, write_texts
 
 __all__ = ["diff_terminal", "diff_markdown", "diff_html", "diff_junit", "write_diff_reports"]
 
@@ -119,17 +116,7 @@ def diff_junit(report: dict[str, Any]) -> str:
     for c in (report["behaviour"] or {}).get("cases", []):
         bad = [f for f in report["failures"] if f.startswith(f"case {c['case']}:")]
         cases.append((f"behaviour case {c['case']}", not bad, "; ".join(bad) or "ok"))
-    failures = sum(not ok for _, ok, _ in cases)
-    out = ['<?xml version="1.0" encoding="UTF-8"?>', f'<testsuites tests="{len(cases)}" failures="{failures}">',
-           f'  <testsuite name={quoteattr("pgconv diff " + report["dtype"])} tests="{len(cases)}" '
-           f'failures="{failures}" time="{report["timing"]["total"]}">']
-    for name, ok, msg in cases:
-        out.append(f'    <testcase classname="pgconv.diff" name={quoteattr(name)}>')
-        if not ok:
-            out.append(f'      <failure message={quoteattr(msg[:500])}>{xml_escape(msg)}</failure>')
-        out.append("    </testcase>")
-    out += ["  </testsuite>", "</testsuites>"]
-    return "\n".join(out) + "\n"
+    return junit_xml("pgconv.diff", "pgconv diff " + report["dtype"], cases, report["timing"]["total"])
 
 
 def diff_html(report: dict[str, Any]) -> str:
