@@ -30,7 +30,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from pgconv.errors import InputError
 
-__all__ = ["finalise", "terminal", "markdown", "junit", "junit_xml", "write_reports", "write_texts", "fmt"]
+__all__ = ["finalise", "terminal", "markdown", "junit", "junit_xml", "write_reports", "write_report_set", "write_texts",
+           "fmt"]
 
 
 def finalise(obj: Any) -> Any:
@@ -258,8 +259,13 @@ def junit_xml(classname: str, suite: str, cases: list[tuple[str, bool, str]], se
 def write_reports(report: dict[str, Any], directory: Path) -> None:
     from pgconv.parity.report_html import html
 
+    write_report_set(report, directory, markdown, html, junit)
+
+
+def write_report_set(report: dict[str, Any], directory: Path, md: Any, html: Any, junit_: Any) -> None:
+    """report.json, report.md, report.html and junit.xml of one report (verify, compare and diff renderers)."""
     write_texts({"report.json": json.dumps(finalise(report), indent=1, allow_nan=False) + "\n",
-                 "report.md": markdown(report), "report.html": html(report), "junit.xml": junit(report)}, directory)
+                 "report.md": md(report), "report.html": html(report), "junit.xml": junit_(report)}, directory)
 
 
 def write_texts(texts: dict[str, str], directory: Path) -> None:

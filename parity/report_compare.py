@@ -3,11 +3,10 @@ formats of verify's (`parity.report`, `parity.report_html`): the same probe colu
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 from typing import Any
-from pgconv.parity.report import _md_code, _probe_cells, _table, finalise, fmt, junit_xml, write_texts
+from pgconv.parity.report import _md_code, _probe_cells, _table, fmt, junit_xml, write_report_set
 
 __all__ = ["compare_terminal", "compare_markdown", "compare_junit", "compare_html", "write_compare_reports"]
 
@@ -100,6 +99,4 @@ def compare_html(report: dict[str, Any]) -> str:
 
 
 def write_compare_reports(report: dict[str, Any], directory: Path) -> None:
-    write_texts({"report.json": json.dumps(finalise(report), indent=1, allow_nan=False) + "\n",
-                 "report.md": compare_markdown(report), "report.html": compare_html(report),
-                 "junit.xml": compare_junit(report)}, directory)
+    write_report_set(report, directory, compare_markdown, compare_html, compare_junit)

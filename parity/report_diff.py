@@ -4,11 +4,10 @@ case the llama.cpp numbers (KL mean / p99 / max, top-1 and greedy agreement) and
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 from typing import Any
-from pgconv.parity.report import _md_code, finalise, fmt, junit_xml, write_texts
+from pgconv.parity.report import _md_code, fmt, junit_xml, write_report_set
 
 __all__ = ["diff_terminal", "diff_markdown", "diff_html", "diff_junit", "write_diff_reports"]
 
@@ -136,6 +135,4 @@ def diff_html(report: dict[str, Any]) -> str:
 
 
 def write_diff_reports(report: dict[str, Any], directory: Path) -> None:
-    write_texts({"report.json": json.dumps(finalise(report), indent=1, allow_nan=False) + "\n",
-                 "report.md": diff_markdown(report), "report.html": diff_html(report),
-                 "junit.xml": diff_junit(report)}, directory)
+    write_report_set(report, directory, diff_markdown, diff_html, diff_junit)
