@@ -164,11 +164,17 @@ _PEAK = textwrap.dedent("""
 """)
 
 
-def _peak(path, budget):
-    env = {**os.environ, "PGCONV_KERNELS": "default"}  # no kernel timing runs in the measured process
-    out = subprocess.run([sys.executable, "-c", _PEAK, str(path), str(budget)], capture_output=True, text=True,
-                         env=env, timeout=120, check=True)
+def run_measured(script: str, *args, timeout: float = 120) -> dict:
+    """The last stdout line (JSON) of `script` run in a fresh process (its peak RSS is its own), with torch's own
+    kernels: no kernel timing runs in the measured process."""
+    env = {**os.environ, "PGCONV_KERNELS": "default"}
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                         env=env, timeout=timeout, check=True)
     return json.loads(out.stdout.splitlines()[-1])
+
+
+def _peak(path, budget):
+    return run_measured(_PEAK, path, budget)
 
 
 # Activations (T x 8192 MLP intermediates), the KV cache, the processor's image and allocator slack: measured

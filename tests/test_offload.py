@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -16,7 +14,7 @@ import torch
 
 from pgconv.errors import InputError
 
-from test_big_models import MiB, _cli, _weights, wide  # noqa: F401  (pytest fixture)
+from test_big_models import MiB, _cli, _weights, run_measured, wide  # noqa: F401  (pytest fixture)
 
 pytest.importorskip("accelerate")
 
@@ -156,10 +154,7 @@ _PEAK = textwrap.dedent("""
 
 
 def _peak(path, budget):
-    env = {**os.environ, "PGCONV_KERNELS": "default"}  # no kernel timing runs in the measured process
-    out = subprocess.run([sys.executable, "-c", _PEAK, str(path), str(budget)], capture_output=True, text=True,
-                         env=env, timeout=180, check=True)
-    return json.loads(out.stdout.splitlines()[-1])
+    return run_measured(_PEAK, path, budget, timeout=180)
 
 
 # Activations, captures, the KV cache, the image, the modeling modules transformers imports when it first loads:
