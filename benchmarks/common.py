@@ -105,7 +105,7 @@ def _version(dist: str) -> str:
 def _cpu() -> tuple[str, list[str]]:
     from pgconv import tuning  # torch-free: the same CPU identity the kernel cache is keyed by
 
-    return tuning.cpu_model(), tuning.cpu_isa()
+    return tuning.cpu_label(), tuning.cpu_isa()
 
 
 def machine(threads: int | None = None) -> dict:

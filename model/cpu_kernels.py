@@ -16,7 +16,10 @@ gradient take `F.linear`):
 - `aten`: `F.linear` with oneDNN switched off (bf16: ATen's GEMV/GEMM; for fp32 this is `default` again, so it is
   not a candidate there). The switch is process-wide (torch has no per-call choice): another thread running a bf16
   product at the same time takes ATen too, with the same numerics;
-- `onednn`: `mkldnn::_linear_pointwise`, what inductor uses on CPU (bf16 and fp32).
+- `onednn`: `mkldnn::_linear_pointwise`, what inductor uses on CPU (bf16 and fp32);
+- `gemv`: pgconv's own one-row kernel (`model/cpu_gemv.py`, `csrc/gemv.c`: AVX-512 where the CPU has it, built
+  once per machine with the system C compiler; absent without one), for decode products (one row) only. torch's
+  one-row kernels reached 60-65 % of what `sum` streams on the EPYCs we run on; this one only streams.
 Prepacked weights (`mkldnn::_reorder_linear_weight`, `mkl::_mkl_reorder_linear_weight`) are not candidates: the
 packed copy would sit next to the parameter (the state dict and the tied head keep the plain one), doubling the
 weights' memory.
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 
 from pgconv import tuning
 from pgconv.errors import InputError
+from pgconv.model import cpu_gemv
 
 __all__ = ["linear", "Linear", "KERNELS", "Choice", "candidates", "choices", "describe", "reset", "ENV"]
 
@@ -66,12 +70,13 @@ def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return _ONEDNN_LINEAR(x, w, b, "none", [], "")
 
 
-KERNELS = {"default": _default, "aten": _aten, "onednn": _onednn}
+KERNELS = {"default": _default, "aten": _aten, "onednn": _onednn, "gemv": cpu_gemv.gemv}
 MEASURED = (torch.bfloat16, torch.float32)
 
 
-def candidates(dtype: torch.dtype) -> list[str]:
-    """The kernels worth timing for a product in `dtype` on this build (`default` first: it wins ties)."""
+def candidates(dtype: torch.dtype, rows: int = 1) -> list[str]:
+    """The kernels worth timing for a product in `dtype` with `rows` rows of x on this build (`default` first:
+    it wins ties)."""
     if dtype not in MEASURED:
         return ["default"]
     names = ["default"]
@@ -79,6 +84,8 @@ def candidates(dtype: torch.dtype) -> list[str]:
         names.append("aten")
     if _ONEDNN_LINEAR is not None:
         names.append("onednn")
+    if rows == 1 and cpu_gemv.available():
+        names.append("gemv")
     return names
 
 
@@ -118,7 +125,8 @@ def describe(c: Choice) -> str:
 
 
 def _machine_key(threads: int) -> dict:
-    return {"cpu": tuning.cpu_model(), "isa": tuning.cpu_isa(), "torch": torch.__version__, "threads": threads}
+    return {"cpu": tuning.cpu_model(), "cpu_signature": tuning.cpu_signature(), "isa": tuning.cpu_isa(),
+            "torch": torch.__version__, "threads": threads}
 
 
 def _rows_bucket(rows: int) -> int:
@@ -147,7 +155,7 @@ def choose(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
             return hit
         key = (f"linear {str(x2.dtype).removeprefix('torch.')} {k}->{n}{' +bias' if bias is not None else ''} "
                f"rows{'=' if bucket == 1 else '<='}{bucket}")
-        names = candidates(x2.dtype) if x2.dtype == weight.dtype else ["default"]
+        names = candidates(x2.dtype, bucket) if x2.dtype == weight.dtype else ["default"]
         if mode == "default" or names == ["default"]:
             choice = Choice(key, "default", "default" if mode == "default" else "only candidate")
         elif mode != "auto":
@@ -161,7 +169,9 @@ def choose(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
 def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
     cache = _decisions.setdefault(threads, tuning.Decisions("kernels", _machine_key(threads)))
     entry = cache.get(key)
-    if entry is not None and entry.get("kernel") in names:
+    # A decision stands only among the same candidates: a kernel that became available (a compiler installed, a
+    # new pgconv) or went away is measured against the others afresh.
+    if entry is not None and entry.get("kernel") in names and entry.get("candidates") == names:
         times = entry.get("times_s")
         times = {k: v for k, v in times.items() if isinstance(v, (int, float))} if isinstance(times, dict) else {}
         return Choice(key, entry["kernel"], "cached", times)
@@ -177,7 +187,8 @@ def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tens
     if "default" in times and times[kernel] * MARGIN > times["default"]:
         kernel = "default"  # a gap within noise keeps torch's own pick
     # The load average says, later, whether the machine was busy when this was decided (delete the file to redo it).
-    cache.put(key, {"kernel": kernel, "times_s": times, "load_avg_1min": round(os.getloadavg()[0], 2)})
+    cache.put(key, {"kernel": kernel, "times_s": times, "candidates": names,
+                    "load_avg_1min": round(os.getloadavg()[0], 2)})
     return Choice(key, kernel, "measured", times)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cpu_model", "cpu_isa", "Decisions", "measure", "clock"]
+__all__ = ["cpu_model", "cpu_signature", "cpu_label", "cpu_isa", "Decisions", "measure", "clock"]
 
 FORMAT = 1  # bump when the meaning of a cached decision changes
 clock: Callable[[], float] = time.perf_counter  # tests swap in a fake timer (module attribute, read at each use)
@@ -44,6 +44,24 @@ def cpu_model() -> str:
     if m := re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M):
         return m.group(1).strip()
     return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_signature() -> str:
+    """'family F model M stepping S' from /proc/cpuinfo ('' where it has none). VMs often report only a vague
+    model name: two different boxes here both said 'AMD EPYC' (family 25 model 17, a Zen 4; family 26 model 2, a
+    Zen 5), with the same ISA flags of note, so the model name alone would share one cache and one results section."""
+    fields = []
+    for name, label in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping")):
+        if m := re.search(rf"^{name}\s*:\s*(\S+)\s*$", _cpuinfo(), re.M):
+            fields.append(f"{label} {m.group(1)}")
+    return " ".join(fields)
+
+
+def cpu_label() -> str:
+    """The CPU as results are labelled: model name plus family/model/stepping, e.g. 'AMD EPYC (family 25 model 17
+    stepping 1)'."""
+    sig = cpu_signature()
+    return f"{cpu_model()} ({sig})" if sig else cpu_model()
 
 
 def cpu_isa() -> list[str]:

@@ -57,3 +57,17 @@ def test_decisions_merge_with_what_another_process_wrote(tmp_path, monkeypatch):
     assert tuning.Decisions("kernels", {"cpu": "x"}).get("s1") == {"kernel": "aten"}
     assert tuning.Decisions("kernels", {"cpu": "y"}).path != a.path
     assert not list(tmp_path.glob("tuning/.*"))  # no temporary left behind
+
+
+def test_the_cpu_label_names_family_and_model_where_the_model_string_is_vague(monkeypatch):
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n" \
+           "stepping\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    zen5 = zen4.replace("cpu family\t: 25", "cpu family\t: 26").replace("model\t\t: 17", "model\t\t: 2")
+    labels = []
+    for text in (zen4, zen5):
+        monkeypatch.setattr(tuning, "_cpuinfo", lambda text=text: text)
+        assert tuning.cpu_model() == "AMD EPYC" and tuning.cpu_isa() == ["avx2", "avx512f", "avx512_bf16"]
+        labels.append(tuning.cpu_label())
+    assert labels == ["AMD EPYC (family 25 model 17 stepping 1)", "AMD EPYC (family 26 model 2 stepping 1)"]
+    monkeypatch.setattr(tuning, "_cpuinfo", lambda: "")  # no /proc/cpuinfo: the platform's name, no signature
+    assert tuning.cpu_signature() == "" and tuning.cpu_label() == tuning.cpu_model()

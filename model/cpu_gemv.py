@@ -1,0 +1,157 @@
+"""pgconv's own one-row product kernel (`csrc/gemv.c`), built once per machine with the system C compiler.
+
+A candidate of `model/cpu_kernels.py` for decode products (one row of x, bf16 or fp32, CPU, contiguous): it is
+measured against torch's kernels like any other and only runs where it wins. It is compiled on first use with
+`cc -O3 -march=native` into the user cache dir (`tuning` cache root, `kernels/`), named by a hash of the source,
+the compiler's version, the flags and the CPU (a library built for one CPU never loads on another); the build
+is atomic (temporary file + rename). Without a C compiler, or if the build or load fails, `available()` is
+False and the reason is in `unavailable_reason()`: the model then runs on torch's kernels alone.
+`PGCONV_GEMV=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pgconv import tuning
+
+__all__ = ["available", "unavailable_reason", "gemv", "library_path", "ENV"]
+
+ENV = "PGCONV_GEMV"  # 0 turns the kernel off
+SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv.c"
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-fast-math"]
+BUILD_TIMEOUT_S = 120
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib" or "error", once decided in this process
+_scratch = threading.local()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def library_path(cc: str) -> Path:
+    """Where the build for this source, compiler, flags and CPU lives."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), tuning.cpu_label().encode(),
+                 " ".join(tuning.cpu_isa()).encode()):
+        h.update(part + b"\0")
+    from pgconv.converter.fixture import cache_dir
+
+    return cache_dir() / "kernels" / f"gemv-{h.hexdigest()[:16]}.so"
+
+
+def _build(cc: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                           timeout=BUILD_TIMEOUT_S)
+        if r.returncode != 0:
+            raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:] or ['no output']}")
+        os.replace(tmp, out)
+        tmp = None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _load():
+    if os.environ.get(ENV, "1").strip() == "0":
+        raise OSError(f"{ENV}=0")
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler (cc) on PATH")
+    path = library_path(cc)
+    if not path.is_file():
+        _build(cc, path)
+    lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.pgconv_gemv_bf16.argtypes = [p, p, p, p, i64, i64, i64, p]
+    lib.pgconv_gemv_f32.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.pgconv_gemv_bf16.restype = lib.pgconv_gemv_f32.restype = ctypes.c_int
+    lib.pgconv_gemv_isa.restype = ctypes.c_int
+    return lib
+
+
+def _lib():
+    if not _state:
+        with _lock:
+            if not _state:
+                try:
+                    _state["lib"] = _load()
+                except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                    _state["error"] = str(e) or type(e).__name__
+    return _state.get("lib")
+
+
+def _reset() -> None:
+    """Forget this process's build decision (tests: another compiler, cache dir or PGCONV_GEMV). A library already
+    loaded stays mapped; a new decision loads the file for the new key."""
+    with _lock:
+        _state.clear()
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def unavailable_reason() -> str | None:
+    _lib()
+    return _state.get("error")
+
+
+ISA = {2: "avx512_bf16", 1: "avx512f", 0: "portable"}
+
+
+def isa() -> str | None:
+    """The code path the build uses: avx512_bf16 (vdpbf16ps: denormals flushed, as oneDNN), avx512f (exact
+    widening + FMA) or portable (scalar loops); None when unavailable."""
+    lib = _lib()
+    return None if lib is None else ISA.get(lib.pgconv_gemv_isa(), "portable")
+
+
+def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear(x2, weight, bias)` for one row (x2 [1, k]) in bf16 or fp32 on CPU; raises NotImplementedError
+    for anything else (the caller then uses torch's kernel)."""
+    lib = _lib()
+    dt = x2.dtype
+    if (lib is None or x2.dim() != 2 or x2.shape[0] != 1 or dt not in (torch.bfloat16, torch.float32)
+            or weight.dtype != dt or (bias is not None and bias.dtype != dt) or x2.device.type != "cpu"
+            or weight.device.type != "cpu" or not weight.is_contiguous() or weight.dim() != 2
+            or weight.shape[1] != x2.shape[1] or (bias is not None and (bias.shape != (weight.shape[0],)
+                                                                       or not bias.is_contiguous()))):
+        raise NotImplementedError("pgconv gemv: one contiguous bf16/fp32 row on CPU only")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias)):
+        raise NotImplementedError("pgconv gemv: no autograd")
+    x2 = x2.contiguous()
+    n, k = weight.shape
+    y = torch.empty(1, n, dtype=dt)
+    b = bias.data_ptr() if bias is not None else None
+    threads = torch.get_num_threads()
+    if dt == torch.bfloat16:
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None or scratch.numel() < k:  # x widened to fp32 (the paths without AVX512-BF16)
+            scratch = _scratch.buf = torch.empty(max(k, 4096), dtype=torch.float32)
+        lib.pgconv_gemv_bf16(x2.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, k, threads, scratch.data_ptr())
+    else:
+        lib.pgconv_gemv_f32(x2.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, k, threads)
+    return y

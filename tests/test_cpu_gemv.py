@@ -1,0 +1,145 @@
+"""pgconv's own one-row kernel (model/cpu_gemv.py, csrc/gemv.c): the numerics against float64 (no flush of
+denormals, NaN/inf kept, one rounding), threads, the per-machine build cache, and its absence without a compiler."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgconv import tuning
+from pgconv.model import cpu_gemv, cpu_kernels
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """An empty cache dir and a fresh build decision (restored afterwards for the rest of the suite)."""
+    monkeypatch.setenv("PGCONV_CACHE", str(tmp_path))
+    cpu_gemv._reset()
+    yield tmp_path
+    cpu_gemv._reset()
+
+
+@needs_cc
+def test_it_builds_once_per_machine_and_is_a_decode_candidate(fresh, monkeypatch):
+    assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+    (lib,) = (fresh / "kernels").glob("gemv-*.so")
+    stamp = lib.stat().st_mtime_ns
+    cpu_gemv._reset()
+    assert cpu_gemv.available() and lib.stat().st_mtime_ns == stamp  # the second process loads, no rebuild
+    assert "gemv" in cpu_kernels.candidates(torch.bfloat16, 1) and "gemv" in cpu_kernels.candidates(torch.float32, 1)
+    assert "gemv" not in cpu_kernels.candidates(torch.bfloat16, 8)  # prefill: never
+    assert "gemv" not in cpu_kernels.candidates(torch.float16, 1)
+    # another CPU (same model string, another family) gets its own build: -march=native code never crosses CPUs
+    monkeypatch.setattr(tuning, "cpu_label", lambda: "AMD EPYC (family 99 model 1 stepping 0)")
+    assert cpu_gemv.library_path(shutil.which("cc") or "gcc") != lib
+    if "avx512_bf16" in tuning.cpu_isa():
+        assert cpu_gemv.isa() == "avx512_bf16"  # the vector path, not the portable loop
+    elif "avx512f" in tuning.cpu_isa():
+        assert cpu_gemv.isa() == "avx512f"
+
+
+def test_without_a_compiler_or_when_turned_off_the_model_runs_on_torchs_kernels(fresh, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert not cpu_gemv.available() and "no-such-cc" in cpu_gemv.unavailable_reason()
+    assert "gemv" not in cpu_kernels.candidates(torch.bfloat16, 1)
+    x, w = torch.randn(1, 64).bfloat16(), torch.randn(48, 64).bfloat16()
+    with pytest.raises(NotImplementedError):
+        cpu_gemv.gemv(x, w, None)
+    cpu_kernels.reset()
+    monkeypatch.setenv("PGCONV_KERNELS", "gemv")  # forced but absent: torch's kernel, same result
+    assert torch.equal(cpu_kernels.linear(x, w), F.linear(x, w))
+    cpu_kernels.reset()
+    monkeypatch.delenv("CC")
+    monkeypatch.undo()
+    monkeypatch.setenv("PGCONV_CACHE", str(fresh))
+    monkeypatch.setenv("PGCONV_GEMV", "0")
+    cpu_gemv._reset()
+    assert not cpu_gemv.available() and cpu_gemv.unavailable_reason() == "PGCONV_GEMV=0"
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_denormals_nan_and_inf_are_kept_and_the_bias_is_rounded_with_the_sum(dtype):
+    assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+    k = 64
+    x = torch.zeros(1, k, dtype=dtype)
+    w = torch.zeros(6, k, dtype=dtype)
+    x[0, 0], w[0, 0] = 2.0 ** -30, 2.0 ** -100  # 2^-130: a denormal in bf16 and fp32 (a flushing kernel gives 0)
+    w[1, 0] = float("nan")
+    w[2, 0] = float("inf")
+    # row 3: 1 + 2^-8, a tie halfway between the bf16 values 1 and 1 + 2^-7, plus the bias 2^-9: rounded once
+    # that is 1 + 2^-7; rounding the sum first (tie to even: 1) and then adding the bias gives 1 again
+    x[0, 1], w[3, 1], x[0, 2], w[3, 2] = 1.0, 1.0, 1.0, 2.0 ** -8
+    b = torch.zeros(6, dtype=dtype)
+    b[3] = 2.0 ** -9
+    w[4, :] = 1.0
+    x[0, 3:] = 0.5  # row 4: a plain sum, 0.5 * 61 + tiny
+    got = cpu_gemv.gemv(x, w, b)
+    exact = F.linear(x.double(), w.double(), b.double()).to(dtype)
+    if dtype == torch.bfloat16 and cpu_gemv.isa() == "avx512_bf16":
+        # vdpbf16ps flushes denormals, as oneDNN's bf16 kernels (torch's default bf16 product here) do
+        assert got[0, 0].item() == 0.0
+        if cpu_kernels._ONEDNN_LINEAR is not None:
+            assert cpu_kernels.KERNELS["onednn"](x, w, b)[0, 0].item() == 0.0
+    else:
+        assert got[0, 0].item() == 2.0 ** -130
+    assert torch.isnan(got[0, 1]) and got[0, 2].item() == float("inf")
+    assert torch.equal(got[0, 3:], exact[0, 3:])
+    assert got[0, 3].item() == 1.0 + 2.0 ** (-7 if dtype == torch.bfloat16 else -8) + (0 if dtype == torch.bfloat16
+                                                                                         else 2.0 ** -9)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_threads_split_rows_without_changing_a_bit_and_concurrent_callers_are_safe(dtype):
+    assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(1, 512, generator=g), torch.randn(1030, 512, generator=g), torch.randn(1030, generator=g)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(cpu_gemv.gemv(x, w, b))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # each row summed in the same order
+    results: list[torch.Tensor] = []
+
+    def call():
+        for _ in range(20):
+            results.append(cpu_gemv.gemv(x, w, b))
+
+    workers = [threading.Thread(target=call) for _ in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert len(results) == 60 and all(torch.equal(r, outs[0]) for r in results)
+
+
+@needs_cc
+def test_what_it_does_not_take_is_refused_for_torchs_kernel_to_run():
+    assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+    x, w = torch.randn(1, 64), torch.randn(48, 64)
+    for args in ((torch.randn(2, 64), w, None),  # two rows: prefill
+                 (x, torch.randn(64, 48).t(), None),  # a transposed (strided) weight
+                 (x.bfloat16(), w, None),  # mixed dtypes
+                 (x.half(), w.half(), None),
+                 (x, w, torch.randn(47))):
+        with pytest.raises(NotImplementedError):
+            cpu_gemv.gemv(*args)
+    wg = w.clone().requires_grad_()
+    with pytest.raises(NotImplementedError):
+        cpu_gemv.gemv(x, wg, None)
+    # a strided row of x (a slice of a wider tensor) is fine: it is copied
+    wide = torch.randn(1, 128)
+    assert torch.allclose(cpu_gemv.gemv(wide[:, ::2], w, None), F.linear(wide[:, ::2], w), rtol=1e-5, atol=1e-5)
