@@ -30,7 +30,7 @@ __all__ = ["available", "unavailable_reason", "gemv", "library_path", "ENV"]
 
 ENV = "PGCONV_GEMV"  # 0 turns the kernel off
 SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv.c"
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-fast-math"]
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math"]
 BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()

@@ -25,7 +25,8 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cpu_model", "cpu_signature", "cpu_label", "cpu_isa", "Decisions", "measure", "clock"]
+__all__ = ["cpu_model", "cpu_signature", "cpu_label", "cpu_isa", "last_level_cache_bytes", "Decisions", "measure",
+           "clock"]
 
 FORMAT = 1  # bump when the meaning of a cached decision changes
 clock: Callable[[], float] = time.perf_counter  # tests swap in a fake timer (module attribute, read at each use)
@@ -71,6 +72,18 @@ def cpu_isa() -> list[str]:
     m = re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M)
     have = set(m.group(1).split()) if m else set()
     return [f for f in wanted if f in have]
+
+
+@lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (sysfs), or 32 MiB where sysfs does not say."""
+    best = 0
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        with contextlib.suppress(OSError, ValueError):
+            text = path.read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * scale)
+    return best or 32 << 20
 
 
 def _cache_root() -> Path:
@@ -133,7 +146,7 @@ class Decisions:
 
 def measure(candidates: Mapping[str, Callable[[], object]], reps: int = 5, warmup: int = 1,
             budget_s: float = 5.0, drop_factor: float = 2.0, max_reps: int = 31,
-            min_time_s: float = 0.05) -> dict[str, float]:
+            min_time_s: float = 0.05, between: Callable[[], object] | None = None) -> dict[str, float]:
     """Seconds per call of each candidate: the fastest of its timed calls.
 
     The minimum, not the median: interference only ever adds time, and on a shared machine (2 cores, load 4) the
@@ -143,7 +156,9 @@ def measure(candidates: Mapping[str, Callable[[], object]], reps: int = 5, warmu
     being timed (after fewer than 3 rounds only at 3 x that gap: one unlucky call must not drop a kernel, but one
     9x slower must not cost 9x the probe either). Rounds stop after `reps`, or once `budget_s` is spent (with at
     least one timed call each); calls of microseconds get more rounds (up to `max_reps`, until `min_time_s` has
-    passed). A candidate that raises is left out (e.g. an op this build lacks for the dtype).
+    passed). A candidate that raises is left out (e.g. an op this build lacks for the dtype). `between`, if
+    given, runs before every timed call, untimed (e.g. evicting the caches, so that a weight that fits in them is
+    timed as it runs in the model: streamed from memory).
     """
     times: dict[str, list[float]] = {}
     live: dict[str, Callable[[], object]] = {}
@@ -159,6 +174,8 @@ def measure(candidates: Mapping[str, Callable[[], object]], reps: int = 5, warmu
         if rnd >= reps and clock() - start > min_time_s:
             break
         for name, fn in live.items():
+            if between is not None:
+                between()
             t0 = clock()
             fn()
             times[name].append(clock() - t0)

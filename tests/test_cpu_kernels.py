@@ -311,3 +311,10 @@ def test_a_kernel_that_refuses_an_input_falls_back_to_f_linear(monkeypatch):
     with pytest.raises(RuntimeError):  # torch's own error for a real mismatch
         cpu_kernels.linear(x, w[:, :5])
     cpu_kernels.reset()
+
+
+def test_weights_that_fit_in_the_cache_are_timed_streamed_from_memory(monkeypatch):
+    monkeypatch.setattr(tuning, "last_level_cache_bytes", lambda: 1 << 20)
+    small = cpu_kernels._evictor(torch.empty(256, 2048, dtype=torch.bfloat16))  # 1 MiB: fits, evicted between calls
+    assert callable(small) and small().item() == (2 << 20) // 4
+    assert cpu_kernels._evictor(torch.empty(1024, 2048, dtype=torch.bfloat16, device="meta")) is None  # 4 MiB

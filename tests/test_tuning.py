@@ -71,3 +71,20 @@ def test_the_cpu_label_names_family_and_model_where_the_model_string_is_vague(mo
     assert labels == ["AMD EPYC (family 25 model 17 stepping 1)", "AMD EPYC (family 26 model 2 stepping 1)"]
     monkeypatch.setattr(tuning, "_cpuinfo", lambda: "")  # no /proc/cpuinfo: the platform's name, no signature
     assert tuning.cpu_signature() == "" and tuning.cpu_label() == tuning.cpu_model()
+
+
+def test_between_runs_before_every_timed_call_and_is_not_timed(fake):
+    calls = []
+
+    def between():
+        fake["now"] += 100.0  # an eviction that takes ages must not count
+        calls.append(fake["log"][-1] if fake["log"] else None)
+    times = tuning.measure({"a": fake["kernel"]("a", 1.0), "b": fake["kernel"]("b", 2.0)}, reps=3, budget_s=1e9,
+                           between=between)
+    assert times == {"a": 1.0, "b": 2.0}
+    assert len(calls) == 6  # 3 rounds x 2 candidates; warm-up calls get none
+
+
+def test_last_level_cache_size_is_read_from_sysfs():
+    size = tuning.last_level_cache_bytes()
+    assert size >= 1 << 20 and size % 1024 == 0

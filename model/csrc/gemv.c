@@ -11,17 +11,14 @@
  * AVX512-BF16 the products are `vdpbf16ps`, which treats denormals as zero, as oneDNN's bf16 kernels do (see
  * rows_bf16); elsewhere the weights are widened exactly and nothing is flushed.
  *
- * Built by model/cpu_gemv.py with the system C compiler (-O3 -march=native, pthreads), cached per CPU; without
+ * Built by model/cpu_gemv.py with the system C compiler (-O3 -march=native -fopenmp), cached per CPU; without
  * a compiler the candidate is simply absent.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-#define MAX_THREADS 64
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -165,7 +162,11 @@ static void rows_f32(const float *w, const float *x, const float *b, float *y, i
     }
 }
 
-/* ---- threads: a persistent pool, so a product costs a wake-up and not a thread creation -------------------- */
+/* ---- threads: torch's own OpenMP pool ---------------------------------------------------------------------- */
+/* Built with -fopenmp, this library needs libgomp.so.1, which torch has already loaded (torch/lib/libgomp.so.1),
+ * so the dynamic linker binds us to the same runtime: our parallel region runs on torch's worker threads, which
+ * are still spinning from torch's previous op. A pool of our own (tried first) competed with those spinning
+ * workers for the 2 cores and gave back a third of the gain. */
 
 typedef struct {
     int is_bf16;
@@ -174,12 +175,6 @@ typedef struct {
     void *y;
     int64_t n, k, nthreads;
 } job_t;
-
-static job_t job;
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t go = PTHREAD_COND_INITIALIZER, done = PTHREAD_COND_INITIALIZER;
-static int64_t generation = 0, pending = 0, started = 0;
-static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one product at a time */
 
 static void run_part(const job_t *j, int64_t part) {
     /* Row blocks of a multiple of 4 rows, as even as possible. */
@@ -192,64 +187,25 @@ static void run_part(const job_t *j, int64_t part) {
         rows_f32((const float *)j->w, (const float *)j->x, (const float *)j->b, (float *)j->y, r0, r1, j->k);
 }
 
-static void *worker(void *arg) {
-    int64_t part = (int64_t)(intptr_t)arg, seen = 0;
-    for (;;) {
-        pthread_mutex_lock(&mu);
-        while (generation == seen) pthread_cond_wait(&go, &mu);
-        seen = generation;
-        job_t j = job;
-        pthread_mutex_unlock(&mu);
-        if (part < j.nthreads) run_part(&j, part);
-        pthread_mutex_lock(&mu);
-        if (--pending == 0) pthread_cond_signal(&done);
-        pthread_mutex_unlock(&mu);
-    }
-    return NULL;
-}
-
-static int ensure_workers(int64_t nthreads) {
-    while (started < nthreads - 1) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&t, &attr, worker, (void *)(intptr_t)(started + 1));
-        pthread_attr_destroy(&attr);
-        if (rc != 0) return -1;
-        started++;
-    }
-    return 0;
-}
-
 /* y[n] = x[k] . w[n, k] (+ b[n]); x, w, b, y contiguous. `xf` is scratch for k floats (bf16). Returns 0. */
 static int gemv(int is_bf16, const void *x, const void *w, const void *b, void *y, int64_t n, int64_t k,
                 int64_t nthreads, float *xf) {
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (n < 64 * nthreads) nthreads = 1; /* too small to be worth a wake-up */
-    pthread_mutex_lock(&call_mu);
-    if (ensure_workers(nthreads) != 0) nthreads = 1;
     job_t j = {is_bf16, w, b, x, y, n, k, nthreads};
     if (is_bf16 && GEMV_BF16_WIDENS_X) {
         for (int64_t i = 0; i < k; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         j.x = xf;
     }
+#if defined(_OPENMP)
     if (nthreads > 1) {
-        pthread_mutex_lock(&mu);
-        job = j;
-        pending = started;
-        generation++;
-        pthread_cond_broadcast(&go);
-        pthread_mutex_unlock(&mu);
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+        for (int64_t part = 0; part < nthreads; part++) run_part(&j, part);
+        return 0;
     }
+#endif
+    j.nthreads = 1;
     run_part(&j, 0);
-    if (nthreads > 1) {
-        pthread_mutex_lock(&mu);
-        while (pending > 0) pthread_cond_wait(&done, &mu);
-        pthread_mutex_unlock(&mu);
-    }
-    pthread_mutex_unlock(&call_mu);
     return 0;
 }
 
