@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pgconv import tuning
 
-__all__ = ["available", "unavailable_reason", "gemv", "library_path", "ENV"]
+__all__ = ["available", "unavailable_reason", "isa", "gemv", "flusher", "library_path", "ENV"]
 
 ENV = "PGCONV_GEMV"  # 0 turns the kernel off
 SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv.c"
@@ -89,6 +89,8 @@ def _load():
     lib.pgconv_gemv_f32.argtypes = [p, p, p, p, i64, i64, i64]
     lib.pgconv_gemv_bf16.restype = lib.pgconv_gemv_f32.restype = ctypes.c_int
     lib.pgconv_gemv_isa.restype = ctypes.c_int
+    lib.pgconv_flush.argtypes = [p, i64]
+    lib.pgconv_flush.restype = ctypes.c_int
     return lib
 
 
@@ -127,6 +129,18 @@ def isa() -> str | None:
     widening + FMA) or portable (scalar loops); None when unavailable."""
     lib = _lib()
     return None if lib is None else ISA.get(lib.pgconv_gemv_isa(), "portable")
+
+
+def flusher(t: Tensor):
+    """A function that evicts `t`'s bytes from every cache level (x86 clflush), or None where that is not
+    available (no build, another architecture)."""
+    lib = _lib()
+    if lib is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return None
+    ptr, n = t.data_ptr(), t.numel() * t.element_size()
+    if lib.pgconv_flush(ptr, 64) != 0:
+        return None
+    return lambda: lib.pgconv_flush(ptr, n)
 
 
 def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -194,13 +194,16 @@ def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tens
 
 
 def _evictor(weight: Tensor):
-    """For a weight that fits in the last-level cache: a function that reads a buffer twice the cache's size, so
-    that each timed call streams the weight from memory, as in the model (where a decode step's 5 GB pass evicts
-    everything). Timed from cache, a 2048 x 2048 bf16 product ran 6x faster than in the model and the ranking of
-    kernels differed. None for larger weights (they stream anyway)."""
+    """For a weight that fits in the last-level cache: a function that evicts it, so that each timed call streams
+    the weight from memory, as in the model (where a decode step's 5 GB pass evicts everything). Timed from cache,
+    a 2048 x 2048 bf16 product ran 6x faster than in the model and the ranking of kernels differed. The weight's
+    own lines are flushed (x86 clflush, `cpu_gemv.flusher`); without that, a buffer twice the cache's size is
+    read (64 MiB here, allocated for the probe only). None for larger weights (they stream anyway)."""
     llc = tuning.last_level_cache_bytes()
     if weight.numel() * weight.element_size() > 2 * llc:
         return None
+    if (flush := cpu_gemv.flusher(weight)) is not None:
+        return flush
     buf = torch.ones(2 * llc // 4)  # touched: reading untouched pages would read the shared zero page
     return lambda: buf.sum()
 

@@ -128,10 +128,13 @@ def generate(checkpoint: str | None, images: tuple[Path, ...], prompt: str, max_
     )
     click.echo()
     if verbose:
-        from pgconv.model import cpu_kernels
+        from pgconv.model import cpu_gemv, cpu_kernels
 
         for choice in cpu_kernels.choices():
             click.echo(f"kernel: {cpu_kernels.describe(choice)}", err=True)
+        gemv = (f"built for {cpu_gemv.isa()}" if cpu_gemv.available()
+                else f"not a candidate ({cpu_gemv.unavailable_reason()})")
+        click.echo(f"kernels: pgconv's one-row kernel (gemv) {gemv}", err=True)
 
 
 def _sampling(settings, temperature: float | None, top_k: int | None,

@@ -94,6 +94,10 @@ def test_the_roofline_takes_the_fastest_stream_of_the_run_and_each_implementatio
     assert s["read_bytes_per_s"] == 20.0 and s["set_by"] == "sum over the step's weights (after a eager run)"
     assert s["roofline_fraction"] == pytest.approx({"ours": 0.25, "eager": 0.125})
     assert s["own_fraction"] == pytest.approx({"ours": 1 / 6 / 0.2, "eager": 1 / 20 / 0.4})
+    rows["ours"]["runs"] = [{"decode_s": 0.2, "read_bytes_per_s": 6.0}, {"decode_s": 0.3, "read_bytes_per_s": 2.0},
+                            {"decode_s": 0.25, "read_bytes_per_s": 4.0}]  # paired run by run: 5/6, 5/3, 1
+    assert inference.summarize(rows, bw, step_bytes=1)["own_fraction"]["ours"] == pytest.approx(1.0)
+    del rows["ours"]["runs"]
     result = {"preset": "tiny", "prompt_tokens": 12, "new_tokens": 3, "runs": 1, "machine": common.machine(2),
               "dtypes": {"float32": {"bandwidth": bw, "rows": rows, "skipped": {}, "summary": s}}}
     md = inference.markdown(result)

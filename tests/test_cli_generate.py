@@ -239,7 +239,7 @@ def test_verify_api_refuses_non_utf8_prompt_and_long_generation(tiny_dir):
 
 
 def test_generate_verbose_prints_the_kernel_chosen_per_shape(tiny_dir, tmp_path, monkeypatch, capsys):
-    from pgconv.model import cpu_kernels
+    from pgconv.model import cpu_gemv, cpu_kernels
 
     monkeypatch.setenv("PGCONV_CACHE", str(tmp_path))
     monkeypatch.setenv("PGCONV_KERNELS", "auto")
@@ -247,12 +247,16 @@ def test_generate_verbose_prints_the_kernel_chosen_per_shape(tiny_dir, tmp_path,
     argv = ("generate", str(tiny_dir), "--max-new-tokens", "3", "--dtype", "bfloat16")
     code, out, err = run(capsys, *argv, "--verbose")
     assert code == 0, err
-    lines = err.splitlines()
+    *lines, gemv = err.splitlines()
     assert lines and all(line.startswith("kernel: linear bfloat16 ") for line in lines)
+    assert gemv.startswith("kernels: pgconv's one-row kernel (gemv) ")
+    assert ("built for" in gemv) == cpu_gemv.available()
     assert any("rows=1: " in line and "(measured: " in line for line in lines)  # decode products, timed here
     cpu_kernels.reset()  # the next process: every decision comes from the cache, the text is the same
     code, again, err = run(capsys, *argv, "--verbose")
     assert code == 0 and again == out and err.count("(cached") == len(lines)
+    if cpu_gemv.available():  # timed for every decode product (whichever won on these tiny shapes)
+        assert all(" gemv " in line for line in lines if "rows=1: " in line)
     assert run(capsys, *argv)[1:] == (out, "")
     cpu_kernels.reset()
 

@@ -315,6 +315,12 @@ def test_a_kernel_that_refuses_an_input_falls_back_to_f_linear(monkeypatch):
 
 def test_weights_that_fit_in_the_cache_are_timed_streamed_from_memory(monkeypatch):
     monkeypatch.setattr(tuning, "last_level_cache_bytes", lambda: 1 << 20)
-    small = cpu_kernels._evictor(torch.empty(256, 2048, dtype=torch.bfloat16))  # 1 MiB: fits, evicted between calls
-    assert callable(small) and small().item() == (2 << 20) // 4
+    w = torch.randn(256, 2048).bfloat16()
+    small = cpu_kernels._evictor(w)  # 1 MiB: fits, evicted between calls
+    assert callable(small)
+    before = w.clone()
+    small()
+    assert torch.equal(w, before)  # flushing the weight's lines leaves its values alone
+    monkeypatch.setattr(cpu_gemv, "flusher", lambda t: None)  # no clflush: a buffer twice the cache is read
+    assert cpu_kernels._evictor(w)().item() == (2 << 20) // 4
     assert cpu_kernels._evictor(torch.empty(1024, 2048, dtype=torch.bfloat16, device="meta")) is None  # 4 MiB

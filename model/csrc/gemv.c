@@ -16,7 +16,7 @@
  */
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -227,5 +227,21 @@ int pgconv_gemv_isa(void) {
     return 1;
 #else
     return 0;
+#endif
+}
+
+/* Evict [p, p + bytes) from every cache level (x86: clflush, line by line), so that a kernel probe times a weight
+ * that fits in the caches as the model runs it: streamed from memory. Returns 0, or -1 where not supported. */
+int pgconv_flush(const void *p, int64_t bytes) {
+#if defined(__x86_64__) || defined(__i386__)
+    const char *c = (const char *)p;
+    for (int64_t i = 0; i < bytes; i += 64) _mm_clflush(c + i);
+    _mm_clflush(c + bytes - 1);
+    _mm_mfence();
+    return 0;
+#else
+    (void)p;
+    (void)bytes;
+    return -1;
 #endif
 }
