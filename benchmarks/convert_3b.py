@@ -39,6 +39,20 @@ OUT = Path(__file__).resolve().parent / "out"
 PRESET = "paligemma-3b-pt-224"
 PGCONV = [sys.executable, "-c", "from pgconv.cli import main; main()"]
 
+# The disk's own durable write of the same number of bytes, as pgconv's writer writes (its measured plan for this
+# directory: O_DIRECT or buffered, staging size, workers; fsync at the end), in a child like the others: a 1 GiB probe
+# read 3.4 GB/s where 5.9 GB went at 2.0-2.3 GB/s (2026-12-04), so only the same size is a fair floor.
+DISK = """
+import json, sys
+from pathlib import Path
+from pgconv.converter import write_path
+d, n = Path(sys.argv[1]), int(sys.argv[2])
+d.mkdir(parents=True, exist_ok=True)
+plan = write_path.plan_for(d)
+t = write_path._time_write(d, plan, n // (4 << 20) * (4 << 20))
+print(json.dumps({"plan": plan.name, "write_s": t}))
+"""
+
 TRANSFORMERS = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -65,7 +79,8 @@ def _run(cmd: list[str]) -> dict:
         out, err = out_f.read(), err_f.read()
     if code:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}):\n{err[-2000:]}")
-    result = {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    result = {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+              "user_s": round(usage.ru_utime, 2), "sys_s": round(usage.ru_stime, 2)}
     last = out.strip().splitlines()[-1] if out.strip() else ""
     if last.startswith("{"):
         result.update(json.loads(last))
@@ -149,6 +164,7 @@ def main() -> None:
                               work / "same"),
         "pgconv bf16->fp32": (PGCONV + ["convert", str(src), str(work / "fp32"), "--to", "hf-legacy", "--dtype",
                                         "float32", "--quiet"], work / "fp32"),
+        "disk write, same bytes": ([sys.executable, "-c", DISK, str(work / "disk"), str(size)], work / "disk"),
     }, args.runs)
     if args.skip_transformers or _available_gb() < 16:
         print(f"transformers skipped ({_available_gb():.1f} GB available, 16 GB needed)", flush=True)
@@ -156,9 +172,10 @@ def main() -> None:
         results.update(_measure({"transformers fp32": ([sys.executable, "-c", TRANSFORMERS, str(src), str(work / "hf")],
                                                        work / "hf")}, 1))
     for name, r in results.items():
-        print(f"median {name:24s} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:8.1f} MB  (runs: {r['runs_wall_s']})",
-              flush=True)
+        print(f"median {name:24s} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:8.1f} MB  CPU user {r['user_s']} s "
+              f"sys {r['sys_s']} s  (runs: {r['runs_wall_s']})", flush=True)
     cp, same, cast = results["cp -r"], results["pgconv same dtype"], results["pgconv bf16->fp32"]
+    disk = results["disk write, same bytes"]
     cp_synced = cp["wall_s"] + cp["sync_after_s"]
     verdict = {
         "same_dtype_vs_cp": round(same["wall_s"] / max(cp["wall_s"], 1e-3), 2),
@@ -166,9 +183,18 @@ def main() -> None:
         # run i of pgconv against run i of cp (measured back to back), median over runs
         "same_dtype_vs_cp_paired": round(sorted(a / max(b, 1e-3) for a, b in zip(same["runs_wall_s"],
                                                                                cp["runs_wall_s"]))[(len(cp["runs_wall_s"]) - 1) // 2], 2),
-        # against writing the same bytes at the disk's best durable rate (target <= 1.2)
-        "same_dtype_vs_disk": round(same["wall_s"] / (size / max(info["disk_write"]["direct"] or 0,
-                                                                 info["disk_write"]["buffered"] or 0, 1.0)), 2),
+        # against the disk's durable write of the same bytes through the same write path (timed write + fsync only:
+        # the child's start-up and the unlink of 5.9 GB are not the disk's), in a child of its own, interleaved with
+        # the others (target <= 1.2); and against that child's whole wall time
+        "same_dtype_vs_disk": round(same["wall_s"] / max(disk["write_s"], 1e-3), 2),
+        "same_dtype_vs_disk_child_wall": round(same["wall_s"] / max(disk["wall_s"], 1e-3), 2),
+        "disk_write_gb_per_s": round(size / max(disk["write_s"], 1e-3) / 1e9, 2),
+        # against the 1 GiB probe's best rate (direct or buffered), as before
+        "same_dtype_vs_disk_1gib_probe": round(same["wall_s"] / (size / max(info["disk_write"]["direct"] or 0,
+                                                                            info["disk_write"]["buffered"] or 0,
+                                                                            1.0)), 2),
+        # where pgconv's time goes: CPU seconds (2 cores) against its wall time
+        "same_dtype_cpu_s": round(same.get("user_s", 0) + same.get("sys_s", 0), 2),
         "same_dtype_rss_ok": same["peak_rss_mb"] <= 256,
         "cast_rss_ok": cast["peak_rss_mb"] <= 1536,
     }
