@@ -2,8 +2,10 @@
 
 For each weight shape of the PaliGemma-3B decoder (and SigLIP's), the throughput of every kernel torch offers for
 `F.linear`: one row (decode: GB/s of weights streamed) and a prompt's worth of rows (prefill: GFLOPS):
-- bf16 one row: oneDNN brgemm (torch's default) vs ATen's GEMV (oneDNN off) vs ours (`cpu_kernels.linear`);
-- fp32 rows: MKL SGEMM/SGEMV (torch's default) vs oneDNN (`mkldnn::_linear_pointwise`) vs ours;
+- bf16 one row: oneDNN brgemm (torch's default) vs ATen's GEMV (oneDNN off) vs pgconv's gemv (`model/cpu_gemv.py`)
+  vs ours (`cpu_kernels.linear`, on its measured choice);
+- fp32 rows: MKL SGEMM/SGEMV (torch's default) vs oneDNN (`mkldnn::_linear_pointwise`) vs pgconv's gemv (one row)
+  vs ours;
 plus the read bandwidth, the roofline's denominator: the fastest of a large `sum`, a `copy` (read + write bytes)
 and every one-row GEMV in the table (which one set it is named), and the disk's durable write speeds. Best of
 several repetitions.
@@ -30,13 +32,16 @@ SHAPES = [("gate/up", 16384, 2048), ("down", 2048, 16384), ("q/o", 2048, 2048), 
 QUICK_SHAPES = [("gate/up", 1024, 256), ("down", 256, 1024)]
 
 
-def _best(fns: list, reps: int) -> list[float]:
-    """Best time of each function, the functions interleaved so that a busy spell on the machine hits all alike."""
+def _best(fns: list, reps: int, between=None) -> list[float]:
+    """Best time of each function, the functions interleaved so that a busy spell on the machine hits all alike;
+    `between` (untimed) before each timed call: evicting a weight that fits in the caches, as the model streams it."""
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, fn in enumerate(fns):
+            if between is not None:
+                between()
             start = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - start)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from pgconv.model import cpu_kernels
+    from pgconv.model import cpu_gemv, cpu_kernels
 
     torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 10
@@ -79,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     gib = x.numel() * 4 / 2**30
     del x, y
     bandwidth_at = len(lines)
-    lines += ["", "One row (decode), GB/s of weights streamed:", "",
-              "| weight | bf16 oneDNN (torch default) | bf16 ATen GEMV | bf16 ours | fp32 MKL (torch default) | "
-              "fp32 oneDNN | fp32 ours |", "|---|---:|---:|---:|---:|---:|---:|"]
+    gemv = cpu_gemv.available()
+    lines += ["", "One row (decode), GB/s of weights streamed (weights that fit in the last-level cache are evicted "
+              "before each call, as in the model); 'pgconv gemv' is `model/csrc/gemv.c`"
+              + (f" ({cpu_gemv.isa()})" if gemv else f" (not available: {cpu_gemv.unavailable_reason()})")
+              + ", 'ours' `cpu_kernels.linear` on its measured choice:", "",
+              "| weight | bf16 oneDNN (torch default) | bf16 ATen GEMV | bf16 pgconv gemv | bf16 ours | "
+              "fp32 MKL (torch default) | fp32 oneDNN | fp32 pgconv gemv | fp32 ours |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     prefill = ["", f"{args.rows} rows (prefill), GFLOPS:", "",
                "| weight | bf16 oneDNN (torch default) | bf16 ours | fp32 MKL (torch default) | fp32 oneDNN | "
                "fp32 ours |",
@@ -97,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
                     kinds = [lambda: F.linear(row, w), _without_onednn(lambda: F.linear(row, w))]
                 else:
                     kinds = [lambda: F.linear(row, w), lambda: onednn(row, w, None, "none", [], "")]
+                if gemv:
+                    kinds.append(lambda: cpu_gemv.gemv(row, w, None))
                 kinds.append(lambda: cpu_kernels.linear(row, w))
-                rates = [nbytes / t for t in _best(kinds, reps)]
-                cells += [f"{r / 1e9:.1f}" for r in rates]
-                streams[f"{name} {str(dtype)[6:]} GEMV"] = max(rates)
+                rates = [nbytes / t for t in _best(kinds, reps, cpu_kernels._evictor(w))]
+                if not gemv:
+                    rates.insert(2, float("nan"))
+                cells += ["-" if r != r else f"{r / 1e9:.1f}" for r in rates]
+                streams[f"{name} {str(dtype)[6:]} GEMV"] = max(r for r in rates if r == r)
                 if name == "head":  # a prompt's worth of head rows never runs (logits for the last position only)
                     gemm += ["-"] * (2 if dtype == torch.bfloat16 else 3)
                     continue
