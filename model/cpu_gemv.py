@@ -4,7 +4,8 @@ A candidate of `model/cpu_kernels.py` for decode products (one row of x, bf16 or
 measured against torch's kernels like any other and only runs where it wins. It is compiled on first use with
 `cc -O3 -march=native` into the user cache dir (`tuning` cache root, `kernels/`), named by a hash of the source,
 the compiler's version, the flags and the CPU (a library built for one CPU never loads on another); the build
-is atomic (temporary file + rename). Without a C compiler, or if the build or load fails, `available()` is
+is atomic (temporary file + rename); a read-only cache dir builds into the temp dir instead. Without a C
+compiler, or if the build or load fails, `available()` is
 False and the reason is in `unavailable_reason()`: the model then runs on torch's kernels alone.
 `PGCONV_GEMV=0` turns it off.
 """
@@ -82,7 +83,12 @@ def _load():
         raise OSError("no C compiler (cc) on PATH")
     path = library_path(cc)
     if not path.is_file():
-        _build(cc, path)
+        try:
+            _build(cc, path)
+        except PermissionError:  # a read-only cache dir: build for this user in the temp dir instead
+            path = Path(tempfile.gettempdir()) / f"pgconv-kernels-{os.getuid()}" / path.name
+            if not path.is_file():
+                _build(cc, path)
     lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.pgconv_gemv_bf16.argtypes = [p, p, p, p, i64, i64, i64, p]

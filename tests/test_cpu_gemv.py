@@ -143,3 +143,18 @@ def test_what_it_does_not_take_is_refused_for_torchs_kernel_to_run():
     # a strided row of x (a slice of a wider tensor) is fine: it is copied
     wide = torch.randn(1, 128)
     assert torch.allclose(cpu_gemv.gemv(wide[:, ::2], w, None), F.linear(wide[:, ::2], w), rtol=1e-5, atol=1e-5)
+
+
+@needs_cc
+def test_a_read_only_cache_dir_builds_into_the_temp_dir(fresh, monkeypatch, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("systmp")
+    real = cpu_gemv._build
+
+    def build(cc, out):  # the cache dir refuses writes (root ignores chmod, so the refusal is simulated)
+        if fresh in out.parents:
+            raise PermissionError(13, "Permission denied", str(out.parent))
+        return real(cc, out)
+    monkeypatch.setattr(cpu_gemv, "_build", build)
+    monkeypatch.setattr(cpu_gemv.tempfile, "gettempdir", lambda: str(tmp))
+    assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+    assert list(tmp.glob("pgconv-kernels-*/gemv-*.so")) and not (fresh / "kernels").exists()
