@@ -4,7 +4,7 @@ A candidate of `model/cpu_kernels.py` for decode products (one row of x, bf16 or
 measured against torch's kernels like any other and only runs where it wins. It is compiled on first use with
 `cc -O3 -march=native` into the user cache dir (`tuning` cache root, `kernels/`), named by a hash of the source,
 the compiler's version, the flags and the CPU (a library built for one CPU never loads on another); the build
-is atomic (temporary file + rename); a read-only cache dir builds into the temp dir instead. Without a C
+is atomic (temporary file + rename); a read-only cache dir builds into a private temp dir instead. Without a C
 compiler, or if the build or load fails, `available()` is
 False and the reason is in `unavailable_reason()`: the model then runs on torch's kernels alone.
 `PGCONV_GEMV=0` turns it off.
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +29,8 @@ from torch import Tensor
 
 from pgconv import tuning
 
-__all__ = ["available", "unavailable_reason", "isa", "gemv", "flusher", "library_path", "ENV"]
+__all__ = ["available", "unavailable_reason", "isa", "gemv", "flusher", "library_path", "build", "build_id",
+           "open_library", "ENV"]
 
 ENV = "PGCONV_GEMV"  # 0 turns the kernel off
 SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv.c"
@@ -39,34 +42,43 @@ _state: dict = {}  # "lib" or "error", once decided in this process
 _scratch = threading.local()
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The C compiler command: $CC (which may carry arguments, e.g. 'ccache gcc'), else cc, else gcc."""
+    if cc := os.environ.get("CC", "").strip():
+        return shlex.split(cc)
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
-def library_path(cc: str) -> Path:
-    """Where the build for this source, compiler, flags and CPU lives."""
+def library_path(cc: list[str] | str, flags: list[str] = FLAGS) -> Path:
+    """Where the build for this source, compiler, flags and CPU lives. The CPU is its label and its whole flags
+    line: `-march=native` code uses every extension the CPU reports (the masked loads need AVX512BW), so two VMs
+    that differ only in a flag the hypervisor hides must not share a build (a shared home dir would SIGILL)."""
+    cc = [cc] if isinstance(cc, str) else cc
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), tuning.cpu_label().encode(),
-                 " ".join(tuning.cpu_isa()).encode()):
+    for part in (SOURCE.read_bytes(), " ".join(cc).encode(), version.encode(), " ".join(flags).encode(),
+                 tuning.cpu_label().encode(), " ".join(tuning.cpu_flags()).encode()):
         h.update(part + b"\0")
     from pgconv.converter.fixture import cache_dir
 
     return cache_dir() / "kernels" / f"gemv-{h.hexdigest()[:16]}.so"
 
 
-def _build(cc: str, out: Path) -> None:
+def build(cc: list[str], out: Path, flags: list[str] = FLAGS) -> None:
+    """Compile the kernel into `out` (atomic: a temporary file, then a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+        r = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
                            timeout=BUILD_TIMEOUT_S)
         if r.returncode != 0:
-            raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:] or ['no output']}")
+            raise OSError(f"{' '.join(cc)} failed: "
+                          f"{(r.stderr or r.stdout).strip().splitlines()[-1:] or ['no output']}")
         os.replace(tmp, out)
         tmp = None
     finally:
@@ -84,11 +96,23 @@ def _load():
     path = library_path(cc)
     if not path.is_file():
         try:
-            _build(cc, path)
-        except PermissionError:  # a read-only cache dir: build for this user in the temp dir instead
-            path = Path(tempfile.gettempdir()) / f"pgconv-kernels-{os.getuid()}" / path.name
-            if not path.is_file():
-                _build(cc, path)
+            build(cc, path)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # A read-only cache dir: build into a fresh private temp dir (0700, this process's own; never a
+            # predictable shared path, whose planted library another user could make us load).
+            path = Path(tempfile.mkdtemp(prefix="pgconv-kernels-")) / path.name
+            build(cc, path)
+    try:
+        return open_library(path)
+    except OSError:  # a damaged build (a crash mid-write elsewhere, a full disk): built again, once
+        build(cc, path)
+        return open_library(path)
+
+
+def open_library(path: Path):
+    """Load a build and declare its functions (also for tests of other builds)."""
     lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.pgconv_gemv_bf16.argtypes = [p, p, p, p, i64, i64, i64, p]
@@ -105,10 +129,18 @@ def _lib():
         with _lock:
             if not _state:
                 try:
-                    _state["lib"] = _load()
+                    _state["lib"] = lib = _load()
+                    _state["id"] = Path(lib._name).stem
                 except (OSError, subprocess.SubprocessError, AttributeError) as e:
                     _state["error"] = str(e) or type(e).__name__
     return _state.get("lib")
+
+
+def build_id() -> str | None:
+    """The loaded build's name (it changes with the source, compiler, flags and CPU), or None: kernel decisions
+    that were measured with another build are measured again."""
+    _lib()
+    return _state.get("id")
 
 
 def _reset() -> None:
@@ -139,14 +171,20 @@ def isa() -> str | None:
 
 def flusher(t: Tensor):
     """A function that evicts `t`'s bytes from every cache level (x86 clflush), or None where that is not
-    available (no build, another architecture)."""
+    available (no build, another architecture, a tensor without plain memory). The function holds `t`."""
     lib = _lib()
-    if lib is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+    if lib is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0 or not _plain(t):
         return None
-    ptr, n = t.data_ptr(), t.numel() * t.element_size()
-    if lib.pgconv_flush(ptr, 64) != 0:
+    if lib.pgconv_flush(None, 0) != 0:  # asks whether clflush exists; touches no memory
         return None
-    return lambda: lib.pgconv_flush(ptr, n)
+    n = t.numel() * t.element_size()
+    return lambda t=t: lib.pgconv_flush(t.data_ptr(), n)
+
+
+def _plain(t: Tensor) -> bool:
+    """Whether `t`'s values are its memory as it lies: not a zero tensor (no memory), not a lazily negated or
+    conjugated view (the sign is applied on read, so raw memory has the other sign)."""
+    return not (t._is_zerotensor() or t.is_neg() or t.is_conj()) and (t.data_ptr() != 0 or t.numel() == 0)
 
 
 def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -158,7 +196,8 @@ def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             or weight.dtype != dt or (bias is not None and bias.dtype != dt) or x2.device.type != "cpu"
             or weight.device.type != "cpu" or not weight.is_contiguous() or weight.dim() != 2
             or weight.shape[1] != x2.shape[1] or (bias is not None and (bias.shape != (weight.shape[0],)
-                                                                       or not bias.is_contiguous()))):
+                                                                       or not bias.is_contiguous()))
+            or not all(_plain(t) for t in (x2, weight, bias) if t is not None)):
         raise NotImplementedError("pgconv gemv: one contiguous bf16/fp32 row on CPU only")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias)):
         raise NotImplementedError("pgconv gemv: no autograd")
@@ -168,10 +207,13 @@ def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     b = bias.data_ptr() if bias is not None else None
     threads = torch.get_num_threads()
     if dt == torch.bfloat16:
-        scratch = getattr(_scratch, "buf", None)
-        if scratch is None or scratch.numel() < k:  # x widened to fp32 (the paths without AVX512-BF16)
-            scratch = _scratch.buf = torch.empty(max(k, 4096), dtype=torch.float32)
-        lib.pgconv_gemv_bf16(x2.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, k, threads, scratch.data_ptr())
+        scratch = None
+        if lib.pgconv_gemv_isa() != 2:  # x widened to fp32 once (the paths without AVX512-BF16)
+            scratch = getattr(_scratch, "buf", None)
+            if scratch is None or scratch.numel() < k:
+                scratch = _scratch.buf = torch.empty(max(k, 4096), dtype=torch.float32)
+        lib.pgconv_gemv_bf16(x2.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, k, threads,
+                             None if scratch is None else scratch.data_ptr())
     else:
         lib.pgconv_gemv_f32(x2.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, k, threads)
     return y

@@ -169,9 +169,12 @@ def choose(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
 def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
     cache = _decisions.setdefault(threads, tuning.Decisions("kernels", _machine_key(threads)))
     entry = cache.get(key)
-    # A decision stands only among the same candidates: a kernel that became available (a compiler installed, a
-    # new pgconv) or went away is measured against the others afresh.
-    if entry is not None and entry.get("kernel") in names and entry.get("candidates") == names:
+    # A decision stands only among the same candidates and the same build of pgconv's kernel: a kernel that
+    # became available (a compiler installed) or went away, or a rebuilt one (new source, compiler or CPU), is
+    # measured against the others afresh.
+    build = cpu_gemv.build_id() if "gemv" in names else None
+    if (entry is not None and entry.get("kernel") in names and entry.get("candidates") == names
+            and entry.get("gemv_build") == build):
         times = entry.get("times_s")
         times = {k: v for k, v in times.items() if isinstance(v, (int, float))} if isinstance(times, dict) else {}
         return Choice(key, entry["kernel"], "cached", times)
@@ -188,7 +191,7 @@ def _measured(key: str, names: list[str], threads: int, x2: Tensor, weight: Tens
     if "default" in times and times[kernel] * MARGIN > times["default"]:
         kernel = "default"  # a gap within noise keeps torch's own pick
     # The load average says, later, whether the machine was busy when this was decided (delete the file to redo it).
-    cache.put(key, {"kernel": kernel, "times_s": times, "candidates": names,
+    cache.put(key, {"kernel": kernel, "times_s": times, "candidates": names, "gemv_build": build,
                     "load_avg_1min": round(os.getloadavg()[0], 2)})
     return Choice(key, kernel, "measured", times)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cpu_model", "cpu_signature", "cpu_label", "cpu_isa", "last_level_cache_bytes", "Decisions", "measure",
+__all__ = ["cpu_model", "cpu_signature", "cpu_label", "cpu_flags", "cpu_isa", "last_level_cache_bytes", "Decisions", "measure",
            "clock"]
 
 FORMAT = 1  # bump when the meaning of a cached decision changes
@@ -63,6 +63,12 @@ def cpu_label() -> str:
     stepping 1)'."""
     sig = cpu_signature()
     return f"{cpu_model()} ({sig})" if sig else cpu_model()
+
+
+def cpu_flags() -> list[str]:
+    """Every flag /proc/cpuinfo reports for the first CPU (what `-march=native` code may use)."""
+    m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return m.group(1).split() if m else []
 
 
 def cpu_isa() -> list[str]:

@@ -3,7 +3,12 @@ denormals, NaN/inf kept, one rounding), threads, the per-machine build cache, an
 
 from __future__ import annotations
 
+import errno
+import os
+import platform
 import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -146,15 +151,127 @@ def test_what_it_does_not_take_is_refused_for_torchs_kernel_to_run():
 
 
 @needs_cc
-def test_a_read_only_cache_dir_builds_into_the_temp_dir(fresh, monkeypatch, tmp_path_factory):
+@pytest.mark.parametrize("refusal", [errno.EACCES, errno.EROFS])
+def test_a_read_only_cache_dir_builds_into_a_private_temp_dir(fresh, monkeypatch, tmp_path_factory, refusal):
     tmp = tmp_path_factory.mktemp("systmp")
-    real = cpu_gemv._build
+    real = cpu_gemv.build
 
-    def build(cc, out):  # the cache dir refuses writes (root ignores chmod, so the refusal is simulated)
+    def build(cc, out, flags=cpu_gemv.FLAGS):  # the cache dir refuses writes (simulated: root ignores chmod)
         if fresh in out.parents:
-            raise PermissionError(13, "Permission denied", str(out.parent))
-        return real(cc, out)
-    monkeypatch.setattr(cpu_gemv, "_build", build)
+            raise OSError(refusal, os.strerror(refusal), str(out.parent))
+        return real(cc, out, flags)
+    monkeypatch.setattr(cpu_gemv, "build", build)
     monkeypatch.setattr(cpu_gemv.tempfile, "gettempdir", lambda: str(tmp))
     assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
-    assert list(tmp.glob("pgconv-kernels-*/gemv-*.so")) and not (fresh / "kernels").exists()
+    (lib,) = tmp.glob("pgconv-kernels-*/gemv-*.so")
+    assert lib.parent.stat().st_mode & 0o077 == 0 and not (fresh / "kernels").exists()  # private, not shared
+
+
+@needs_cc
+def test_a_damaged_build_is_built_again(fresh):
+    assert cpu_gemv.available()
+    (lib,) = (fresh / "kernels").glob("gemv-*.so")
+    junk = lib.with_suffix(".junk")
+    junk.write_bytes(b"not a shared object")
+    os.replace(junk, lib)  # a new file (overwriting the loaded one in place would fault this very process)
+    # A new process (this one would get its loaded copy back from dlopen, by name):
+    code = "from pgconv.model import cpu_gemv; print(cpu_gemv.available(), cpu_gemv.unavailable_reason())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PGCONV_CACHE": str(fresh)})
+    assert out.stdout.split() == ["True", "None"], out.stderr[-2000:]
+    assert lib.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_the_compiler_may_carry_arguments(monkeypatch):
+    monkeypatch.setenv("CC", "ccache gcc -w")
+    assert cpu_gemv._compiler() == ["ccache", "gcc", "-w"]
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)
+    assert cpu_gemv._compiler() == ["/usr/bin/cc"]
+
+
+@needs_cc
+def test_tensors_whose_memory_is_not_their_values_are_refused():
+    assert cpu_gemv.available()
+    x, w = torch.randn(1, 64), torch.randn(48, 64)
+    for args in ((torch._efficientzerotensor((1, 64)), w, None),  # no memory at all
+                 (x, torch._efficientzerotensor((48, 64)), None),
+                 (torch._neg_view(x), w, None),  # the sign is applied on read: raw memory has the other one
+                 (x, torch._neg_view(w), None),
+                 (x, w, torch._neg_view(torch.randn(48)))):
+        with pytest.raises(NotImplementedError):
+            cpu_gemv.gemv(*args)
+        assert torch.allclose(cpu_kernels.linear(*args), F.linear(*args))  # the caller's fallback is right
+    assert cpu_gemv.flusher(torch._efficientzerotensor((64,))) is None
+    tiny = torch.randn(2)  # 8 bytes: the probe must not touch more than the tensor's own
+    flush = cpu_gemv.flusher(tiny)
+    if flush is not None:
+        del tiny
+        assert flush() == 0  # the function holds its tensor: flushing after the caller let go is safe
+
+
+LONG = [(9, 4097), (130, 4127), (3, 16416), (1, 16384), (130, 4096), (7, 31), (4, 32), (2, 1)]
+
+
+def _check(run, dtype, n, k, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed + n + k)
+    x, w = torch.randn(1, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    got = run(x, w, b)
+    magnitude = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    spacing = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - (7 if dtype == torch.bfloat16 else 23))
+    bad = (got.double() - exact).abs() > 0.5 * spacing + (k + 1) * 2.0 ** -24 * magnitude
+    assert not bad.any(), f"{dtype} n={n} k={k} bias={with_bias}: rows {bad.nonzero()[:5, 1].tolist()} wrong"
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_long_rows_row_and_column_tails_against_float64(dtype, threads):
+    """The four-row block of long rows (k >= 4096) with its masked tail and bias, the one-row path, n below the
+    thread count: every row within the fp32 summation bound of float64."""
+    assert cpu_gemv.available()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for n, k in LONG:
+            for with_bias in (False, True):
+                _check(cpu_gemv.gemv, dtype, n, k, with_bias)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 code paths")
+@pytest.mark.parametrize(("flags", "isa"), [(["-mno-avx512bf16"], "avx512f"), (["-march=x86-64-v3"], "portable")])
+def test_the_other_code_paths_are_right_too(tmp_path, flags, isa):
+    """This machine runs its best path; the builds a CPU without AVX512-BF16 (exact widening + FMA) or without
+    AVX-512 (portable loops) would run are built here and checked the same way."""
+    if "avx512f" not in tuning.cpu_isa() and isa == "avx512f":
+        pytest.skip("this CPU cannot run AVX-512 code")
+    cc = cpu_gemv._compiler()
+    base = [f for f in cpu_gemv.FLAGS if not (isa == "portable" and f == "-march=native")]
+    out = tmp_path / "gemv.so"
+    cpu_gemv.build(cc, out, [*base, *flags])
+    lib = cpu_gemv.open_library(out)
+    assert cpu_gemv.ISA[lib.pgconv_gemv_isa()] == isa
+
+    def run(x, w, b):
+        y = torch.empty(1, w.shape[0], dtype=x.dtype)
+        bp = None if b is None else b.data_ptr()
+        if x.dtype == torch.bfloat16:
+            scratch = torch.empty(max(w.shape[1], 1))
+            lib.pgconv_gemv_bf16(x.data_ptr(), w.data_ptr(), bp, y.data_ptr(), w.shape[0], w.shape[1], 2,
+                                 scratch.data_ptr())
+        else:
+            lib.pgconv_gemv_f32(x.data_ptr(), w.data_ptr(), bp, y.data_ptr(), w.shape[0], w.shape[1], 2)
+        return y
+    for dtype in (torch.bfloat16, torch.float32):
+        for n, k in [*LONG, (1030, 512)]:
+            for with_bias in (False, True):
+                _check(run, dtype, n, k, with_bias)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    w = torch.zeros(1, 64, dtype=torch.bfloat16)
+    x[0, 0], w[0, 0] = 2.0 ** -30, 2.0 ** -100
+    assert run(x, w, None)[0, 0].item() == 2.0 ** -130  # widened exactly: no flush of denormals

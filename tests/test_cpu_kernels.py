@@ -24,7 +24,8 @@ KERNEL_CASES = [(name, dtype, rows) for dtype in cpu_kernels.MEASURED for rows i
 @pytest.mark.parametrize(("kernel", "dtype", "rows"), KERNEL_CASES,
                          ids=[f"{k}-{str(d)[6:]}-rows{r}" for k, d, r in KERNEL_CASES])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("n_k", [(1024, 2048), (37, 1007)])  # and odd shapes: row and column tails
+@pytest.mark.parametrize("n_k", [(1024, 2048), (37, 1007), (130, 4127)])  # odd shapes: row and column tails,
+# and rows long enough (>= 4096) for pgconv gemv's four-row block
 def test_every_candidate_accumulates_in_fp32_and_rounds_once(kernel, dtype, rows, with_bias, n_k):
     """Against float64: within the worst-case fp32 summation bound everywhere, and (bf16) the correctly rounded
     value almost everywhere. A second rounding (product, then bias) or a bf16 accumulation gets <= 75 % right."""
@@ -206,6 +207,20 @@ def test_a_cached_decision_is_measured_again_when_the_candidates_change(measurin
     cpu_kernels.reset()
     cpu_kernels.linear(x, w)
     assert cpu_kernels.choices()[0].source == "cached"
+
+
+def test_a_cached_decision_is_measured_again_after_pgconvs_kernel_is_rebuilt(measuring, monkeypatch):
+    if not GEMV:
+        pytest.skip("no C compiler: pgconv's kernel is no candidate")
+    x, w = _product(1)
+    cpu_kernels.linear(x, w)
+    cpu_kernels.reset()
+    cpu_kernels.linear(x, w)
+    assert cpu_kernels.choices()[0].source == "cached"
+    monkeypatch.setattr(cpu_gemv, "build_id", lambda: "gemv-0123456789abcdef")  # new source, compiler or CPU
+    cpu_kernels.reset()
+    cpu_kernels.linear(x, w)
+    assert cpu_kernels.choices()[0].source == "measured"
 
 
 def test_probe_runs_once_per_shape_per_process_and_not_with_a_warm_cache(measuring):

@@ -234,6 +234,7 @@ int pgconv_gemv_isa(void) {
  * that fits in the caches as the model runs it: streamed from memory. Returns 0, or -1 where not supported. */
 int pgconv_flush(const void *p, int64_t bytes) {
 #if defined(__x86_64__) || defined(__i386__)
+    if (bytes <= 0) return 0; /* (NULL, 0): "is flushing supported here?" */
     const char *c = (const char *)p;
     for (int64_t i = 0; i < bytes; i += 64) _mm_clflush(c + i);
     _mm_clflush(c + bytes - 1);
