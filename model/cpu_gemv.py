@@ -131,6 +131,7 @@ def _lib():
                 try:
                     _state["lib"] = lib = _load()
                     _state["id"] = Path(lib._name).stem
+                    _state["widens"] = lib.pgconv_gemv_isa() != 2
                 except (OSError, subprocess.SubprocessError, AttributeError) as e:
                     _state["error"] = str(e) or type(e).__name__
     return _state.get("lib")
@@ -208,7 +209,7 @@ def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     threads = torch.get_num_threads()
     if dt == torch.bfloat16:
         scratch = None
-        if lib.pgconv_gemv_isa() != 2:  # x widened to fp32 once (the paths without AVX512-BF16)
+        if _state["widens"]:  # x widened to fp32 once (the paths without AVX512-BF16)
             scratch = getattr(_scratch, "buf", None)
             if scratch is None or scratch.numel() < k:
                 scratch = _scratch.buf = torch.empty(max(k, 4096), dtype=torch.float32)
