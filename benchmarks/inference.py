@@ -278,8 +278,6 @@ def summarize(rows: dict[str, dict], bw: dict, step_bytes: int) -> dict:
                         if run.get("read_bytes_per_s"))
         if paired:
             out["own_fraction"][name] = paired[len(paired) // 2]
-        elif b := r.get("bandwidth"):
-            out["own_fraction"][name] = step_bytes / b["read_bytes_per_s"] / r["decode_s"]
     # A run faster than the bound disproves the bound: no fraction of it means anything then.
     out["roofline_exceeded"] = {n: f for n, f in out["roofline_fraction"].items() if f > NOISE}
     ours = rows.get("ours")

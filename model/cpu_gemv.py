@@ -38,7 +38,7 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math
 BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()
-_state: dict = {}  # "lib" or "error", once decided in this process
+_state: dict = {}  # "lib", "id", "isa" or "error", once decided in this process
 _scratch = threading.local()
 
 
@@ -131,7 +131,7 @@ def _lib():
                 try:
                     _state["lib"] = lib = _load()
                     _state["id"] = Path(lib._name).stem
-                    _state["widens"] = lib.pgconv_gemv_isa() != 2
+                    _state["isa"] = ISA.get(lib.pgconv_gemv_isa(), "portable")
                 except (OSError, subprocess.SubprocessError, AttributeError) as e:
                     _state["error"] = str(e) or type(e).__name__
     return _state.get("lib")
@@ -166,8 +166,8 @@ ISA = {2: "avx512_bf16", 1: "avx512f", 0: "portable"}
 def isa() -> str | None:
     """The code path the build uses: avx512_bf16 (vdpbf16ps: denormals flushed, as oneDNN), avx512f (exact
     widening + FMA) or portable (scalar loops); None when unavailable."""
-    lib = _lib()
-    return None if lib is None else ISA.get(lib.pgconv_gemv_isa(), "portable")
+    _lib()
+    return _state.get("isa")
 
 
 def flusher(t: Tensor):
@@ -209,7 +209,7 @@ def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     threads = torch.get_num_threads()
     if dt == torch.bfloat16:
         scratch = None
-        if _state["widens"]:  # x widened to fp32 once (the paths without AVX512-BF16)
+        if _state["isa"] != "avx512_bf16":  # x widened to fp32 once (the paths without AVX512-BF16)
             scratch = getattr(_scratch, "buf", None)
             if scratch is None or scratch.numel() < k:
                 scratch = _scratch.buf = torch.empty(max(k, 4096), dtype=torch.float32)

@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cpu_model", "cpu_signature", "cpu_label", "cpu_flags", "cpu_isa", "last_level_cache_bytes", "Decisions", "measure",
-           "clock"]
+__all__ = ["cpu_model", "cpu_signature", "cpu_label", "cpu_flags", "cpu_isa", "last_level_cache_bytes",
+           "Decisions", "measure", "clock"]
 
 FORMAT = 1  # bump when the meaning of a cached decision changes
 clock: Callable[[], float] = time.perf_counter  # tests swap in a fake timer (module attribute, read at each use)
@@ -75,8 +75,7 @@ def cpu_isa() -> list[str]:
     """The ISA extensions that decide which GEMM/GEMV kernels oneDNN and MKL can use (VMs often report only a
     vague model name such as 'AMD EPYC', so the flags are part of the machine key too)."""
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "avx512_fp16")
-    m = re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M)
-    have = set(m.group(1).split()) if m else set()
+    have = set(cpu_flags())
     return [f for f in wanted if f in have]
 
 

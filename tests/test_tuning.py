@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import pytest
 
 from pgconv import tuning
@@ -88,3 +91,10 @@ def test_between_runs_before_every_timed_call_and_is_not_timed(fake):
 def test_last_level_cache_size_is_read_from_sysfs():
     size = tuning.last_level_cache_bytes()
     assert size >= 1 << 20 and size % 1024 == 0
+    try:  # lscpu's reading of the same caches (per instance), an independent oracle where it is installed
+        text = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    per_instance = [int(b) // int(n) for b, n in re.findall(r"^L\d\w* cache:\s+(\d+) \((\d+) instances?\)", text, re.M)]
+    if per_instance:
+        assert size == max(per_instance)
