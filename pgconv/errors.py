@@ -40,8 +40,7 @@ def json_value_error(e: ValueError) -> str:
 
 
 def json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages like "dtype must be a string, got an array" (the same
-    words as model/processor.py's `_json_type`, which can become this one)."""
+    """The JSON name of a parsed value's type, for messages like "dtype must be a string, got an array"."""
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
              dict: "an object", type(None): "null"}
     return names.get(type(value), type(value).__name__)
