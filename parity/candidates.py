@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +43,7 @@ from torch import Tensor
 
 from pgconv.errors import InputError
 
-__all__ = ["Candidate", "load_candidate", "verify_candidate", "BUILT_IN"]
+__all__ = ["Candidate", "load_candidate", "verify_candidate", "compare_cases", "BUILT_IN"]
 
 
 class Candidate(Protocol):
@@ -199,8 +201,6 @@ def _from_file(path: Path, checkpoint: Path, dtype: torch.dtype, device: str) ->
         raise InputError(f"{path}: importing the adapter failed ({type(e).__name__}: {e})") from None
     if not callable(getattr(module, "load", None)):
         raise InputError(f"{path}: an adapter file must define load(checkpoint, dtype, device)")
-    from pgconv.parity.dump import _call
-
     cand = _call(str(path), "load", module.load, checkpoint, dtype, device)
     if not callable(getattr(cand, "run", None)):
         raise InputError(f"{path}: load() must return an object with run(inputs, probes)")
@@ -243,7 +243,7 @@ def verify_candidate(checkpoint: str | Path | None, candidate: str, *, images=()
                      tolerances: str | Path | None = None, report_dir: str | Path | None = None) -> dict[str, Any]:
     """Golden activations of CHECKPOINT (written to a temporary directory), then the candidate's against them with
     `pgconv compare`'s rules and reports (`parity.dump`)."""
-    from pgconv.parity.dump import compare, compare_cases
+    from pgconv.parity.dump import compare
     from pgconv.parity.golden import golden
     from pgconv.parity.tolerances import load_tolerances
     from pgconv.parity.verify import _check_report_dir, _resolve, dtype_list
@@ -270,6 +270,85 @@ def verify_candidate(checkpoint: str | Path | None, candidate: str, *, images=()
         cand = load_candidate(candidate, path, getattr(torch, dtype), device)
         return compare_cases(gdir, doc, cand, max_new_tokens=max_new_tokens, tolerances=tol, report_dir=report_dir,
                              adapter=candidate)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _call(adapter: str, method: str, fn: Any, *args: Any) -> Any:
+    """A call into a candidate's code: what it raises is a one-line input error naming the adapter and method."""
+    try:
+        return fn(*args)
+    except InputError:
+        raise
+    except Exception as e:  # the candidate's code, not ours: its error, in one line
+        raise InputError(f"{adapter}: {method}() failed ({_one_line(e)})") from None
+
+
+def _tensors(adapter: str, got: Any) -> dict[str, Tensor]:
+    if not isinstance(got, Mapping):
+        raise InputError(f"{adapter}: run() must return a mapping of probe name -> torch.Tensor, got "
+                         f"{type(got).__name__}")
+    for k, v in got.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise InputError(f"{adapter}: run() returned {type(v).__name__} for {str(k)[:60]!r}; values must be "
+                             "torch.Tensor under probe names")
+    return dict(got)
+
+
+def _tokens(adapter: str, got: Any) -> Tensor:
+    from pgconv.parity.golden_dir import is_int
+
+    if not isinstance(got, (list, tuple)) or not all(is_int(t) for t in got):
+        raise InputError(f"{adapter}: generate() must return a list of ints, got {type(got).__name__}"
+                         + (f" holding {type(next(t for t in got if not is_int(t))).__name__}"
+                            if isinstance(got, (list, tuple)) else ""))
+    return torch.tensor(list(got), dtype=torch.long)
+
+
+def compare_cases(gdir: Path, doc: dict[str, Any], candidate: Any, *, max_new_tokens: int,
+                  tolerances: Any = None, report_dir: str | Path | None = None,
+                  adapter: str | None = None) -> dict[str, Any]:
+    """A candidate (the protocol above) run on every golden case and compared like a dump (`parity.dump`): its `run`
+    on the case's inputs, its optional `teacher` on each probe's golden teacher input, its optional `generate`. One
+    case at a time: its outputs are compared and dropped before the next runs. `adapter` names the candidate in
+    the one-line errors its code's exceptions become (default: its `name`)."""
+    from pgconv.parity.dump import TEACHER, _case, _check_kinds, _nonempty, _precheck, _report, _tol, check_dump
+    from pgconv.parity.golden_dir import case_files, read_golden
+
+    t0 = time.perf_counter()
+    tol = _tol(tolerances)
+    _precheck(report_dir)
+    doc = read_golden(gdir)  # the caller's doc may be a golden() return: the file on disk is what is compared
+    _check_kinds(gdir, doc, tol)
+    name = str(getattr(candidate, "name", type(candidate).__name__))
+    adapter = adapter or name
+    label = f"candidate {name}"
+    names = [p["name"] for p in doc["probes"]]
+    teacher_of = {p["name"]: p["teacher_input"] for p in doc["probes"] if p["teacher_input"]}
+    teach, gen = getattr(candidate, "teacher", None), getattr(candidate, "generate", None)
+    cases = []
+    for case in doc["cases"]:
+        k = case["case"]
+        inputs, golden = case_files(gdir, doc, k)
+        out = _tensors(adapter, _call(adapter, "run", candidate.run, dict(inputs), list(names)))
+        if callable(teach):
+            for probe, source in teacher_of.items():
+                y = _call(adapter, "teacher", teach, probe, golden[source], dict(inputs))
+                if y is not None and not isinstance(y, Tensor):
+                    raise InputError(f"{adapter}: teacher() returned {type(y).__name__} for {probe!r}, not a "
+                                     "torch.Tensor or None")
+                if y is not None:
+                    out[probe + TEACHER] = y
+        if callable(gen):
+            out["generation.tokens"] = _tokens(adapter, _call(adapter, "generate", gen, dict(inputs), max_new_tokens))
+        _nonempty(check_dump(doc["probes"], golden, out, label), out,
+                  f"{adapter}" + (f" (case {k})" if len(doc["cases"]) > 1 else ""))
+        cases.append(_case(doc, k, out, inputs, golden, label, tol))
+        del out
+    notes = [str(n) for n in getattr(candidate, "notes", None) or []]  # what an adapter found about its side
+    return _report(gdir, doc, cases, label, tol, report_dir, t0, notes)
 
 
 def _scratch(report_dir: str | Path | None) -> str | None:

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from pgconv.errors import InputError
-from pgconv.parity.golden_dir import LazyTensors, case_files, header, is_int, read_golden, tensor_info
+from pgconv.parity.golden_dir import LazyTensors, case_files, header, read_golden, tensor_info
 
-__all__ = ["compare", "compare_cases", "compare_tensors", "check_dump", "save_dump", "COMPARE_SCHEMA"]
+__all__ = ["compare", "compare_tensors", "check_dump", "save_dump", "COMPARE_SCHEMA"]
 
 COMPARE_SCHEMA = 1
 TEACHER = "@teacher"
@@ -268,80 +268,6 @@ def _nonempty(names: list[str], values: Mapping, where: str) -> None:
     if not names and "generation.tokens" not in values:
         raise InputError(f"{where}: holds no probe values of the golden schema and no generation.tokens "
                          "(names: probes.json)")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())
-
-
-def _call(adapter: str, method: str, fn: Any, *args: Any) -> Any:
-    """A call into a candidate's code: what it raises is a one-line input error naming the adapter and method."""
-    try:
-        return fn(*args)
-    except InputError:
-        raise
-    except Exception as e:  # the candidate's code, not ours: its error, in one line
-        raise InputError(f"{adapter}: {method}() failed ({_one_line(e)})") from None
-
-
-def _tensors(adapter: str, got: Any) -> dict[str, Tensor]:
-    if not isinstance(got, Mapping):
-        raise InputError(f"{adapter}: run() must return a mapping of probe name -> torch.Tensor, got "
-                         f"{type(got).__name__}")
-    for k, v in got.items():
-        if not isinstance(k, str) or not isinstance(v, Tensor):
-            raise InputError(f"{adapter}: run() returned {type(v).__name__} for {str(k)[:60]!r}; values must be "
-                             "torch.Tensor under probe names")
-    return dict(got)
-
-
-def _tokens(adapter: str, got: Any) -> Tensor:
-    if not isinstance(got, (list, tuple)) or not all(is_int(t) for t in got):
-        raise InputError(f"{adapter}: generate() must return a list of ints, got {type(got).__name__}"
-                         + (f" holding {type(next(t for t in got if not is_int(t))).__name__}"
-                            if isinstance(got, (list, tuple)) else ""))
-    return torch.tensor(list(got), dtype=torch.long)
-
-
-def compare_cases(gdir: Path, doc: dict[str, Any], candidate: Any, *, max_new_tokens: int,
-                  tolerances: Any = None, report_dir: str | Path | None = None,
-                  adapter: str | None = None) -> dict[str, Any]:
-    """A candidate (`parity.candidates` protocol) run on every golden case and compared like a dump: its `run` on
-    the case's inputs, its optional `teacher` on each probe's golden teacher input, its optional `generate`. One
-    case at a time: its outputs are compared and dropped before the next runs. `adapter` names the candidate in
-    the one-line errors its code's exceptions become (default: its `name`)."""
-    t0 = time.perf_counter()
-    tol = _tol(tolerances)
-    _precheck(report_dir)
-    doc = read_golden(gdir)  # the caller's doc may be a golden() return: the file on disk is what is compared
-    _check_kinds(gdir, doc, tol)
-    name = str(getattr(candidate, "name", type(candidate).__name__))
-    adapter = adapter or name
-    label = f"candidate {name}"
-    names = [p["name"] for p in doc["probes"]]
-    teacher_of = {p["name"]: p["teacher_input"] for p in doc["probes"] if p["teacher_input"]}
-    teach, gen = getattr(candidate, "teacher", None), getattr(candidate, "generate", None)
-    cases = []
-    for case in doc["cases"]:
-        k = case["case"]
-        inputs, golden = case_files(gdir, doc, k)
-        out = _tensors(adapter, _call(adapter, "run", candidate.run, dict(inputs), list(names)))
-        if callable(teach):
-            for probe, source in teacher_of.items():
-                y = _call(adapter, "teacher", teach, probe, golden[source], dict(inputs))
-                if y is not None and not isinstance(y, Tensor):
-                    raise InputError(f"{adapter}: teacher() returned {type(y).__name__} for {probe!r}, not a "
-                                     "torch.Tensor or None")
-                if y is not None:
-                    out[probe + TEACHER] = y
-        if callable(gen):
-            out["generation.tokens"] = _tokens(adapter, _call(adapter, "generate", gen, dict(inputs), max_new_tokens))
-        _nonempty(check_dump(doc["probes"], golden, out, label), out,
-                  f"{adapter}" + (f" (case {k})" if len(doc["cases"]) > 1 else ""))
-        cases.append(_case(doc, k, out, inputs, golden, label, tol))
-        del out
-    notes = [str(n) for n in getattr(candidate, "notes", None) or []]  # what an adapter found about its side
-    return _report(gdir, doc, cases, label, tol, report_dir, t0, notes)
 
 
 def _precheck(report_dir: str | Path | None) -> None:

@@ -465,7 +465,7 @@ class _Fake:
 ])
 def test_a_misbehaving_candidate_is_a_one_line_input_error(goldens, how, message):
     from pgconv.errors import InputError
-    from pgconv.parity.dump import compare_cases
+    from pgconv.parity.candidates import compare_cases
 
     gdir = goldens("tiny", "float32")
     doc = json.loads((gdir / "probes.json").read_text())
@@ -476,7 +476,7 @@ def test_a_misbehaving_candidate_is_a_one_line_input_error(goldens, how, message
 
 def test_a_candidate_that_returns_nothing_is_an_input_error(goldens):
     from pgconv.errors import InputError
-    from pgconv.parity.dump import compare_cases
+    from pgconv.parity.candidates import compare_cases
 
     gdir = goldens("tiny", "float32")
     cand = _Fake(gdir, "run returns nothing")

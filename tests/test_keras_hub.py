@@ -125,7 +125,7 @@ def test_transformers_built_non_square_checkpoint_matches(kh, clean_checkpoint, 
     budgets, greedy tokens equal, with head_dim != hidden / heads and 2 kv heads (the head_dim override applied),
     end to end through the CLI (exit 0). In bf16 every probe is within the bf16 budgets; the greedy tokens may part
     only at a near tie of transformers' own logits (measured: step 1, top-2 gap 0.016, half a bf16 ulp at 4)."""
-    from pgconv.parity.dump import compare_cases
+    from pgconv.parity.candidates import compare_cases
     from pgconv.parity.golden import golden
     from pgconv.parity.keras_hub import KerasHubCandidate
 
