@@ -7,7 +7,7 @@ few temporary files in `directory` (`PROBE_BYTES` each, at most `len(CONFIGS) + 
 candidate `Plan` - O_DIRECT or buffered with early writeback (`sync_file_range`), staging block size, worker
 count - each ended by the fsync every conversion does, removes them, and keeps the fastest. Decisions are
 cached per (device id, filesystem type, mount source) through `pgconv.tuning`; a candidate must beat the default
-(`direct`, 32 MiB, the default workers) by `MARGIN` to replace it: noise alone never switches paths.
+(`direct`, `DEFAULT_STAGE`, the default workers) by `MARGIN` to replace it: noise alone never switches paths.
 `PGCONV_WRITER=direct|buffered` forces a path (default block size and workers); `auto` (unset) measures. Every
 mode is equally durable: the writer fsyncs each file before the directory is renamed into place.
 """
@@ -25,14 +25,24 @@ from pathlib import Path
 from pgconv import tuning
 from pgconv.errors import InputError
 
-__all__ = ["Plan", "plan_for", "kick_writeback", "ENV", "CONFIGS", "PROBE_BYTES"]
+__all__ = ["Plan", "plan_for", "kick_writeback", "preallocate", "ENV", "CONFIGS", "PROBE_BYTES"]
 
 ENV = "PGCONV_WRITER"
 BLOCK = 4096
-DEFAULT_STAGE = 32 << 20  # per worker; large enough that each direct write streams
 # More workers than cores: while some wait for their writes, the others read, cast and hash (SHA-256 at ~1.5 GB/s
 # per core is a conversion's CPU cost). On 2 cores, 5 workers beat 3 by ~0.2 s of ~3.8 s at 3B (2026-11-28).
 DEFAULT_WORKERS = max(3, min(8, (os.cpu_count() or 1) + 3))
+# All workers' stages together: they are most of a same-dtype conversion's memory (target: peak RSS <= 256 MB;
+# 5 x 32 MiB measured 203 MB at 3B on 2 cores), so more workers get smaller stages instead of more memory.
+STAGING_BUDGET = 160 << 20
+
+
+def stage_for(workers: int) -> int:
+    """Bytes per worker's stage: 32 MiB (large enough that each direct write streams) within `STAGING_BUDGET`."""
+    return max(BLOCK, min(32 << 20, STAGING_BUDGET // max(workers, 1) // BLOCK * BLOCK))
+
+
+DEFAULT_STAGE = stage_for(DEFAULT_WORKERS)
 # Per candidate. Large enough to leave the page cache's absorption behind: on an AMD EPYC VM (2026-12-03) buffered
 # writes with early writeback ran at 1.78 GB/s for 48 MiB and 0.17 GB/s for 512 MiB (O_DIRECT: 1.8-2.4 GB/s at every
 # size), and a 48 MiB probe chose buffered for a 3B conversion that then took 20-25 s instead of 4-6 s. A candidate
@@ -61,7 +71,8 @@ class Plan:
 
 
 # Round one: path x block size at the default worker count; round two: the winner with 2 workers.
-CONFIGS = [Plan("direct"), Plan("buffered"), Plan("direct", 8 << 20), Plan("buffered", 8 << 20)]
+CONFIGS = [Plan("direct"), Plan("buffered"), Plan("direct", min(8 << 20, DEFAULT_STAGE)),
+           Plan("buffered", min(8 << 20, DEFAULT_STAGE))]
 
 
 def _fs_key(directory: Path) -> dict:
@@ -123,7 +134,8 @@ def plan_for(directory: Path, stage: int = DEFAULT_STAGE, workers: int = DEFAULT
         try:
             plan = Plan(entry["mode"], int(entry["stage"]), int(entry["workers"]), "cached",  # type: ignore[index]
                         dict(entry.get("rates", {})))  # type: ignore[union-attr]
-            if plan.mode not in ("direct", "buffered") or plan.stage % BLOCK or plan.stage <= 0 or plan.workers < 1:
+            if (plan.mode not in ("direct", "buffered") or plan.stage % BLOCK or plan.stage <= 0 or plan.workers < 1
+                    or plan.stage * plan.workers > STAGING_BUDGET):
                 raise ValueError(plan)
         except (TypeError, KeyError, ValueError, AttributeError):
             plan = _measure(directory) or Plan("direct", stage, workers)
@@ -182,6 +194,7 @@ def _time_write(directory: Path, plan: Plan, nbytes: int | None = None, deadline
     try:
         if plan.mode == "direct":
             direct = os.open(name, os.O_WRONLY | os.O_DIRECT)
+            preallocate(fd, total)  # as the writer does with a direct file
         stage = memoryview(mmap.mmap(-1, plan.stage))  # page-aligned, as O_DIRECT needs
         stage[:] = (os.urandom(1 << 20) * -(-plan.stage // (1 << 20)))[: plan.stage]  # incompressible
         offsets = list(range(0, total, plan.stage))
@@ -242,6 +255,28 @@ try:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 except (OSError, AttributeError):  # not Linux: the final fsync writes everything back
     _sync_file_range = None
+
+
+try:
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (NameError, AttributeError):
+    _fallocate = None
+
+
+def preallocate(fd: int, size: int) -> bool:
+    """Allocate `size` bytes of `fd` (and set its size) before writing, as Linux `fallocate(2)`: direct writes into
+    allocated blocks may run in parallel on ext4 (see writer._OutFile), and a full disk fails here, before any
+    data is written. False where the filesystem cannot (the writes then allocate as they go); a full disk or
+    quota raises OSError. Not `os.posix_fallocate`: glibc emulates that by writing a byte into every block."""
+    if _fallocate is None or size <= 0:
+        return False
+    if _fallocate(fd, 0, 0, size) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise OSError(err, os.strerror(err))
+    return False  # EOPNOTSUPP, ENOSYS, EINVAL, EINTR, ...: not worth failing a conversion for
 
 
 def kick_writeback(fd: int, offset: int, length: int) -> None:

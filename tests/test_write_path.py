@@ -35,20 +35,23 @@ def probing(tmp_path, monkeypatch):
     write_path.reset()
 
 
-def _name(mode: str, stage_mib: int = 32, workers: int = write_path.DEFAULT_WORKERS) -> str:
-    return Plan(mode, stage_mib << 20, workers).name
+BIG, SMALL = write_path.DEFAULT_STAGE, min(8 << 20, write_path.DEFAULT_STAGE)  # 32 and 8 MiB on <= 5 cores
+
+
+def _name(mode: str, stage: int = BIG, workers: int = write_path.DEFAULT_WORKERS) -> str:
+    return Plan(mode, stage, workers).name
 
 
 def test_a_fake_timer_picks_the_plan_and_it_is_cached_per_filesystem(probing, monkeypatch):
     dst, seconds, timed = probing
-    seconds.update({_name("buffered", 8): 0.3, _name("buffered", 8, 2): 0.25})
+    seconds.update({_name("buffered", SMALL): 0.3, _name("buffered", SMALL, 2): 0.25})
     plan = write_path.plan_for(dst)
-    assert (plan.mode, plan.stage, plan.workers, plan.source) == ("buffered", 8 << 20, 2, "measured")
-    assert len(timed) == 5 and plan.rates[_name("buffered", 8)] == write_path.PROBE_BYTES / 0.3
+    assert (plan.mode, plan.stage, plan.workers, plan.source) == ("buffered", SMALL, 2, "measured")
+    assert len(timed) == 5 and plan.rates[_name("buffered", SMALL)] == write_path.PROBE_BYTES / 0.3
     assert write_path.plan_for(dst) == plan and len(timed) == 5  # once per process
     write_path.reset()  # a new process: from the cache file, no probe
     cached = write_path.plan_for(dst)
-    assert (cached.mode, cached.stage, cached.workers, cached.source) == ("buffered", 8 << 20, 2, "cached")
+    assert (cached.mode, cached.stage, cached.workers, cached.source) == ("buffered", SMALL, 2, "cached")
     assert len(timed) == 5
     real = write_path._fs_key
     monkeypatch.setattr(write_path, "_fs_key", lambda d: {**real(d), "st_dev": -1})  # another filesystem
@@ -57,14 +60,14 @@ def test_a_fake_timer_picks_the_plan_and_it_is_cached_per_filesystem(probing, mo
 
 def test_noise_does_not_replace_the_default_plan(probing):
     dst, seconds, _ = probing
-    seconds.update({_name("buffered"): 0.97, _name("direct", 32, 2): 0.97})  # 3 % faster: not enough
+    seconds.update({_name("buffered"): 0.97, _name("direct", BIG, 2): 0.97})  # 3 % faster: not enough
     plan = write_path.plan_for(dst)
-    assert (plan.mode, plan.stage, plan.workers) == ("direct", 32 << 20, write_path.DEFAULT_WORKERS)
+    assert (plan.mode, plan.stage, plan.workers) == ("direct", BIG, write_path.DEFAULT_WORKERS)
 
 
 def test_a_filesystem_without_o_direct_gets_buffered_and_a_failing_probe_the_default(probing, monkeypatch):
     dst, seconds, timed = probing
-    seconds.update({_name("direct"): "EINVAL", _name("direct", 8): "EINVAL"})
+    seconds.update({_name("direct"): "EINVAL", _name("direct", SMALL): "EINVAL"})
     assert write_path.plan_for(dst).mode == "buffered"
 
     def full(directory, plan, **kwargs):
@@ -89,6 +92,27 @@ def test_a_corrupt_cache_entry_is_measured_again(probing):
         before = len(timed)
         assert write_path.plan_for(dst).source == "measured" and len(timed) == before + 5
         assert json.loads(path.read_text())["decisions"]["plan"]["mode"] == "direct"
+
+
+def test_the_stages_stay_within_the_staging_budget_on_any_core_count(probing):
+    """More workers get smaller stages, not more memory (peak RSS target of a same-dtype conversion: 256 MB); a
+    cached plan over the budget (an older pgconv's, another machine's) is measured again."""
+    for workers in range(1, 65):
+        stage = write_path.stage_for(workers)
+        assert stage % write_path.BLOCK == 0 and 0 < stage <= 32 << 20
+        assert stage * workers <= write_path.STAGING_BUDGET
+    assert write_path.stage_for(5) == 32 << 20 and write_path.stage_for(8) == 20 << 20
+    assert all(p.stage * p.workers <= write_path.STAGING_BUDGET for p in write_path.CONFIGS)
+    dst, _, timed = probing
+    write_path.plan_for(dst)
+    (path,) = (dst.parent / "cache" / "tuning").glob("writer-*.json")
+    entry = json.loads(path.read_text())
+    entry["decisions"]["plan"].update(stage=32 << 20, workers=8)
+    path.write_text(json.dumps(entry))
+    write_path.reset()
+    before = len(timed)
+    plan = write_path.plan_for(dst)
+    assert plan.source == "measured" and len(timed) == before + 5
 
 
 def test_pgconv_writer_forces_a_path(tmp_path, monkeypatch):
@@ -126,5 +150,5 @@ def test_buffered_must_beat_direct_by_the_buffered_margin(probing):
     """A short buffered probe overstates what buffered writes sustain at checkpoint sizes (page-cache absorption):
     2x faster in the probe is not enough to leave O_DIRECT."""
     dst, seconds, _ = probing
-    seconds.update({_name("buffered", 8): 0.5, _name("buffered", 8, 2): 0.45})
+    seconds.update({_name("buffered", SMALL): 0.5, _name("buffered", SMALL, 2): 0.45})
     assert write_path.plan_for(dst).mode == "direct"

@@ -216,3 +216,114 @@ def test_every_mode_fsyncs_each_file_and_writes_blocks_through_its_path(tmp_path
     assert bool(kicked) == (io_mode != "direct")
     save_file(expected, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
     assert out.read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
+
+
+def _direct_supported(tmp_path: Path) -> bool:
+    import os
+
+    probe = tmp_path / "probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=8), stage_blocks=st.integers(1, 3),
+       seed=st.integers(0, 99))
+def test_a_direct_file_is_preallocated_and_written_in_whole_direct_blocks(tmp_path_factory, monkeypatch, sizes,
+                                                                          stage_blocks, seed):
+    """Partial blocks (tensor boundaries, the header) are gathered and written as whole direct blocks; the only
+    buffered write is the file's short last block; the file is allocated to its final size before any data."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("g")
+    if not _direct_supported(tmp):
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setenv("PGCONV_WRITER", "direct")
+    monkeypatch.setattr(writer, "_STAGE_BYTES", stage_blocks * writer._BLOCK)
+    buffered, allocated = [], []
+    real_pwrite, real_alloc = os.pwrite, write_path.preallocate
+
+    def pwrite(fd, data, offset):
+        if not os.O_DIRECT & _flags(fd):
+            buffered.append((offset, len(data)))
+        return real_pwrite(fd, data, offset)
+
+    def preallocate(fd, size):
+        allocated.append(size)
+        assert os.fstat(fd).st_size == 0  # before the header and every tensor
+        return real_alloc(fd, size)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(write_path, "preallocate", preallocate)
+    tensors = {f"t{i}": _tensor(n, torch.bfloat16, seed + i) for i, n in enumerate(sizes)}
+    out, _, expected = _write(tmp, tensors, None)
+    monkeypatch.undo()
+    save_file(expected, tmp / "oracle.safetensors", metadata={"format": "pt"})
+    oracle = (tmp / "oracle.safetensors").read_bytes()
+    assert out.read_bytes() == oracle
+    assert allocated == [len(oracle)]
+    size = len(oracle)
+    tail = size % writer._BLOCK
+    assert buffered == ([(size - tail, tail)] if tail else [])
+
+
+def test_preallocation_reports_a_full_disk_and_ignores_a_filesystem_that_cannot(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+    import os
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        if write_path._fallocate is not None and write_path.preallocate(fd, 3 * writer._BLOCK):
+            assert os.fstat(fd).st_size == 3 * writer._BLOCK
+        for err, raises in ((errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EOPNOTSUPP, False)):
+            def failing(*a, err=err):
+                ctypes.set_errno(err)
+                return -1
+            monkeypatch.setattr(write_path, "_fallocate", failing)
+            if raises:
+                with pytest.raises(OSError) as e:
+                    write_path.preallocate(fd, 1 << 20)
+                assert e.value.errno == err
+            else:
+                assert write_path.preallocate(fd, 1 << 20) is False
+    finally:
+        os.close(fd)
+
+
+def test_a_disk_that_fills_at_preallocation_fails_the_conversion_in_one_line(tmp_path, monkeypatch, capsys):
+    """ENOSPC from fallocate: `pgconv convert` fails with exit code 2 and a one-line error; no output is left."""
+    import ctypes
+    import errno
+
+    from pgconv.converter.fixture import make_fixture
+    from reliability_helpers import assert_one_line_error, run_cli
+
+    src = make_fixture(tmp_path / "src", "tiny")
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setenv("PGCONV_WRITER", "direct")
+
+    def full(*a):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(write_path, "_fallocate", full)
+    res = run_cli(["convert", src, tmp_path / "dst", "--to", "native", "--quiet"], capsys)
+    assert_one_line_error(res, "dst", "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_incomplete_gathered_block_is_an_error_not_a_silent_hole(tmp_path):
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    out = writer._OutFile(tmp_path / "f", "direct", 2 * writer._BLOCK)
+    out.write_bytes(memoryview(b"x" * 100), 10)
+    with pytest.raises(RuntimeError, match="never completed"):
+        out.close(sync=True)
