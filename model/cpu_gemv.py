@@ -121,6 +121,8 @@ def open_library(path: Path):
     lib.pgconv_gemv_isa.restype = ctypes.c_int
     lib.pgconv_flush.argtypes = [p, i64]
     lib.pgconv_flush.restype = ctypes.c_int
+    lib.pgconv_gelu_tanh_bf16.argtypes = lib.pgconv_gelu_tanh_f32.argtypes = [p, p, p, i64, i64]
+    lib.pgconv_gelu_tanh_bf16.restype = lib.pgconv_gelu_tanh_f32.restype = ctypes.c_int
     return lib
 
 
@@ -217,4 +219,24 @@ def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
                              None if scratch is None else scratch.data_ptr())
     else:
         lib.pgconv_gemv_f32(x2.data_ptr(), weight.data_ptr(), b, y.data_ptr(), n, k, threads)
+    return y
+
+
+def gelu_tanh(x: Tensor, up: Tensor | None = None) -> Tensor:
+    """`F.gelu(x, approximate="tanh")` (times `up`, the GeGLU product `F.gelu(x) * up`, where given) in bf16 or
+    fp32 on CPU, computed as x / (1 + exp(-2u)) with torch's roundings (csrc/gemv.c); raises NotImplementedError
+    for anything else (the caller then uses torch's)."""
+    lib = _lib()
+    dt = x.dtype
+    if (lib is None or dt not in (torch.bfloat16, torch.float32) or x.device.type != "cpu"
+            or not x.is_contiguous() or not _plain(x)
+            or (up is not None and (up.dtype != dt or up.shape != x.shape or up.device.type != "cpu"
+                                    or not up.is_contiguous() or not _plain(up)))):
+        raise NotImplementedError("pgconv gelu: contiguous bf16/fp32 tensors of one shape on CPU only")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, up)):
+        raise NotImplementedError("pgconv gelu: no autograd")
+    y = torch.empty_like(x)
+    if x.numel():
+        fn = lib.pgconv_gelu_tanh_bf16 if dt == torch.bfloat16 else lib.pgconv_gelu_tanh_f32
+        fn(x.data_ptr(), None if up is None else up.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
     return y

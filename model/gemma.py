@@ -100,7 +100,7 @@ class MLP(nn.Module):
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(ops.gelu_tanh(self.gate(x)) * self.up(x))
+        return self.down(ops.gelu_tanh(self.gate(x), self.up(x)))  # gelu_tanh(gate) * up, in one pass
 
 
 class DecoderBlock(nn.Module):

@@ -40,9 +40,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out.type_as(x)
 
 
-def gelu_tanh(x: Tensor) -> Tensor:
-    """`gelu_pytorch_tanh`: the tanh approximation used by both SigLIP and Gemma (exact GELU differs by ~1e-3)."""
-    return F.gelu(x, approximate="tanh")
+def gelu_tanh(x: Tensor, up: Tensor | None = None) -> Tensor:
+    """`gelu_pytorch_tanh`: the tanh approximation used by both SigLIP and Gemma (exact GELU differs by ~1e-3);
+    times `up` where given (Gemma's GeGLU `gelu(gate) * up`, one pass). On CPU in bf16/fp32 it runs on torch's
+    `F.gelu` or pgconv's kernel, whichever is faster here (`cpu_kernels.gelu_tanh`: the same roundings, last-bit
+    differences only); elsewhere, and as the definition: `F.gelu(x, approximate="tanh")` (* up)."""
+    from pgconv.model import cpu_kernels  # here, not at the top: ops stays importable without the kernels
+
+    return cpu_kernels.gelu_tanh(x, up)
 
 
 def embed_scale(hidden: int, dtype: torch.dtype) -> Tensor:

@@ -275,3 +275,82 @@ def test_the_other_code_paths_are_right_too(tmp_path, flags, isa):
     w = torch.zeros(1, 64, dtype=torch.bfloat16)
     x[0, 0], w[0, 0] = 2.0 ** -30, 2.0 ** -100
     assert run(x, w, None)[0, 0].item() == 2.0 ** -130  # widened exactly: no flush of denormals
+
+
+def _gelu64(x: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU in float64, in the overflow-free form x * sigmoid(2u) (the oracle)."""
+    x = x.double()
+    return x * torch.sigmoid(2 * 0.7978845608028654 * (x + 0.044715 * x**3))
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 17, 16384, 16385, 100_003])  # one element, a vector tail, one and many tasks
+def test_gelu_is_within_a_few_ulp_of_float64_and_no_worse_than_torchs(n):
+    """fp32: within 4 ulp of the exact value, times the tail's conditioning (for x << 0, gelu ~ x exp(2u) and a
+    rounding of u in fp32 moves it by |2u| ulp; ATen's 1 + tanh(u) also cancels there: its error is far larger);
+    the same result on 1 and 2 threads."""
+    x = torch.linspace(-12, 12, n) if n > 1 else torch.tensor([-3.3])
+    exact = _gelu64(x)
+    ours = cpu_gemv.gelu_tanh(x)
+    err = (ours.double() - exact).abs()
+    cond = 1 + (2 * 0.7978845608028654 * (x.double() + 0.044715 * x.double() ** 3)).abs()
+    assert (err <= 4 * 2.0 ** -23 * exact.abs() * cond + 1e-36).all(), err.max()  # 1e-36: exp(-88) flushed
+    assert (err[x > -2] <= 4 * 2.0 ** -23 * exact[x > -2].abs() + 1e-38).all()
+    tail = (x < -2) & (exact.abs() > 1e-30)  # below, both flush to -0
+    if tail.any():  # where ATen's 1 + tanh(u) cancels, ours is the closer one
+        rel = lambda y: ((y.double() - exact).abs() / exact.abs())[tail].max()  # noqa: E731
+        assert rel(ours) < rel(F.gelu(x, approximate="tanh"))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_gemv.gelu_tanh(x), ours)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cc
+def test_geglu_rounds_where_torch_rounds():
+    """bf16: gelu rounded to bf16, then the product rounded again (as `F.gelu(g) * up` in bf16): the oracle's
+    double rounding from float64 is reproduced almost everywhere, within one bf16 step everywhere; fp32: one
+    rounding per operation. One pass gives the same as gelu, then the product."""
+    g = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(3, 4099, generator=g) * 3, torch.randn(3, 4099, generator=g)
+    gb, ub = gate.bfloat16(), up.bfloat16()
+    want = (_gelu64(gb).bfloat16().double() * ub.double()).bfloat16()
+    got = cpu_gemv.gelu_tanh(gb, ub)
+    assert got.dtype == torch.bfloat16 and got.shape == gb.shape
+    assert (got == want).double().mean() > 0.995
+    step = torch.exp2(torch.floor(torch.log2(want.double().abs().clamp_min(1e-30))) - 7)
+    assert ((got.double() - want.double()).abs() <= step).all()
+    assert torch.equal(got, (cpu_gemv.gelu_tanh(gb).double() * ub.double()).bfloat16())
+    got32 = cpu_gemv.gelu_tanh(gate, up)
+    assert torch.equal(got32, cpu_gemv.gelu_tanh(gate) * up)
+    # Against torch where torch is accurate (x > -2: no cancellation): the same bf16 almost everywhere.
+    ok = gb > -2
+    assert (got[ok] == (F.gelu(gb, approximate="tanh") * ub)[ok]).double().mean() > 0.99
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gelu_edge_values_are_torchs(dtype):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), -100.0, -1e13, 1e13, 0.0, -0.0, 1e-40, -1e-40, 88.0,
+                      -9.0, 3.0]).to(dtype)
+    ours, theirs = cpu_gemv.gelu_tanh(x), F.gelu(x, approximate="tanh")
+    same = torch.isnan(ours) == torch.isnan(theirs)
+    assert same.all()
+    finite = ~torch.isnan(ours)
+    assert torch.equal(ours[finite][:7], theirs[finite][:7])  # inf, -100 -> -0, -1e13 -> -0, 1e13, 0, -0 ...
+    assert torch.equal(torch.signbit(ours[finite]), torch.signbit(theirs[finite]))
+
+
+@needs_cc
+def test_gelu_refuses_what_it_does_not_take_and_the_model_then_runs_torchs():
+    x = torch.randn(8, 6)
+    for args in [(x.half(),), (x.t(),), (x, torch.randn(8, 5)), (x, x.bfloat16()), (x.double(),),
+                 (torch.randn(4, requires_grad=True),)]:
+        with pytest.raises(NotImplementedError):
+            cpu_gemv.gelu_tanh(*args)
+        ref = F.gelu(args[0], approximate="tanh")
+        if len(args) == 1:
+            assert torch.equal(cpu_kernels.gelu_tanh(*args), ref)
+    assert cpu_gemv.gelu_tanh(torch.empty(0, 3)).shape == (0, 3)

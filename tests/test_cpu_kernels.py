@@ -53,10 +53,11 @@ def _spacing(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - (bits - 1))
 
 
-@pytest.mark.parametrize("kernel", ["default", *[k for k in cpu_kernels.KERNELS if k != "default"]])
+@pytest.mark.parametrize("kernel", ["default", *[k for k in cpu_kernels.KERNELS if k != "default"], "pgconv"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-pg2"])
 def test_bf16_decode_matches_transformers_greedy_on_every_kernel(name, kernel, monkeypatch):
-    """The whole model, every product forced onto one kernel (PGCONV_KERNELS=<kernel>): transformers' tokens."""
+    """The whole model, every product forced onto one kernel (PGCONV_KERNELS=<kernel>; `pgconv`: pgconv's GELU,
+    torch's products): transformers' tokens."""
     monkeypatch.setenv("PGCONV_KERNELS", kernel)
     cpu_kernels.reset()
     cfg = CONFIGS[name]
@@ -339,3 +340,42 @@ def test_weights_that_fit_in_the_cache_are_timed_streamed_from_memory(monkeypatc
     monkeypatch.setattr(cpu_gemv, "flusher", lambda t: None)  # no clflush: a buffer twice the cache is read
     assert cpu_kernels._evictor(w)().item() == (2 << 20) // 4
     assert cpu_kernels._evictor(torch.empty(1024, 2048, dtype=torch.bfloat16, device="meta")) is None  # 4 MiB
+
+
+def test_the_gelu_kernel_is_chosen_by_measurement_and_default_restores_torchs(measuring, monkeypatch):
+    """The MLPs' tanh GELU: the faster of torch's and pgconv's per (dtype, size bucket), cached like the products;
+    PGCONV_KERNELS=default gives torch's bits exactly; a gradient always takes torch's."""
+    costs = {"default": 3e-3, "pgconv": 1e-3}
+    for name, fn in list(cpu_kernels.ACTIVATIONS.items()):
+        def timed(x, up, fn=fn, name=name):
+            tuning.clock.now += costs[name]
+            measuring.calls.append(name)
+            return fn(x, up)
+        monkeypatch.setitem(cpu_kernels.ACTIVATIONS, name, timed)
+    g, u = torch.randn(4, 300).bfloat16(), torch.randn(4, 300).bfloat16()
+    torch_gelu = F.gelu(g, approximate="tanh") * u
+    got = cpu_kernels.gelu_tanh(g, u)
+    (c,) = cpu_kernels.choices()
+    if not cpu_gemv.available():
+        assert (c.kernel, c.source) == ("default", "only candidate") and torch.equal(got, torch_gelu)
+        return
+    assert (c.key, c.kernel, c.source) == ("gelu_tanh * up bfloat16 numel<=2048", "pgconv", "measured")
+    assert c.times_s == pytest.approx(costs)
+    measuring.calls.clear()
+    cpu_kernels.gelu_tanh(g[:3], u[:3])  # 900 elements: another bucket, measured again
+    cpu_kernels.gelu_tanh(g[:2, :260], u[:2, :260])  # 520: the same bucket as 900
+    assert measuring.probes[-1] == ["default", "pgconv"] and len(measuring.probes) == 2
+    cpu_kernels.reset()  # a new process: the cached decision, no probe
+    cpu_kernels.gelu_tanh(g, u)
+    assert cpu_kernels.choices()[-1].source == "cached" and len(measuring.probes) == 2
+    costs["pgconv"] = 2.95e-3  # within the margin: torch's own stays
+    cpu_kernels.gelu_tanh(torch.randn(5000))
+    assert cpu_kernels.choices()[-1].kernel == "default"
+    monkeypatch.setenv("PGCONV_KERNELS", "default")
+    assert torch.equal(cpu_kernels.gelu_tanh(g, u), torch_gelu) and cpu_kernels.choices()[-1].source == "default"
+    monkeypatch.setenv("PGCONV_KERNELS", "pgconv")
+    assert cpu_kernels.gelu_tanh(g).dtype == torch.bfloat16 and cpu_kernels.choices()[-1].kernel == "pgconv"
+    x = torch.randn(6, requires_grad=True)
+    y = cpu_kernels.gelu_tanh(x)
+    y.sum().backward()
+    assert x.grad is not None

@@ -111,7 +111,7 @@ def test_a_perturbed_layer_is_the_first_divergence(goldens, tiny_checkpoint, tmp
 def test_teacher_forcing_localises_a_bug_that_propagates(monkeypatch, goldens, tiny_checkpoint, tmp_path):
     """An exact GELU in our MLPs (vision and text): every later probe is off end to end, but with teacher-forced
     values only the steps that contain the bug fail; the first is vision.blocks.0.mlp."""
-    monkeypatch.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
+    monkeypatch.setattr(ops, "gelu_tanh", lambda x, up=None: F.gelu(x) if up is None else F.gelu(x) * up)
     gdir = goldens("tiny", "float32")
     _our_dump(tmp_path / "d.safetensors", gdir, tiny_checkpoint("tiny"), "float32", teacher=True)
     report = compare(gdir, tmp_path / "d.safetensors")

@@ -45,7 +45,7 @@ def rms_norm_in_bf16(mp):
 
 
 def exact_gelu(mp):
-    mp.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
+    mp.setattr(ops, "gelu_tanh", lambda x, up=None: F.gelu(x) if up is None else F.gelu(x) * up)
 
 
 def image_scaled_by_wrong_hidden(mp):

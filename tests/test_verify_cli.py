@@ -52,7 +52,7 @@ def test_default_passes_and_writes_every_report(capsys, tmp_path):
 
 
 def test_parity_failure_exits_1_and_reports_it(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
+    monkeypatch.setattr(ops, "gelu_tanh", lambda x, up=None: F.gelu(x) if up is None else F.gelu(x) * up)
     code, out, _ = _cli(capsys, "--report", tmp_path, "--max-new-tokens", 2, "--probes", "coarse")
     assert code == 1
     assert "FAIL" in out and "first divergence: vision.blocks.0" in out
@@ -93,7 +93,7 @@ def test_bad_tolerance_files_exit_2(capsys, tmp_path):
 
 def test_tolerance_override_is_applied(tmp_path, monkeypatch):
     # Exact GELU enters in vision block 0's MLP; with vision budgets opened up the first failure moves to the text MLP.
-    monkeypatch.setattr(ops, "gelu_tanh", lambda x: F.gelu(x))
+    monkeypatch.setattr(ops, "gelu_tanh", lambda x, up=None: F.gelu(x) if up is None else F.gelu(x) * up)
     loose = {"nrmse": 1.0, "nmax": 1.0}
     path = tmp_path / "tol.json"
     probes = {k: {"float32": loose} for k in ("vision_sub", "vision_block")}
