@@ -42,7 +42,8 @@ from pgconv import tuning
 from pgconv.errors import InputError
 from pgconv.model import cpu_gemv
 
-__all__ = ["linear", "Linear", "gelu_tanh", "ACTIVATIONS", "KERNELS", "Choice", "candidates", "choices", "describe", "reset", "ENV"]
+__all__ = ["linear", "Linear", "gelu_tanh", "ACTIVATIONS", "KERNELS", "Choice", "candidates", "choices", "describe",
+           "reset", "ENV"]
 
 ENV = "PGCONV_KERNELS"  # auto (unset) | default | a name in KERNELS
 PROBE_BUDGET_S = 60.0  # per process: past it, products not yet decided take `default` (and are measured next time)
