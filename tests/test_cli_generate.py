@@ -248,7 +248,8 @@ def test_generate_verbose_prints_the_kernel_chosen_per_shape(tiny_dir, tmp_path,
     code, out, err = run(capsys, *argv, "--verbose")
     assert code == 0, err
     *lines, gemv = err.splitlines()
-    assert lines and all(line.startswith("kernel: linear bfloat16 ") for line in lines)
+    assert lines and all(line.startswith(("kernel: linear bfloat16 ", "kernel: gelu_tanh")) for line in lines)
+    assert any(line.startswith("kernel: gelu_tanh * up bfloat16 ") for line in lines)  # Gemma's GeGLU
     assert gemv.startswith("kernels: pgconv's one-row kernel (gemv) ")
     assert ("built for" in gemv) == cpu_gemv.available()
     assert any("rows=1: " in line and "(measured: " in line for line in lines)  # decode products, timed here
