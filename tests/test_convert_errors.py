@@ -169,7 +169,8 @@ def test_cli_rejects_bad_options(tmp_path, src, capsys):
 
 
 _SLOW_CONVERT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner in the background (`cmd &`) passes SIGINT ignored
 from pgconv.converter import writer
 original = writer._write_span
 def slow(*a, **k):  # per tensor, on every worker: the tiny conversion takes seconds, the signal lands mid-write

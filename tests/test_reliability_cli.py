@@ -307,7 +307,8 @@ def test_exception_mid_write_leaves_nothing(tmp_path_factory, tmp_path, monkeypa
 
 
 _SLOW = """
-import sys, time, importlib
+import signal, sys, time, importlib
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner in the background (`cmd &`) passes SIGINT ignored
 module, attr, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
 mod = importlib.import_module(module)
 owner, name = (getattr(mod, attr.split(".")[0]), attr.split(".")[1]) if "." in attr else (mod, attr)
