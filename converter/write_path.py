@@ -96,7 +96,9 @@ def _fs_key(directory: Path) -> dict:
         mount = f[4]  # else (btrfs subvolumes, overlays: anonymous device ids) the longest enclosing mount
         if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) > longest:
             fstype, source, longest = r[0], r[1], len(mount)
-    return {"st_dev": st_dev, "fstype": fstype, "source": source}
+    # `writer`: how the writer writes, for which a plan was measured (2: direct files preallocated, boundary blocks
+    # gathered; a plan measured for the old path is measured again).
+    return {"st_dev": st_dev, "fstype": fstype, "source": source, "writer": 2}
 
 
 def _mode() -> str:
@@ -258,7 +260,7 @@ except (OSError, AttributeError):  # not Linux: the final fsync writes everythin
 
 
 try:
-    _fallocate = _libc.fallocate
+    _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate  # 64-bit offsets on 32-bit glibc too
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 except (NameError, AttributeError):
     _fallocate = None

@@ -156,7 +156,8 @@ def choose(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
             return hit
         key = (f"linear {str(x2.dtype).removeprefix('torch.')} {k}->{n}{' +bias' if bias is not None else ''} "
                f"rows{'=' if bucket == 1 else '<='}{bucket}")
-        names = candidates(x2.dtype, bucket) if x2.dtype == weight.dtype else ["default"]
+        # PGCONV_KERNELS=default never loads (or builds) pgconv's library
+        names = candidates(x2.dtype, bucket) if x2.dtype == weight.dtype and mode != "default" else ["default"]
         if mode == "default" or names == ["default"]:
             choice = Choice(key, "default", "default" if mode == "default" else "only candidate")
         elif mode != "auto":
@@ -200,7 +201,13 @@ def _measured(key: str, names: list[str], threads: int, calls: dict, between) ->
 
 
 def _torch_gelu(x: Tensor, up: Tensor | None) -> Tensor:
-    return F.gelu(x, approximate="tanh") if up is None else F.gelu(x, approximate="tanh") * up
+    y = F.gelu(x, approximate="tanh")
+    if up is None:
+        return y
+    # In place where no gradient flows: gate, up and one result alive at once, as before the fused call (the same
+    # bits as `y * up`).
+    grad = torch.is_grad_enabled() and (x.requires_grad or up.requires_grad)
+    return y * up if grad or y.shape != up.shape or y.dtype != up.dtype else y.mul_(up)
 
 
 # The tanh GELU of both MLPs (SigLIP: gelu(fc1 x); Gemma: the GeGLU product gelu(gate x) * up x): torch's, or
@@ -241,7 +248,8 @@ def _choose_activation(x: Tensor, up: Tensor | None) -> Choice:
             return hit
         key = f"gelu_tanh{' * up' if up is not None else ''} {str(x.dtype).removeprefix('torch.')} numel<={bucket}"
         names = ["default"]
-        if x.dtype in MEASURED and cpu_gemv.available() and (up is None or up.dtype == x.dtype):
+        # PGCONV_KERNELS=default never loads (or builds) pgconv's library
+        if mode != "default" and x.dtype in MEASURED and cpu_gemv.available() and (up is None or up.dtype == x.dtype):
             names.append("pgconv")
         if mode == "default" or names == ["default"]:
             choice = Choice(key, "default", "default" if mode == "default" else "only candidate")

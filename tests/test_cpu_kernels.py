@@ -379,3 +379,29 @@ def test_the_gelu_kernel_is_chosen_by_measurement_and_default_restores_torchs(me
     y = cpu_kernels.gelu_tanh(x)
     y.sum().backward()
     assert x.grad is not None
+
+
+def test_pgconv_kernels_default_never_loads_pgconvs_library(tmp_path, monkeypatch):
+    """`PGCONV_KERNELS=default`: torch's own picks, no measuring, and no build or load of pgconv's C library."""
+    monkeypatch.setenv("PGCONV_KERNELS", "default")
+    monkeypatch.setenv("PGCONV_CACHE", str(tmp_path))
+    cpu_gemv._reset()
+    cpu_kernels.reset()
+    try:
+        x, w = _product(1)
+        cpu_kernels.linear(x, w)
+        cpu_kernels.gelu_tanh(torch.randn(3, 5).bfloat16(), torch.randn(3, 5).bfloat16())
+        assert not cpu_gemv._state and not (tmp_path / "kernels").exists()
+    finally:
+        cpu_gemv._reset()
+        cpu_kernels.reset()
+
+
+def test_torchs_geglu_keeps_the_bits_of_the_plain_product():
+    g, u = torch.randn(7, 300).bfloat16(), torch.randn(7, 300).bfloat16()
+    want = F.gelu(g, approximate="tanh") * u
+    assert torch.equal(cpu_kernels.ACTIVATIONS["default"](g, u), want)
+    gg = g.clone().requires_grad_()
+    y = cpu_kernels.ACTIVATIONS["default"](gg, u)
+    y.float().sum().backward()
+    assert torch.equal(y.detach(), want) and gg.grad is not None

@@ -327,3 +327,36 @@ def test_an_incomplete_gathered_block_is_an_error_not_a_silent_hole(tmp_path):
     out.write_bytes(memoryview(b"x" * 100), 10)
     with pytest.raises(RuntimeError, match="never completed"):
         out.close(sync=True)
+
+
+def test_preallocation_failing_closes_the_file_it_opened(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+    import os
+
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+
+    def full(*a):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(write_path, "_fallocate", full)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(3):
+        with pytest.raises(OSError):
+            writer._OutFile(tmp_path / f"f{i}", "direct", 1 << 20)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_many_boundary_blocks_and_a_header_of_several_blocks(tmp_path, monkeypatch):
+    """More gathered blocks than one pool chunk holds, and a multi-block header (adjacent blocks: one write)."""
+    monkeypatch.setenv("PGCONV_WRITER", "direct")
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * writer._BLOCK)
+    tensors = {f"a.much.longer.tensor.name.to.grow.the.header.{i:04d}": _tensor(3 + 7 * i, torch.bfloat16, i)
+               for i in range(3 * writer._POOL_BLOCKS)}
+    out, _, expected = _write(tmp_path, tensors, None)
+    save_file(expected, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
+    oracle = (tmp_path / "oracle.safetensors").read_bytes()
+    assert int.from_bytes(oracle[:8], "little") > 3 * writer._BLOCK
+    assert out.read_bytes() == oracle
