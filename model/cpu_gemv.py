@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pgconv import tuning
@@ -121,8 +122,8 @@ def open_library(path: Path):
     lib.pgconv_gemv_isa.restype = ctypes.c_int
     lib.pgconv_flush.argtypes = [p, i64]
     lib.pgconv_flush.restype = ctypes.c_int
-    lib.pgconv_gelu_tanh_bf16.argtypes = lib.pgconv_gelu_tanh_f32.argtypes = [p, p, p, i64, i64]
-    lib.pgconv_gelu_tanh_bf16.restype = lib.pgconv_gelu_tanh_f32.restype = ctypes.c_int
+    lib.pgconv_gelu_table_bf16.argtypes = [p, p, p, i64, i64, p]
+    lib.pgconv_gelu_table_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -222,21 +223,39 @@ def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y
 
 
+def _gelu_table() -> Tensor:
+    """torch's own bf16 tanh GELU of each of the 65536 bf16 bit patterns (index = the input's bits), built once
+    per process with this torch: in chunks of 4096 (one thread's range, a multiple of the vector width), so every
+    entry comes from ATen's vectorised kernel, the one that computes all but at most 31 elements of a thread's
+    range in the model (transformers' too)."""
+    table = _gelu_tables.get("bf16")
+    if table is None:
+        import numpy as np
+
+        bits = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
+        with torch.no_grad():
+            table = torch.cat([F.gelu(c, approximate="tanh") for c in bits.split(4096)]).contiguous()
+        table = _gelu_tables.setdefault("bf16", table)
+    return table
+
+
+_gelu_tables: dict[str, Tensor] = {}
+
+
 def gelu_tanh(x: Tensor, up: Tensor | None = None) -> Tensor:
-    """`F.gelu(x, approximate="tanh")` (times `up`, the GeGLU product `F.gelu(x) * up`, where given) in bf16 or
-    fp32 on CPU, computed as x / (1 + exp(-2u)) with torch's roundings (csrc/gemv.c); raises NotImplementedError
-    for anything else (the caller then uses torch's)."""
+    """`F.gelu(x, approximate="tanh")` (times `up`: the GeGLU product `F.gelu(x) * up`, one pass) in bf16 on CPU,
+    bit for bit torch's: the GELU from a table of torch's own results (`_gelu_table`), the product rounded as
+    torch's bf16 `mul` (csrc/gemv.c). Raises NotImplementedError for anything else (the caller then uses torch's)."""
     lib = _lib()
-    dt = x.dtype
-    if (lib is None or dt not in (torch.bfloat16, torch.float32) or x.device.type != "cpu"
-            or not x.is_contiguous() or not _plain(x)
-            or (up is not None and (up.dtype != dt or up.shape != x.shape or up.device.type != "cpu"
+    if (lib is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous() or not _plain(x)
+            or (up is not None and (up.dtype != x.dtype or up.shape != x.shape or up.device.type != "cpu"
                                     or not up.is_contiguous() or not _plain(up)))):
-        raise NotImplementedError("pgconv gelu: contiguous bf16/fp32 tensors of one shape on CPU only")
+        raise NotImplementedError("pgconv gelu: contiguous bf16 tensors of one shape on CPU only")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, up)):
         raise NotImplementedError("pgconv gelu: no autograd")
     y = torch.empty_like(x)
     if x.numel():
-        fn = lib.pgconv_gelu_tanh_bf16 if dt == torch.bfloat16 else lib.pgconv_gelu_tanh_f32
-        fn(x.data_ptr(), None if up is None else up.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+        table = _gelu_table()
+        lib.pgconv_gelu_table_bf16(x.data_ptr(), None if up is None else up.data_ptr(), y.data_ptr(), x.numel(),
+                                   torch.get_num_threads(), table.data_ptr())
     return y

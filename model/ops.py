@@ -42,9 +42,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def gelu_tanh(x: Tensor, up: Tensor | None = None) -> Tensor:
     """`gelu_pytorch_tanh`: the tanh approximation used by both SigLIP and Gemma (exact GELU differs by ~1e-3);
-    times `up` where given (Gemma's GeGLU `gelu(gate) * up`, one pass). On CPU in bf16/fp32 it runs on torch's
-    `F.gelu` or pgconv's kernel, whichever is faster here (`cpu_kernels.gelu_tanh`: the same roundings, last-bit
-    differences only); elsewhere, and as the definition: `F.gelu(x, approximate="tanh")` (* up)."""
+    times `up` where given (Gemma's GeGLU `gelu(gate) * up`, one pass). On CPU in bf16 it runs on torch's `F.gelu`
+    or pgconv's table of torch's own results, whichever is faster here (`cpu_kernels.gelu_tanh`: the same bits);
+    elsewhere, and as the definition: `F.gelu(x, approximate="tanh")` (* up)."""
     from pgconv.model import cpu_kernels  # here, not at the top: ops stays importable without the kernels
 
     return cpu_kernels.gelu_tanh(x, up)

@@ -247,94 +247,40 @@ int pgconv_flush(const void *p, int64_t bytes) {
 #endif
 }
 
-/* ---- tanh-approximated GELU and the GeGLU product gelu_tanh(gate) * up ------------------------------------- */
-/* gelu_tanh(x) = 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), computed as x / (1 + exp(-2u)): the
- * same function (0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))), and exp is a fifth of tanh's work. ATen evaluates
- * tanh (Sleef) on every element, which made GELU ~7 % of a bf16 prefill on the AMD EPYC Zen 4 (7.4 ms for one
- * 262 x 16384 layer, compute-bound). Everything is fp32 with one rounding per step exactly where torch rounds
- * (bf16: gelu rounded to bf16, then the product of two bf16 values rounded again, as `F.gelu(g) * up`); the
- * exp here is within ~2 ulp (Cephes' polynomial), so results differ from torch's only in rare last-bit
- * roundings (tests/test_cpu_gemv.py measures both against float64). Edge cases match torch: NaN stays NaN,
- * gelu(+inf) = +inf, gelu(-inf) = NaN, large negative x gives -0. */
-
-static inline float exp_clamped(float t) { /* exp(t) for t in [-88, 88]; 2^n exactly by its exponent bits */
-    float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(t / ln 2), |n| <= 127 */
-    float r = t - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23; /* n = -127 gives 0: exp(-88) is below fp32's normal range anyway */
-    float s;
-    memcpy(&s, &e, 4);
-    return p * s;
-}
-
-static inline float gelu_tanh_f32(float x) {
-    float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    float t = -2.0f * u;
-    float tc = t < -88.0f ? -88.0f : (t < 88.0f ? t : 88.0f); /* NaN -> 88: x carries the NaN */
-    float s = 1.0f / (1.0f + exp_clamped(tc));
-    s = t > 88.0f ? 0.0f : s; /* exp overflows: gelu is x * 0 (-0 for large negative x, NaN for -inf) */
-    return x * s;
-}
+/* ---- GELU (tanh) and the GeGLU product gelu(gate) * up, bf16 -------------------------------------------------- */
+/* ATen evaluates the tanh GELU with a Sleef tanh on every element: compute-bound, 7.4 ms for one 262 x 16384
+ * decoder layer of a bf16 prefill on the AMD EPYC Zen 4 (~7 % of the first token). A bf16 input has only 65536
+ * values, so this takes torch's own result for each from a table; the product with `up` is fused into the same
+ * pass. (A faster formula, x / (1 + exp(-2u)), was tried first: more accurate than ATen's for x << 0, it still
+ * changed last bits often enough that `pgconv verify` failed its logits budget at 3B in bf16.) */
 
 #define ACT_CHUNK 16384 /* elements per OpenMP task */
 
-static void act_part(int is_bf16, const void *g, const void *u, void *y, int64_t i0, int64_t i1) {
-    if (is_bf16) {
-        const uint16_t *gp = (const uint16_t *)g, *up = (const uint16_t *)u;
-        uint16_t *yp = (uint16_t *)y;
-        if (up) {
+/* bf16 by table: y = table[g] (* u): `table` holds torch's own bf16 GELU of every one of the 65536 bf16 values
+ * (computed by F.gelu at first use, in this process), so the result is torch's bit for bit, and the product is
+ * rounded as torch's bf16 `mul` (fp32 product of two bf16 values, round to nearest even). */
+static void table_part(const uint16_t *g, const uint16_t *u, uint16_t *y, const uint16_t *table, int64_t i0,
+                       int64_t i1) {
+    if (u) {
 #pragma omp simd
-            for (int64_t i = i0; i < i1; i++) {
-                float a = bf16_to_f32(f32_to_bf16(gelu_tanh_f32(bf16_to_f32(gp[i]))));
-                yp[i] = f32_to_bf16(a * bf16_to_f32(up[i]));
-            }
-        } else {
-#pragma omp simd
-            for (int64_t i = i0; i < i1; i++) yp[i] = f32_to_bf16(gelu_tanh_f32(bf16_to_f32(gp[i])));
-        }
+        for (int64_t i = i0; i < i1; i++) y[i] = f32_to_bf16(bf16_to_f32(table[g[i]]) * bf16_to_f32(u[i]));
     } else {
-        const float *gp = (const float *)g, *up = (const float *)u;
-        float *yp = (float *)y;
-        if (up) {
-#pragma omp simd
-            for (int64_t i = i0; i < i1; i++) {
-                float a = gelu_tanh_f32(gp[i]); /* rounded to fp32 here, as torch's gelu output */
-                yp[i] = a * up[i];
-            }
-        } else {
-#pragma omp simd
-            for (int64_t i = i0; i < i1; i++) yp[i] = gelu_tanh_f32(gp[i]);
-        }
+        for (int64_t i = i0; i < i1; i++) y[i] = table[g[i]];
     }
 }
 
-/* y[i] = gelu_tanh(g[i]) (* u[i] where u is not NULL), n elements, contiguous; y may be g. Returns 0. */
-static int act(int is_bf16, const void *g, const void *u, void *y, int64_t n, int64_t nthreads) {
+int pgconv_gelu_table_bf16(const uint16_t *g, const uint16_t *u, uint16_t *y, int64_t n, int64_t nthreads,
+                           const uint16_t *table) {
     int64_t parts = (n + ACT_CHUNK - 1) / ACT_CHUNK;
 #if defined(_OPENMP)
     if (nthreads > 1 && parts > 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t p = 0; p < parts; p++)
-            act_part(is_bf16, g, u, y, p * ACT_CHUNK, (p + 1) * ACT_CHUNK < n ? (p + 1) * ACT_CHUNK : n);
+            table_part(g, u, y, table, p * ACT_CHUNK, (p + 1) * ACT_CHUNK < n ? (p + 1) * ACT_CHUNK : n);
         return 0;
     }
 #endif
     (void)nthreads;
-    act_part(is_bf16, g, u, y, 0, n);
+    table_part(g, u, y, table, 0, n);
     return 0;
-}
-
-int pgconv_gelu_tanh_bf16(const uint16_t *g, const uint16_t *u, uint16_t *y, int64_t n, int64_t nthreads) {
-    return act(1, g, u, y, n, nthreads);
-}
-
-int pgconv_gelu_tanh_f32(const float *g, const float *u, float *y, int64_t n, int64_t nthreads) {
-    return act(0, g, u, y, n, nthreads);
 }
