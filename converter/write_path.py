@@ -25,7 +25,7 @@ from pathlib import Path
 from pgconv import tuning
 from pgconv.errors import InputError
 
-__all__ = ["Plan", "plan_for", "kick_writeback", "preallocate", "ENV", "CONFIGS", "PROBE_BYTES"]
+__all__ = ["Plan", "plan_for", "kick_writeback", "preallocate", "pwrite_all", "ENV", "CONFIGS", "PROBE_BYTES"]
 
 ENV = "PGCONV_WRITER"
 BLOCK = 4096
@@ -209,7 +209,7 @@ def _time_write(directory: Path, plan: Plan, nbytes: int | None = None, deadline
                     if deadline is not None and tuning.clock() - start > deadline:
                         return
                     data = stage[: min(plan.stage, total - off)]
-                    _pwrite_all(direct if direct >= 0 else fd, data, off)
+                    pwrite_all(direct if direct >= 0 else fd, data, off)
                     if direct < 0:
                         kick_writeback(fd, off, len(data))
                     written[k] += len(data)
@@ -244,7 +244,8 @@ def _probe_file(directory: Path) -> tuple[int, str]:
     raise FileExistsError(directory)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """`os.pwrite` until every byte of `data` is written (a write may be short)."""
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n

@@ -14,14 +14,13 @@ reach the disk is the destination filesystem's measured `write_path.Plan` (PGCON
   Xeon VM buffered writeback outran O_DIRECT);
 plus the plan's staging size and worker count. A direct file is preallocated (`fallocate`) and the partial blocks
 at tensor boundaries (and the header) are gathered in memory until whole, then written direct too, at the end
-(`_OutFile`); filesystems without `O_DIRECT` (tmpfs before Linux 6.6, some FUSE) get buffered writes for everything. Every file is
-fsynced in `finish` in every mode. torch is imported only for casts and transforms.
+(`out_file.OutFile`); filesystems without `O_DIRECT` (tmpfs before Linux 6.6, some FUSE) get buffered writes for
+everything. Every file is fsynced in `finish` in every mode. torch is imported only for casts and transforms.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import mmap
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgconv.converter import write_path
+from pgconv.converter.out_file import OutFile, write_stage
 from pgconv.converter.dtypes import is_widening, itemsize, torch_dtype
 from pgconv.converter.plan import TRANSFORMS, Step
 from pgconv.converter.safetensors_io import build_header
@@ -44,13 +44,10 @@ if TYPE_CHECKING:  # torch only for casts and transforms: a same-dtype conversio
 
 __all__ = ["TensorRecord", "StreamWriter", "write_shard"]
 
-_BLOCK = 4096  # O_DIRECT: memory address, file offset and length in multiples of the logical block size (<= 4096)
 # Staging bytes per worker and worker count of a forced plan (PGCONV_WRITER=direct|buffered; tests shrink the
 # stage): a measured plan brings its own (write_path).
-_STAGE_BYTES = write_path.DEFAULT_STAGE  # a multiple of _BLOCK
+_STAGE_BYTES = write_path.DEFAULT_STAGE  # a multiple of write_path.BLOCK
 _WORKERS = write_path.DEFAULT_WORKERS
-USE_DIRECT_IO = hasattr(os, "O_DIRECT")  # tests switch it off to cover the buffered path
-_POOL_BLOCKS = 64  # gathered blocks per page-aligned chunk (a map per block would meet vm.max_map_count at ~65k)
 
 
 @dataclass
@@ -65,125 +62,6 @@ class TensorRecord:
     max_abs_diff: float | None = None  # None: exact (same dtype or widening cast)
     fp16_overflow: int = 0  # finite values that became +-inf in a float16 cast
     copied: bool = False  # raw byte copy
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-class _OutFile:
-    """One output file of `size` bytes: whole aligned blocks through an O_DIRECT descriptor (plan `direct`) or
-    buffered with early writeback (`buffered`).
-
-    A direct file is preallocated and its partial blocks (tensor boundaries, the header) are gathered in memory
-    and written as whole direct blocks at the end (`flush_gathered`; the file's last, short block buffered).
-    Why: on ext4 a direct write into unallocated space, and every buffered write, takes the inode lock
-    exclusively and holds it until its I/O is done, so writers of one file queue behind each other (timed on the
-    AMD EPYC VM, 3B: ~900 boundary writes waited 6-8 s in total, 35 % of the workers' time); direct overwrites of
-    preallocated blocks share the lock and run in parallel.
-    """
-
-    def __init__(self, path: Path, mode: str, size: int) -> None:
-        self.path, self.size = path, size
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.direct: int | None = None
-        self._lock = threading.Lock()
-        self._blocks: dict[int, list] = {}  # block index -> [aligned block buffer, bytes of it still to come]
-        self._ready: list[tuple[int, memoryview]] = []  # completed blocks (offset, buffer): flush_gathered
-        self._pool: memoryview | None = None  # block buffers are cut from page-aligned chunks, not one mmap each
-        self._pool_used = 0
-        try:
-            if USE_DIRECT_IO and mode == "direct":
-                try:
-                    self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-                except OSError:  # EINVAL where the filesystem has no direct I/O (tmpfs before Linux 6.6, some FUSE)
-                    self.direct = None
-            if self.direct is not None:
-                write_path.preallocate(self.fd, size)  # ENOSPC here is the write's error, before any data
-        except BaseException:
-            self.close(sync=False)
-            raise
-        self.use_direct = self.direct is not None
-
-    def _new_block(self) -> memoryview:
-        """A zeroed, page-aligned block buffer (called under the lock)."""
-        if self._pool is None or self._pool_used == len(self._pool):
-            self._pool, self._pool_used = memoryview(mmap.mmap(-1, _POOL_BLOCKS * _BLOCK)), 0
-        self._pool_used += _BLOCK
-        return self._pool[self._pool_used - _BLOCK:self._pool_used]
-
-    def write_blocks(self, data: memoryview, offset: int) -> None:
-        """`data` starts on an aligned address and `offset` and `len(data)` are multiples of `_BLOCK`."""
-        if self.direct is not None and self.use_direct:
-            try:
-                _pwrite_all(self.direct, data, offset)
-                return
-            except OSError as e:  # a device whose direct-I/O alignment is stricter than 4096 B: buffered from here
-                if e.errno != errno.EINVAL:
-                    raise
-                # The descriptor stays open until close(): another worker may be writing through it right now,
-                # and a closed number could be reused by a file opened meanwhile.
-                self.use_direct = False
-        _pwrite_all(self.fd, data, offset)
-        write_path.kick_writeback(self.fd, offset, len(data))
-
-    def write_bytes(self, data: memoryview, offset: int) -> None:
-        """Bytes that need not fill whole blocks: written at once (buffered files), else gathered per block."""
-        if self.direct is None:
-            _pwrite_all(self.fd, data, offset)
-            return
-        pos, end = offset, offset + len(data)
-        while pos < end:
-            b = pos // _BLOCK
-            lo, hi = b * _BLOCK, min(end, (b + 1) * _BLOCK)
-            with self._lock:
-                slot = self._blocks.get(b)
-                if slot is None:  # every byte of the file is written exactly once: a block knows how many to expect
-                    slot = self._blocks[b] = [self._new_block(), min(self.size, lo + _BLOCK) - lo]
-                slot[0][pos - lo:hi - lo] = data[pos - offset:hi - offset]
-                slot[1] -= hi - pos
-                done = self._blocks.pop(b)[0] if slot[1] == 0 else None
-                if done is not None:  # written by `flush_gathered`, not now: see there
-                    self._ready.append((lo, done))
-            pos = hi
-
-    def flush_gathered(self) -> None:
-        """Write the completed boundary blocks (one or two per tensor: a few MB), once every stage is written;
-        runs of adjacent blocks (the header's) in one write. Written as each completed, every 4 KB write queued on
-        the device behind the large ones and held its worker for ~4 ms (2.3 s summed over the workers at 3B, AMD
-        EPYC VM)."""
-        ready, self._ready = sorted(self._ready, key=lambda r: r[0]), []
-        i = 0
-        while i < len(ready):
-            j = i + 1
-            while j < len(ready) and ready[j][0] == ready[j - 1][0] + _BLOCK:
-                j += 1
-            lo, run = ready[i][0], [block for _, block in ready[i:j]]
-            if lo + len(run) * _BLOCK > self.size:  # the file's short last block: a direct write would extend
-                last = run.pop()  # the file past its size, so it is written buffered
-                _pwrite_all(self.fd, last[:self.size - (lo + len(run) * _BLOCK)], lo + len(run) * _BLOCK)
-            if len(run) == 1:
-                self.write_blocks(run[0], lo)
-            elif run:
-                joined = memoryview(mmap.mmap(-1, len(run) * _BLOCK))
-                for k, block in enumerate(run):
-                    joined[k * _BLOCK:(k + 1) * _BLOCK] = block
-                self.write_blocks(joined, lo)
-            i = j
-
-    def close(self, sync: bool) -> None:
-        try:
-            if sync:
-                if self._blocks:  # a bug, not bad input: some byte of these blocks was never produced
-                    raise RuntimeError(f"{self.path}: blocks {sorted(self._blocks)[:5]} were never completed")
-                self.flush_gathered()
-                os.fsync(self.fd)  # also the direct writes' metadata and the device's write cache
-        finally:
-            if self.direct is not None:
-                os.close(self.direct)
-            os.close(self.fd)
 
 
 class _Stage(threading.local):
@@ -311,7 +189,7 @@ def _materialises(step: Step, sources: Mapping[str, SourceTensor]) -> bool:
     return src.span is None and type(src).chunks is SourceTensor.chunks
 
 
-def _write_span(out: _OutFile, begin: int, end: int, fill: Callable[[memoryview], int], h: "hashlib._Hash | None",
+def _write_span(out: OutFile, begin: int, end: int, fill: Callable[[memoryview], int], h: "hashlib._Hash | None",
                 stage: memoryview, progress: Callable[[int], None], cancelled: threading.Event,
                 io: ThreadPoolExecutor | None = None) -> None:
     """Produce bytes [begin, end) of `out` through `stage`: fill, then hash (in order) while the same bytes are
@@ -320,35 +198,22 @@ def _write_span(out: _OutFile, begin: int, end: int, fill: Callable[[memoryview]
     while pos < end:
         if cancelled.is_set():
             return
-        base = pos - pos % _BLOCK  # the stage maps file bytes [base, base + len(stage)): addresses stay aligned
+        # The stage maps file bytes [base, base + len(stage)): addresses stay aligned.
+        base = pos - pos % write_path.BLOCK
         lead = pos - base
         limit = min(len(stage), lead + end - pos)
         n = lead
         while n < limit:
             n += fill(stage[n:limit])
-        pending = io.submit(_write_stage, out, stage, base, lead, n) if io is not None else None
+        pending = io.submit(write_stage, out, stage, base, lead, n) if io is not None else None
         if h is not None:
             h.update(stage[lead:n])
         if pending is not None:
             pending.result()
         else:
-            _write_stage(out, stage, base, lead, n)
+            write_stage(out, stage, base, lead, n)
         progress(n - lead)
         pos = base + n
-
-
-def _write_stage(out: _OutFile, stage: memoryview, base: int, lead: int, n: int) -> None:
-    """Write stage[lead:n] at file offset base + lead: whole blocks [first, last) direct, the partial ends buffered."""
-    first = -(-lead // _BLOCK) * _BLOCK
-    last = n - n % _BLOCK
-    if first < last:
-        if lead < first:
-            out.write_bytes(stage[lead:first], base + lead)
-        out.write_blocks(stage[first:last], base + first)
-        if last < n:
-            out.write_bytes(stage[last:n], base + last)
-    else:
-        out.write_bytes(stage[lead:n], base + lead)
 
 
 class StreamWriter:
@@ -370,7 +235,7 @@ class StreamWriter:
         self.stage = _Stage()
         self.cancelled = threading.Event()
         self.materialising = threading.Lock()
-        self.files: list[_OutFile] = []
+        self.files: list[OutFile] = []
         self.queued: list[tuple] = []  # jobs of every shard, started by `finish`
         self.jobs: list[Future] = []
         self.hashes: list[tuple[TensorRecord, "hashlib._Hash"]] = []
@@ -398,7 +263,7 @@ class StreamWriter:
             self.plan = plan = write_path.plan_for(path.parent, _STAGE_BYTES, _WORKERS)
             self.pool = ThreadPoolExecutor(plan.workers, thread_name_prefix="pgconv-write")
             self.io = ThreadPoolExecutor(plan.workers, thread_name_prefix="pgconv-io")  # one write in flight each
-        out = _OutFile(path, self.plan.mode, len(header) + sum(s.target.nbytes for s in steps))
+        out = OutFile(path, self.plan.mode, len(header) + sum(s.target.nbytes for s in steps))
         self.files.append(out)
         out.write_bytes(memoryview(header), 0)
         by_name = {s.target.name: s for s in steps}
@@ -411,7 +276,7 @@ class StreamWriter:
             start = offsets[name]
             self.queued.append((out, step, rec, h, start, start + step.target.nbytes))
 
-    def _job(self, out: _OutFile, step: Step, rec: TensorRecord, h: "hashlib._Hash", begin: int, end: int) -> None:
+    def _job(self, out: OutFile, step: Step, rec: TensorRecord, h: "hashlib._Hash", begin: int, end: int) -> None:
         if self.cancelled.is_set():
             return
         try:

@@ -1,7 +1,8 @@
-"""pgconv's own one-row product kernel (`csrc/gemv.c`), built once per machine with the system C compiler.
+"""pgconv's own CPU kernels (`csrc/gemv.c`), built once per machine with the system C compiler.
 
-A candidate of `model/cpu_kernels.py` for decode products (one row of x, bf16 or fp32, CPU, contiguous): it is
-measured against torch's kernels like any other and only runs where it wins. It is compiled on first use with
+Candidates of `model/cpu_kernels.py`, measured against torch's kernels like any other and run only where they win:
+`gemv`, for decode products (one row of x, bf16 or fp32, CPU, contiguous), and `gelu_tanh`, the MLPs' bf16 GELU
+(torch's own results from a table, Gemma's product with `up` in the same pass). It is compiled on first use with
 `cc -O3 -march=native` into the user cache dir (`tuning` cache root, `kernels/`), named by a hash of the source,
 the compiler's version, the flags and the CPU (a library built for one CPU never loads on another); the build
 is atomic (temporary file + rename); a read-only cache dir builds into a private temp dir instead. Without a C
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import shlex
@@ -30,8 +32,8 @@ from torch import Tensor
 
 from pgconv import tuning
 
-__all__ = ["available", "unavailable_reason", "isa", "gemv", "flusher", "library_path", "build", "build_id",
-           "open_library", "ENV"]
+__all__ = ["available", "unavailable_reason", "isa", "gemv", "gelu_tanh", "flusher", "library_path", "build",
+           "build_id", "open_library", "ENV"]
 
 ENV = "PGCONV_GEMV"  # 0 turns the kernel off
 SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv.c"
@@ -223,23 +225,17 @@ def gemv(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y
 
 
+@functools.cache
 def _gelu_table() -> Tensor:
     """torch's own bf16 tanh GELU of each of the 65536 bf16 bit patterns (index = the input's bits), built once
     per process with this torch: in chunks of 4096 (one thread's range, a multiple of the vector width), so every
     entry comes from ATen's vectorised kernel, the one that computes all but at most 31 elements of a thread's
     range in the model (transformers' too)."""
-    table = _gelu_tables.get("bf16")
-    if table is None:
-        import numpy as np
+    import numpy as np
 
-        bits = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
-        with torch.no_grad():
-            table = torch.cat([F.gelu(c, approximate="tanh") for c in bits.split(4096)]).contiguous()
-        table = _gelu_tables.setdefault("bf16", table)
-    return table
-
-
-_gelu_tables: dict[str, Tensor] = {}
+    bits = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
+    with torch.no_grad():
+        return torch.cat([F.gelu(c, approximate="tanh") for c in bits.split(4096)]).contiguous()
 
 
 def gelu_tanh(x: Tensor, up: Tensor | None = None) -> Tensor:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -151,20 +152,33 @@ def choose(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Choice:
     slot = (threads, mode, x2.dtype, weight.dtype, n, k, bias is not None, bucket)
     if (hit := _chosen.get(slot)) is not None:  # the per-call path: one dict lookup
         return hit
+
+    return _decide(slot, mode, threads,
+                   lambda: (f"linear {str(x2.dtype).removeprefix('torch.')} {k}->{n}"
+                            f"{' +bias' if bias is not None else ''} rows{'=' if bucket == 1 else '<='}{bucket}"),
+                   lambda: candidates(x2.dtype, bucket) if x2.dtype == weight.dtype else ["default"],
+                   lambda names: ({name: partial(KERNELS[name], x2, weight, bias) for name in names},
+                                  _evictor(weight)))
+
+
+def _decide(slot: tuple, mode: str, threads: int, key: Callable[[], str], candidates: Callable[[], list[str]],
+            calls: Callable[[list[str]], tuple[dict, Callable[[], object] | None]]) -> Choice:
+    """The decision for `slot`, made once per process: `key()` names it in the cache, `candidates()` lists the
+    kernels that apply (`default` first), `calls(names)` gives what `_measured` times (name -> no-argument call)
+    and what runs before each timed call (or None)."""
     with _lock:
         if (hit := _chosen.get(slot)) is not None:
             return hit
-        key = (f"linear {str(x2.dtype).removeprefix('torch.')} {k}->{n}{' +bias' if bias is not None else ''} "
-               f"rows{'=' if bucket == 1 else '<='}{bucket}")
-        # PGCONV_KERNELS=default never loads (or builds) pgconv's library
-        names = candidates(x2.dtype, bucket) if x2.dtype == weight.dtype and mode != "default" else ["default"]
-        if mode == "default" or names == ["default"]:
-            choice = Choice(key, "default", "default" if mode == "default" else "only candidate")
-        elif mode != "auto":
-            choice = Choice(key, mode if mode in names else "default", "forced")
+        if mode == "default":  # torch's own picks: nothing measured, pgconv's library never loaded (or built)
+            choice = Choice(key(), "default", "default")
         else:
-            choice = _measured(key, names, threads,
-                               {name: partial(KERNELS[name], x2, weight, bias) for name in names}, _evictor(weight))
+            names = candidates()
+            if names == ["default"]:
+                choice = Choice(key(), "default", "only candidate")
+            elif mode != "auto":
+                choice = Choice(key(), mode if mode in names else "default", "forced")
+            else:
+                choice = _measured(key(), names, threads, *calls(names))
         _chosen[slot] = choice
         return choice
 
@@ -233,30 +247,23 @@ def gelu_tanh(x: Tensor, up: Tensor | None = None) -> Tensor:
 
 def _choose_activation(x: Tensor, up: Tensor | None) -> Choice:
     mode, threads = _mode(), torch.get_num_threads()
-    n = x.numel()
-    bucket = 1 << max(n - 1, 0).bit_length()  # sizes within 2x share a decision
+    bucket = 1 << max(x.numel() - 1, 0).bit_length()  # sizes within 2x share a decision
     slot = (threads, mode, "gelu_tanh", x.dtype, up is not None, bucket)
     if (hit := _chosen.get(slot)) is not None:
         return hit
-    with _lock:
-        if (hit := _chosen.get(slot)) is not None:
-            return hit
-        key = f"gelu_tanh{' * up' if up is not None else ''} {str(x.dtype).removeprefix('torch.')} numel<={bucket}"
-        names = ["default"]
-        # PGCONV_KERNELS=default never loads (or builds) pgconv's library
-        if (mode != "default" and x.dtype == torch.bfloat16 and (up is None or up.dtype == x.dtype)
-                and cpu_gemv.available()):
-            names.append("pgconv")
-        if mode == "default" or names == ["default"]:
-            choice = Choice(key, "default", "default" if mode == "default" else "only candidate")
-        elif mode != "auto":
-            choice = Choice(key, mode if mode in names else "default", "forced")
-        else:
-            x, up = x.contiguous(), None if up is None else up.contiguous()
-            choice = _measured(key, names, threads, {name: partial(ACTIVATIONS[name], x, up) for name in names},
-                               None)
-        _chosen[slot] = choice
-        return choice
+
+    def names() -> list[str]:
+        pgconv = x.dtype == torch.bfloat16 and (up is None or up.dtype == x.dtype) and cpu_gemv.available()
+        return ["default", "pgconv"] if pgconv else ["default"]
+
+    def calls(names: list[str]) -> tuple[dict, None]:
+        xc, uc = x.contiguous(), None if up is None else up.contiguous()
+        return {name: partial(ACTIVATIONS[name], xc, uc) for name in names}, None
+
+    return _decide(slot, mode, threads,
+                   lambda: (f"gelu_tanh{' * up' if up is not None else ''} "
+                            f"{str(x.dtype).removeprefix('torch.')} numel<={bucket}"),
+                   names, calls)
 
 
 def _evictor(weight: Tensor):

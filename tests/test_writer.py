@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from pgconv.converter import write_path, writer
+from pgconv.converter import out_file, write_path, writer
 from pgconv.converter.dtypes import code_of
 from pgconv.converter.plan import Step
 from pgconv.converter.safetensors_io import read_safetensors
@@ -52,12 +52,12 @@ def io_mode(request, monkeypatch, tmp_path_factory):
     """Each write path: forced O_DIRECT, forced buffered + early writeback, a filesystem without O_DIRECT, and the
     plan a (fake-timed) probe picks, here buffered with a 3-block stage and 2 workers."""
     if request.param == "no-o-direct":
-        monkeypatch.setattr(writer, "USE_DIRECT_IO", False)
+        monkeypatch.setattr(out_file, "USE_DIRECT_IO", False)
     elif request.param == "measured":
         monkeypatch.setenv("PGCONV_WRITER", "auto")
         monkeypatch.setenv("PGCONV_CACHE", str(tmp_path_factory.mktemp("cache")))
-        monkeypatch.setattr(write_path, "CONFIGS", [write_path.Plan("direct", 2 * writer._BLOCK, 3),
-                                                    write_path.Plan("buffered", 3 * writer._BLOCK, 3)])
+        monkeypatch.setattr(write_path, "CONFIGS", [write_path.Plan("direct", 2 * out_file.BLOCK, 3),
+                                                    write_path.Plan("buffered", 3 * out_file.BLOCK, 3)])
         monkeypatch.setattr(write_path, "_time_write", lambda d, plan, **k: 1.0 if plan.mode == "buffered" else 3.0)
         write_path.reset()
     else:
@@ -71,7 +71,7 @@ def io_mode(request, monkeypatch, tmp_path_factory):
        cast=st.sampled_from([None, "F32", "BF16", "F16"]), stage_blocks=st.integers(1, 3), seed=st.integers(0, 99))
 def test_output_equals_safetensors_writer(tmp_path_factory, io_mode, monkeypatch, sizes, cast, stage_blocks, seed):
     # A stage of 1-3 blocks: most tensors span several buffers; odd element counts put boundaries mid-element.
-    monkeypatch.setattr(writer, "_STAGE_BYTES", stage_blocks * writer._BLOCK)
+    monkeypatch.setattr(writer, "_STAGE_BYTES", stage_blocks * out_file.BLOCK)
     tmp = tmp_path_factory.mktemp("w")
     tensors = {f"t{i}": _tensor(n, DTYPES[d], seed + i) for i, (n, d) in enumerate(sizes)}
     out, records, expected = _write(tmp, tensors, cast)
@@ -106,7 +106,7 @@ def test_direct_io_falls_back_when_the_device_refuses(tmp_path, monkeypatch):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return real(fd, data, offset)
 
-    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * writer._BLOCK)
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * out_file.BLOCK)
     monkeypatch.setattr(os, "pwrite", pwrite)
     tensors = {"a": _tensor(10000, torch.float32, 1), "b": _tensor(3001, torch.bfloat16, 2)}
     out, _, expected = _write(tmp_path, tensors, None)
@@ -155,7 +155,7 @@ def test_streamed_sources_are_never_loaded_whole(tmp_path, io_mode, monkeypatch)
         def load(self):
             raise AssertionError("loaded whole")
 
-    monkeypatch.setattr(writer, "_STAGE_BYTES", 4 * writer._BLOCK)
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 4 * out_file.BLOCK)
     src = Streamed(TensorMeta("e", (50_000,), "BF16"), tmp_path / "none")
     records = writer.write_shard(tmp_path / "o.safetensors", [Step(TensorMeta("e", (50_000,), "F32"), ("e",))],
                                  {"e": src}, lambda n: None)
@@ -210,7 +210,7 @@ def test_every_mode_fsyncs_each_file_and_writes_blocks_through_its_path(tmp_path
     real_fsync, real_kick = os.fsync, write_path.kick_writeback
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     monkeypatch.setattr(write_path, "kick_writeback", lambda fd, o, n: kicked.append(n) or real_kick(fd, o, n))
-    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * writer._BLOCK)
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * out_file.BLOCK)
     out, _, expected = _write(tmp_path, {"a": _tensor(20000, torch.float32, 1)}, None)
     assert os.path.realpath(out) in synced
     assert bool(kicked) == (io_mode != "direct")
@@ -245,7 +245,7 @@ def test_a_direct_file_is_preallocated_and_written_in_whole_direct_blocks(tmp_pa
     if not _direct_supported(tmp):
         pytest.skip("no O_DIRECT on this filesystem")
     monkeypatch.setenv("PGCONV_WRITER", "direct")
-    monkeypatch.setattr(writer, "_STAGE_BYTES", stage_blocks * writer._BLOCK)
+    monkeypatch.setattr(writer, "_STAGE_BYTES", stage_blocks * out_file.BLOCK)
     buffered, allocated = [], []
     real_pwrite, real_alloc = os.pwrite, write_path.preallocate
 
@@ -269,7 +269,7 @@ def test_a_direct_file_is_preallocated_and_written_in_whole_direct_blocks(tmp_pa
     assert out.read_bytes() == oracle
     assert allocated == [len(oracle)]
     size = len(oracle)
-    tail = size % writer._BLOCK
+    tail = size % out_file.BLOCK
     assert buffered == ([(size - tail, tail)] if tail else [])
 
 
@@ -280,8 +280,8 @@ def test_preallocation_reports_a_full_disk_and_ignores_a_filesystem_that_cannot(
 
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
     try:
-        if write_path._fallocate is not None and write_path.preallocate(fd, 3 * writer._BLOCK):
-            assert os.fstat(fd).st_size == 3 * writer._BLOCK
+        if write_path._fallocate is not None and write_path.preallocate(fd, 3 * out_file.BLOCK):
+            assert os.fstat(fd).st_size == 3 * out_file.BLOCK
         for err, raises in ((errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EOPNOTSUPP, False)):
             def failing(*a, err=err):
                 ctypes.set_errno(err)
@@ -323,7 +323,7 @@ def test_a_disk_that_fills_at_preallocation_fails_the_conversion_in_one_line(tmp
 def test_an_incomplete_gathered_block_is_an_error_not_a_silent_hole(tmp_path):
     if not _direct_supported(tmp_path):
         pytest.skip("no O_DIRECT on this filesystem")
-    out = writer._OutFile(tmp_path / "f", "direct", 2 * writer._BLOCK)
+    out = out_file.OutFile(tmp_path / "f", "direct", 2 * out_file.BLOCK)
     out.write_bytes(memoryview(b"x" * 100), 10)
     with pytest.raises(RuntimeError, match="never completed"):
         out.close(sync=True)
@@ -345,18 +345,18 @@ def test_preallocation_failing_closes_the_file_it_opened(tmp_path, monkeypatch):
     before = len(os.listdir("/proc/self/fd"))
     for i in range(3):
         with pytest.raises(OSError):
-            writer._OutFile(tmp_path / f"f{i}", "direct", 1 << 20)
+            out_file.OutFile(tmp_path / f"f{i}", "direct", 1 << 20)
     assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_many_boundary_blocks_and_a_header_of_several_blocks(tmp_path, monkeypatch):
     """More gathered blocks than one pool chunk holds, and a multi-block header (adjacent blocks: one write)."""
     monkeypatch.setenv("PGCONV_WRITER", "direct")
-    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * writer._BLOCK)
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 2 * out_file.BLOCK)
     tensors = {f"a.much.longer.tensor.name.to.grow.the.header.{i:04d}": _tensor(3 + 7 * i, torch.bfloat16, i)
-               for i in range(3 * writer._POOL_BLOCKS)}
+               for i in range(3 * out_file._POOL_BLOCKS)}
     out, _, expected = _write(tmp_path, tensors, None)
     save_file(expected, tmp_path / "oracle.safetensors", metadata={"format": "pt"})
     oracle = (tmp_path / "oracle.safetensors").read_bytes()
-    assert int.from_bytes(oracle[:8], "little") > 3 * writer._BLOCK
+    assert int.from_bytes(oracle[:8], "little") > 3 * out_file.BLOCK
     assert out.read_bytes() == oracle
